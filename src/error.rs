@@ -1,0 +1,155 @@
+//! Library error type.
+//!
+//! Every variant carries the path (and where it applies the tensor) it happened on, so the
+//! message printed at the edge names what the user has to look at. Variants are grouped by what
+//! the caller should do: [`Error::NotReady`] means "not finished yet, look again later";
+//! everything else about an input means "this input is bad, reject it and say why".
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, with the file, tensor or setting it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system call failed on `path`.
+    #[error("{path}: {op}: {source}")]
+    Io {
+        /// What pmad was doing ("open", "read", "fsync", ...).
+        op: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error (its `raw_os_error` is the errno reported in logs).
+        #[source]
+        source: io::Error,
+    },
+    /// A file that is not (or not yet) a complete, valid checkpoint file.
+    #[error("{path}: {detail}")]
+    Invalid {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong with it, naming the tensor and byte offset where known.
+        detail: String,
+    },
+    /// A checkpoint that is still being written: try again later.
+    #[error("{path}: not ready: {detail}")]
+    NotReady {
+        /// The checkpoint or file that is incomplete.
+        path: PathBuf,
+        /// Why it is not ready yet.
+        detail: String,
+    },
+    /// Inputs that cannot be merged together (names, shapes or dtypes differ).
+    #[error("{path}: {detail}")]
+    Mismatch {
+        /// The input that differs from the first one.
+        path: PathBuf,
+        /// The first difference found.
+        detail: String,
+    },
+    /// NaN or Inf found in an input (refused unless explicitly allowed).
+    #[error(
+        "{path}: tensor {tensor}: {count} non-finite value(s) (NaN/Inf) in the inputs{more}; \
+         pass --allow-nonfinite to merge anyway"
+    )]
+    NonFinite {
+        /// The first checkpoint file in which a non-finite value was found.
+        path: PathBuf,
+        /// The first tensor (in output order) holding one.
+        tensor: String,
+        /// Total number of non-finite input elements found.
+        count: u64,
+        /// Extra text naming the other tensors affected, if any.
+        more: String,
+    },
+    /// A tensor whose dtype pmad cannot average.
+    #[error("{path}: tensor {tensor}: dtype {dtype} cannot be averaged: {hint}")]
+    Unsupported {
+        /// The file holding the tensor.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Its dtype as written in the header.
+        dtype: String,
+        /// What the user can do about it.
+        hint: &'static str,
+    },
+    /// A source file changed (size, mtime or inode) after it was validated and pinned.
+    #[error("{path}: changed since it was validated ({detail}); not reading it")]
+    SourceChanged {
+        /// The file that changed.
+        path: PathBuf,
+        /// Which fingerprint field differs.
+        detail: String,
+    },
+    /// Invalid usage or configuration; exit code 2.
+    #[error("{0}")]
+    Usage(String),
+    /// The operation was cancelled (shutdown).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    /// Wrap an I/O error with the operation and path it happened on.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An invalid-input error on `path`.
+    pub fn invalid(path: &Path, detail: impl Into<String>) -> Self {
+        Error::Invalid {
+            path: path.to_path_buf(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A "still being written" error on `path`.
+    pub fn not_ready(path: &Path, detail: impl Into<String>) -> Self {
+        Error::NotReady {
+            path: path.to_path_buf(),
+            detail: detail.into(),
+        }
+    }
+
+    /// The OS error number behind this error, if any (logged as `errno`).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// A short stable machine-readable reason, used as the `reason` log field and metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Io { source, .. } if source.raw_os_error() == Some(28) => "no_space",
+            Error::Io { .. } => "io",
+            Error::Invalid { .. } => "invalid",
+            Error::NotReady { .. } => "not_ready",
+            Error::Mismatch { .. } => "mismatch",
+            Error::NonFinite { .. } => "non_finite",
+            Error::Unsupported { .. } => "unsupported_dtype",
+            Error::SourceChanged { .. } => "source_changed",
+            Error::Usage(_) => "usage",
+            Error::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Extension to attach a path and operation to `std::io::Result`s.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e))
+    }
+}

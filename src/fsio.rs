@@ -1,0 +1,163 @@
+//! Every durable filesystem step pmad takes when publishing, in one place.
+//!
+//! Owns: create / write / fsync / rename / remove for outputs and state, each returning errors
+//! with the path. Invariant: a failed `fsync` is never retried (the kernel may have dropped the
+//! dirty pages and cleared the error; retrying would report success for lost data), so callers
+//! abandon the output instead.
+//!
+//! Fault injection for the fault tests (reliability.md T2): when the environment variable
+//! `PMAD_FAULT` is set to `OP:N` (OP one of `create`, `write`, `fsync`, `rename`, `mkdir`), the
+//! N-th call (1-based) of that operation in this process fails with EIO. It is read once at
+//! start; unset in production, the cost is one relaxed atomic increment per operation.
+
+use crate::error::{Error, IoContext, Result};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// The kinds of operation a fault can be injected into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Creating a file.
+    Create,
+    /// Writing bytes.
+    Write,
+    /// fsync of a file or directory.
+    Fsync,
+    /// rename.
+    Rename,
+    /// Creating a directory.
+    Mkdir,
+}
+
+const OPS: [(&str, Op); 5] = [
+    ("create", Op::Create),
+    ("write", Op::Write),
+    ("fsync", Op::Fsync),
+    ("rename", Op::Rename),
+    ("mkdir", Op::Mkdir),
+];
+
+static COUNTERS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+
+fn plan() -> Option<(Op, u64)> {
+    static PLAN: OnceLock<Option<(Op, u64)>> = OnceLock::new();
+    *PLAN.get_or_init(|| {
+        let v = std::env::var("PMAD_FAULT").ok()?;
+        let (op, n) = v.split_once(':')?;
+        let op = OPS.iter().find(|(name, _)| *name == op)?.1;
+        Some((op, n.parse().ok()?))
+    })
+}
+
+/// Count an operation and fail it if the fault plan says so.
+fn gate(op: Op) -> io::Result<()> {
+    let i = OPS.iter().position(|(_, o)| *o == op).unwrap_or(0);
+    let n = COUNTERS[i].fetch_add(1, Ordering::Relaxed) + 1;
+    match plan() {
+        Some((o, k)) if o == op && k == n => Err(io::Error::from_raw_os_error(5)),
+        _ => Ok(()),
+    }
+}
+
+/// Create a new file (failing if it exists), mode 0644.
+pub fn create(path: &Path) -> Result<File> {
+    gate(Op::Create).ctx("create", path)?;
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .ctx("create", path)
+}
+
+/// Write all bytes.
+pub fn write_all(f: &mut File, path: &Path, buf: &[u8]) -> Result<()> {
+    gate(Op::Write).ctx("write", path)?;
+    f.write_all(buf).ctx("write", path)
+}
+
+/// fsync a file (data and metadata). Never retry on failure.
+pub fn sync_file(f: &File, path: &Path) -> Result<()> {
+    gate(Op::Fsync).ctx("fsync", path)?;
+    f.sync_all().ctx("fsync", path)
+}
+
+/// fsync a directory so that entries created or renamed in it are durable.
+pub fn sync_dir(path: &Path) -> Result<()> {
+    gate(Op::Fsync).ctx("fsync", path)?;
+    File::open(path).ctx("open", path)?.sync_all().ctx("fsync", path)
+}
+
+/// Rename `from` to `to` (atomic within a filesystem).
+pub fn rename(from: &Path, to: &Path) -> Result<()> {
+    gate(Op::Rename).ctx("rename", from)?;
+    std::fs::rename(from, to).map_err(|e| Error::io("rename", to, e))
+}
+
+/// Atomically swap two existing paths (renameat2 RENAME_EXCHANGE).
+pub fn exchange(a: &Path, b: &Path) -> Result<()> {
+    gate(Op::Rename).ctx("rename", a)?;
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        a,
+        rustix::fs::CWD,
+        b,
+        rustix::fs::RenameFlags::EXCHANGE,
+    )
+    .map_err(|e| Error::io("rename (exchange)", b, io::Error::from(e)))
+}
+
+/// Create a directory (not its parents).
+pub fn mkdir(path: &Path) -> Result<()> {
+    gate(Op::Mkdir).ctx("mkdir", path)?;
+    std::fs::create_dir(path).ctx("mkdir", path)
+}
+
+/// Write a small file completely and durably: create, write, fsync.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = create(path)?;
+    write_all(&mut f, path, bytes)?;
+    sync_file(&f, path)
+}
+
+/// Copy a file's bytes into a new file durably.
+pub fn copy_file(src: &Path, dst: &Path) -> Result<u64> {
+    let bytes = std::fs::read(src).ctx("read", src)?;
+    write_file(dst, &bytes)?;
+    Ok(bytes.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_full_reports_enospc() {
+        // /dev/full accepts open and fails every write with ENOSPC.
+        let p = Path::new("/dev/full");
+        if !p.exists() {
+            eprintln!("skipping: /dev/full not present");
+            return;
+        }
+        let mut f = OpenOptions::new().write(true).open(p).unwrap();
+        let err = write_all(&mut f, p, &[0u8; 1 << 16])
+            .and_then(|_| f.flush().ctx("flush", p))
+            .unwrap_err();
+        assert_eq!(err.errno(), Some(28));
+        assert_eq!(err.reason(), "no_space");
+        assert!(err.to_string().contains("/dev/full"));
+    }
+
+    #[test]
+    fn write_file_is_complete_and_fails_if_present() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a");
+        write_file(&p, b"hello").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"hello");
+        assert!(write_file(&p, b"x").is_err());
+    }
+}
