@@ -133,8 +133,6 @@ def write_weights(out_dir, tensors, shards):
         save_verified(tensors, out_dir / SINGLE_NAME)
         return
     names = list(tensors)
-    if not 1 <= shards <= len(names):
-        sys.exit(f"fixtures: --sharded must be between 1 and {len(names)}")
     weight_map = {}
     # Contiguous groups of near-equal count, like HF's sequential shard filling.
     for i, group in enumerate(np.array_split(np.arange(len(names)), shards), start=1):
@@ -197,6 +195,8 @@ def fresh_dir(path):
 def cmd_make(args):
     dtype = DTYPES[args.dtype]
     tensors = make_tensors(dtype, args.seed, args.scale, args.nonfinite, not args.no_edge)
+    if args.sharded is not None and not 1 <= args.sharded <= len(tensors):
+        sys.exit(f"fixtures: --sharded must be between 1 and {len(tensors)}")
     out = Path(args.out)
     if args.layout == "file":
         if args.sharded is not None:
@@ -260,11 +260,16 @@ def by_offset(header):
                   key=lambda k: header[k]["data_offsets"][0])
 
 
+def data_bytes(entry):
+    begin, end = entry["data_offsets"]
+    return end - begin
+
+
 def victim(header):
     """The largest tensor of rank >= 1 that is not last in the data buffer."""
     order = by_offset(header)
     candidates = [k for k in order[:-1] if header[k]["shape"]]
-    return max(candidates, key=lambda k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
+    return max(candidates, key=lambda k: data_bytes(header[k]))
 
 
 def row_bytes(entry):
@@ -349,7 +354,9 @@ def hostile_index(kind, out):
         weight_map.update({k: "/etc/passwd" for k in in_second})
         what = f"tensors of {second} mapped to /etc/passwd"
     elif kind == "index-disagree":
-        moved = next(k for k, v in weight_map.items() if v != second)
+        first, _ = read_raw(out / shard_name(1, 2))
+        # The largest tensor, so the lie is not hidden by an empty one.
+        moved = max(by_offset(first), key=lambda k: data_bytes(first[k]))
         weight_map[moved] = second
         what = f"{moved} mapped to {second}, which does not contain it"
     else:
@@ -406,7 +413,7 @@ def main():
 
     args = parser.parse_args()
     if getattr(args, "seed", 0) < 0:
-        parser.error("--seed must be >= 0")
+        make.error("--seed must be >= 0")
     args.func(args)
 
 

@@ -24,8 +24,8 @@ Checks:
       inputs' magnitude, not to |m| alone: when inputs cancel, m is near 0 and the
       accumulator's rounding errors (of the order of the inputs) dwarf it, so a pure relative
       error would be meaningless there.
-    * NaN must stay NaN; where m rounds to +/-inf (or is inf) the output must be that inf
-      (for BF16/F16 the largest finite value, 1 ulp away, is also accepted).
+    * NaN must stay NaN. An infinite m, or one that rounds to inf, needs that inf, up to the
+      tolerances above (e.g. a BF16 output may hold the largest finite value, 1 ulp away).
 - Integer and bool tensors: byte for byte equal to the newest input.
 - merge.json: `method` equals --method and `weights` (oldest -> newest) equals the oracle's
   weights within 1e-12.
@@ -159,8 +159,8 @@ def round_to(x, dtype):
     numpy rounds float64 -> float32/float16 correctly, but ml_dtypes converts float64 ->
     bfloat16 through float32, rounding twice (1 + 2^-8 + 2^-30 becomes 1.0 instead of
     1 + 2^-7). So for BF16 we first round to float32 *to odd* (on inexact results pick the
-    neighbour with an odd last bit), which makes the second rounding to the 16 bits fewer of
-    bfloat16 exact: the classic round-to-odd argument.
+    neighbour with an odd last bit): with 16 spare bits that keep the inexactness, the second
+    rounding, float32 -> bfloat16, then gives the correctly rounded result (round-to-odd).
     """
     if dtype != "BF16":
         with np.errstate(over="ignore"):
@@ -184,6 +184,7 @@ def ordinal(a):
 
 
 def merge_weights(method, n, alpha, given):
+    """Weights of the n checkpoints, oldest first (see the module docstring)."""
     if method == "sma":
         return [1.0 / n] * n
     if method == "wma":
@@ -281,7 +282,8 @@ def check_float(name, dtype, got, inputs, weights, report):
     """Compare one float output tensor (safetensors dtype `dtype`) with the float64 mean."""
     xs = [x.astype(np.float64) for x in inputs]
     with np.errstate(invalid="ignore", over="ignore"):
-        mean = sum(w * x for w, x in zip(weights, xs))
+        # asarray: for 0-rank tensors numpy arithmetic returns scalars, not arrays.
+        mean = np.asarray(sum(w * x for w, x in zip(weights, xs, strict=True)))
     want = round_to(mean, dtype)
     got_nan, want_nan = np.isnan(got.astype(np.float64)), np.isnan(want.astype(np.float64))
     bad = got_nan != want_nan
@@ -345,8 +347,10 @@ def check_merge_json(out, method, weights, report):
     if info.get("method") != method:
         report.fail(f"{path}: method {info.get('method')!r}, expected {method!r}")
     got = info.get("weights")
-    if (not isinstance(got, list) or len(got) != len(weights)
-            or any(abs(float(g) - w) > WEIGHT_TOL for g, w in zip(got, weights))):
+    numbers = isinstance(got, list) and all(
+        isinstance(g, (int, float)) and not isinstance(g, bool) for g in got)
+    if (not numbers or len(got) != len(weights)
+            or any(abs(g - w) > WEIGHT_TOL for g, w in zip(got, weights, strict=True))):
         report.fail(f"{path}: weights {got}, expected {weights}")
 
 
@@ -365,7 +369,7 @@ def check_side_files(out, newest, report):
 
 def check_inputs(ckpts, ins):
     first = ins[0]
-    for ckpt, cat in zip(ckpts, ins):
+    for ckpt, cat in zip(ckpts, ins, strict=True):
         if set(cat) != set(first):
             raise Unusable(f"{ckpt}: tensor names differ from {ckpts[0]}")
         for name, t in cat.items():

@@ -14,7 +14,7 @@ py="${PYTHON:-python3}"
 if ! "$py" -c 'import venv, ensurepip' >/dev/null 2>&1; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup_venv: installing python3-venv" >&2
-        apt-get update -qq
+        apt-get update -qq >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
     else
         echo "setup_venv: $py lacks the venv module; install python3-venv" >&2
