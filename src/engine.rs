@@ -140,7 +140,9 @@ where
         let flush = |bufs: &mut Vec<Vec<u8>>, w: &mut ShardWriter| -> Result<()> {
             for b in bufs.iter() {
                 w.write(b)?;
-                progress.written.fetch_add(b.len() as u64, Ordering::Relaxed);
+                progress
+                    .written
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
             }
             Ok(())
         };
@@ -332,9 +334,7 @@ pub fn merge_into(
                 let isz = kind.size();
                 let ranges: Vec<Range<usize>> = srcs
                     .iter()
-                    .map(|t| {
-                        t.range.start + u.elems.start * isz..t.range.start + u.elems.end * isz
-                    })
+                    .map(|t| t.range.start + u.elems.start * isz..t.range.start + u.elems.end * isz)
                     .collect();
                 let slices: Vec<&[u8]> = inputs
                     .iter()
@@ -374,7 +374,15 @@ pub fn merge_into(
         }
         Ok(())
     };
-    write_output(dir, plan, spec.chunk_bytes, produce, check, progress, cancel)
+    write_output(
+        dir,
+        plan,
+        spec.chunk_bytes,
+        produce,
+        check,
+        progress,
+        cancel,
+    )
 }
 
 /// The provenance record written as `merge.json` next to every output.
@@ -409,6 +417,38 @@ pub struct MergeRecord {
     pub created_unix: u64,
 }
 
+/// Refuse outputs that would overwrite something we must not: an existing output without
+/// `force`, anything that is not a directory, or one of the inputs (or a directory holding one).
+fn check_out(inputs: &[PathBuf], out: &Path, force: bool) -> Result<()> {
+    let Ok(meta) = out.symlink_metadata() else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        return Err(Error::Usage(format!(
+            "output {} exists and is not a directory; refusing to replace it",
+            out.display()
+        )));
+    }
+    if !force {
+        return Err(Error::Usage(format!(
+            "output {} already exists; pass --force to replace it",
+            out.display()
+        )));
+    }
+    let canon_out = std::fs::canonicalize(out).map_err(|e| Error::io("resolve", out, e))?;
+    for p in inputs {
+        let cp = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        if cp.starts_with(&canon_out) {
+            return Err(Error::Usage(format!(
+                "output {} holds input {}; --force would delete it",
+                out.display(),
+                p.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One-shot merge: open and validate the inputs, merge, copy aux files, write merge.json and
 /// publish atomically at `out`.
 pub fn merge_checkpoints(
@@ -420,12 +460,7 @@ pub fn merge_checkpoints(
     cancel: &AtomicBool,
 ) -> Result<MergeSummary> {
     let started = Instant::now();
-    if out.exists() && !force {
-        return Err(Error::Usage(format!(
-            "output {} already exists; pass --force to replace it",
-            out.display()
-        )));
-    }
+    check_out(paths, out, force)?;
     let weights = spec
         .method
         .weights(paths.len())
@@ -452,7 +487,15 @@ pub fn merge_checkpoints(
         .ok_or_else(|| Error::Usage(format!("--out {}: not a usable name", out.display())))?;
     let staging = Staging::new(parent, name)?;
     let refs: Vec<&Checkpoint> = inputs.iter().collect();
-    let nf = merge_into(&refs, spec, &weights, staging.path(), &plan, progress, cancel)?;
+    let nf = merge_into(
+        &refs,
+        spec,
+        &weights,
+        staging.path(),
+        &plan,
+        progress,
+        cancel,
+    )?;
     if nf.count > 0 && !spec.allow_nonfinite {
         let (tensor, first) = nf.tensors[0].clone();
         let more = if nf.tensors.len() > 1 {

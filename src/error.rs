@@ -15,15 +15,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system call failed on `path`.
-    #[error("{path}: {op}: {source}")]
+    // The OS error is part of this message and deliberately not exposed as `source()`, so
+    // an error chain printed with `{:#}` does not repeat it.
+    #[error("{path}: {op}: {cause}")]
     Io {
         /// What pmad was doing ("open", "read", "fsync", ...).
         op: &'static str,
         /// The file or directory involved.
         path: PathBuf,
         /// The underlying error (its `raw_os_error` is the errno reported in logs).
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// A file that is not (or not yet) a complete, valid checkpoint file.
     #[error("{path}: {detail}")]
@@ -98,7 +99,7 @@ impl Error {
         Error::Io {
             op,
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 
@@ -121,7 +122,7 @@ impl Error {
     /// The OS error number behind this error, if any (logged as `errno`).
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Io { source, .. } => source.raw_os_error(),
+            Error::Io { cause, .. } => cause.raw_os_error(),
             _ => None,
         }
     }
@@ -129,7 +130,7 @@ impl Error {
     /// A short stable machine-readable reason, used as the `reason` log field and metric label.
     pub fn reason(&self) -> &'static str {
         match self {
-            Error::Io { source, .. } if source.raw_os_error() == Some(28) => "no_space",
+            Error::Io { cause, .. } if cause.raw_os_error() == Some(28) => "no_space",
             Error::Io { .. } => "io",
             Error::Invalid { .. } => "invalid",
             Error::NotReady { .. } => "not_ready",

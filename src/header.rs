@@ -220,7 +220,7 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<Header, HeaderError>
             }
         }
     }
-    tensors.sort_by(|a, b| (a.begin, a.end).cmp(&(b.begin, b.end)));
+    tensors.sort_by_key(|a| (a.begin, a.end));
     let mut pos = 0usize;
     for t in &tensors {
         let abs = data_start as u64 + t.begin as u64;
@@ -291,9 +291,11 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<Header, HeaderError>
 /// Run the reference crate's reader over the whole file (a map of it: the crate reads only the
 /// first 8 + N bytes and uses the slice length for its exact-length rule).
 pub fn reference_check(whole_file: &[u8]) -> Result<(), HeaderError> {
-    SafeTensors::read_metadata(whole_file).map(|_| ()).map_err(|e| {
-        HeaderError::Invalid(format!("rejected by the reference safetensors reader: {e}"))
-    })
+    SafeTensors::read_metadata(whole_file)
+        .map(|_| ())
+        .map_err(|e| {
+            HeaderError::Invalid(format!("rejected by the reference safetensors reader: {e}"))
+        })
 }
 
 /// Build the header bytes for tensors laid out contiguously in the given order.
@@ -315,8 +317,8 @@ pub fn build_header(
     }
     let mut pos = 0usize;
     for (name, dtype, shape) in tensors {
-        let size = byte_size(*dtype, shape)
-            .ok_or_else(|| format!("tensor {name}: size overflows"))?;
+        let size =
+            byte_size(*dtype, shape).ok_or_else(|| format!("tensor {name}: size overflows"))?;
         let info = TensorInfo {
             dtype: *dtype,
             shape: shape.clone(),
@@ -498,8 +500,18 @@ mod tests {
     fn index_names_are_confined() {
         let ok = br#"{"metadata":{"total_size":8,"x":"y"},"weight_map":{"a":"model-00001-of-00002.safetensors"}}"#;
         assert_eq!(parse_index(ok).unwrap().shards().len(), 1);
-        for hostile in ["../x.safetensors", "/etc/passwd", "sub/x", "..", "", "a\\..\\b"] {
-            let j = format!(r#"{{"weight_map":{{"a":{}}}}}"#, serde_json::to_string(hostile).unwrap());
+        for hostile in [
+            "../x.safetensors",
+            "/etc/passwd",
+            "sub/x",
+            "..",
+            "",
+            "a\\..\\b",
+        ] {
+            let j = format!(
+                r#"{{"weight_map":{{"a":{}}}}}"#,
+                serde_json::to_string(hostile).unwrap()
+            );
             assert!(parse_index(j.as_bytes()).is_err(), "{hostile}");
         }
         assert!(parse_index(b"{").is_err());

@@ -198,6 +198,7 @@ pub trait Acc:
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
+    + PartialEq
     + 'static
 {
     /// Convert an exactly decoded f32 input value.
@@ -498,8 +499,9 @@ pub fn merge_chunk<A: Acc>(
                 *a = *a + wi * (*x - *r);
             }
         }
+        // An exactly zero correction keeps x_ref as it is (so -0.0 stays -0.0).
         for (a, r) in a.iter_mut().zip(xr.iter()) {
-            *a = *r + *a;
+            *a = if *a == A::default() { *r } else { *r + *a };
         }
         let bad = a.iter().filter(|v| !v.finite()).count();
         if bad > 0 {
@@ -542,14 +544,31 @@ fn direct_sum<A: Acc>(
 /// Count the non-finite values in a block of `kind` bytes (used to find which input holds
 /// the NaN/Inf once a merged result came out non-finite).
 pub fn count_nonfinite(kind: FloatKind, src: &[u8]) -> u64 {
-    let mut tmp = [0f64; BLOCK];
-    let mut count = 0u64;
-    for s in src.chunks(BLOCK * kind.size()) {
-        let t = &mut tmp[..s.len() / kind.size()];
-        f64::decode(kind, s, t);
-        count += t.iter().filter(|v| !v.is_finite()).count() as u64;
+    // Non-finite means "exponent all ones" for the IEEE-like encodings; E4M3 has only NaN
+    // (S.1111.111). Testing bits avoids decoding and vectorises.
+    match kind {
+        FloatKind::BF16 => count_where(src, |c: [u8; 2]| u16::from_le_bytes(c) & 0x7f80 == 0x7f80),
+        FloatKind::F16 => count_where(src, |c: [u8; 2]| u16::from_le_bytes(c) & 0x7c00 == 0x7c00),
+        FloatKind::F32 => count_where(src, |c: [u8; 4]| {
+            u32::from_le_bytes(c) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        FloatKind::F64 => count_where(src, |c: [u8; 8]| {
+            u64::from_le_bytes(c) & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
+        }),
+        FloatKind::F8E5M2 => count_where(src, |c: [u8; 1]| c[0] & 0x7c == 0x7c),
+        FloatKind::F8E4M3 => count_where(src, |c: [u8; 1]| c[0] & 0x7f == 0x7f),
     }
-    count
+}
+
+#[inline]
+fn count_where<const N: usize>(src: &[u8], pred: impl Fn([u8; N]) -> bool) -> u64 {
+    src.chunks_exact(N)
+        .map(|c| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            pred(a) as u64
+        })
+        .sum()
 }
 
 #[cfg(test)]
@@ -623,7 +642,10 @@ mod tests {
         // 1 + 2^-8 is exactly halfway between 1 and 1 + 2^-7: ties to even (1.0).
         assert_eq!(f32_to_bf16_bits(1.0 + 2f32.powi(-8)), 0x3f80);
         // Just above halfway rounds up.
-        assert_eq!(f32_to_bf16_bits(1.0 + 2f32.powi(-8) + 2f32.powi(-20)), 0x3f81);
+        assert_eq!(
+            f32_to_bf16_bits(1.0 + 2f32.powi(-8) + 2f32.powi(-20)),
+            0x3f81
+        );
         // 1 + 3 * 2^-8 is halfway between 0x3f81 and 0x3f82: ties to even (0x3f82).
         assert_eq!(f32_to_bf16_bits(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
         assert!(f32::from_bits((f32_to_bf16_bits(f32::NAN) as u32) << 16).is_nan());
@@ -632,7 +654,11 @@ mod tests {
         assert_eq!(f32_to_bf16_bits(f32::MAX), 0x7f80); // rounds to inf, like IEEE
         for bits in [0x0001u32, 0x3f80_8000, 0x3f81_8000, 0xc2f7_0123] {
             let x = f32::from_bits(bits);
-            assert_eq!(f32_to_bf16_bits(x), bf16::from_f32(x).to_bits(), "{bits:#x}");
+            assert_eq!(
+                f32_to_bf16_bits(x),
+                bf16::from_f32(x).to_bits(),
+                "{bits:#x}"
+            );
         }
     }
 
@@ -713,6 +739,8 @@ mod tests {
             method in 0usize..3,
             f64acc in any::<bool>(),
         ) {
+            let mut vals = vals;
+            vals.push(-0.0);
             let x = enc(kind, &vals);
             let inputs = vec![x.clone(); n];
             let m = [Method::Sma, Method::Wma, Method::Ema { alpha: 0.2 }][method].clone();

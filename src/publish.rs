@@ -229,7 +229,12 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp);
+            // After an exchange the replaced output sits here; it may be a file.
+            let _ = match self.tmp.symlink_metadata() {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&self.tmp),
+                Ok(_) => std::fs::remove_file(&self.tmp),
+                Err(_) => Ok(()),
+            };
         }
     }
 }

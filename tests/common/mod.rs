@@ -1,0 +1,366 @@
+//! Shared harness for pmad's CLI integration tests.
+//!
+//! - [`TestEnv`]: a private temp directory per test (kept on failure when `PMAD_TEST_KEEP=1`).
+//! - [`pmad`] / [`TestEnv::pmad`]: run the real binary (`CARGO_BIN_EXE_pmad`), capturing
+//!   stdout, stderr and the exit code.
+//! - [`python`]: the venv python of `tests/py/setup_venv.sh`, set up once per test process.
+//! - [`TestEnv::make`], [`TestEnv::hostile`], [`TestEnv::oracle`]: wrappers around
+//!   `tests/py/fixtures.py` and `tests/py/oracle.py`.
+//! - [`load_tensors`]: read a checkpoint with the reference `safetensors` crate (never pmad).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+/// The repository root (where Cargo.toml and tests/py live).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The pmad binary built for this test run.
+pub fn pmad_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_pmad"))
+}
+
+/// A finished process: exit code (-1 if killed by a signal), stdout and stderr.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// What was run, for messages.
+    pub cmdline: String,
+    /// Exit code, or -1 when the process died from a signal.
+    pub code: i32,
+    /// Captured stdout (lossy UTF-8).
+    pub stdout: String,
+    /// Captured stderr (lossy UTF-8).
+    pub stderr: String,
+}
+
+impl Run {
+    /// A readable dump for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "$ {}\n-- exit code: {}\n-- stdout:\n{}\n-- stderr:\n{}",
+            self.cmdline, self.code, self.stdout, self.stderr
+        )
+    }
+
+    /// Panic (with the full dump) unless the exit code is `code`.
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(self.code, code, "unexpected exit code\n{}", self.describe());
+        self
+    }
+
+    /// Panic unless the process succeeded.
+    #[track_caller]
+    pub fn expect_ok(&self) -> &Self {
+        self.expect_code(0)
+    }
+}
+
+/// Run a command with stdin closed, capturing everything.
+pub fn run(cmd: &mut Command) -> Run {
+    let cmdline = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {cmdline}: {e}"));
+    let code = match out.status.code() {
+        Some(c) => c,
+        None => {
+            use std::os::unix::process::ExitStatusExt;
+            eprintln!("{cmdline}: killed by signal {:?}", out.status.signal());
+            -1
+        }
+    };
+    Run {
+        cmdline,
+        code,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Run pmad with `args` in `cwd`.
+pub fn pmad<I, S>(cwd: &Path, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(pmad_bin());
+    cmd.args(args).current_dir(cwd).env_remove("RUST_LOG");
+    run(&mut cmd)
+}
+
+/// The venv python (numpy, safetensors, ml_dtypes), created by `tests/py/setup_venv.sh` once
+/// per test process. Panics with the script's output if the setup fails.
+pub fn python() -> &'static Path {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let r = run(Command::new("bash")
+            .arg("tests/py/setup_venv.sh")
+            .current_dir(repo_root()));
+        assert_eq!(r.code, 0, "setup_venv.sh failed\n{}", r.describe());
+        let line = r
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_else(|| panic!("setup_venv.sh printed no path\n{}", r.describe()));
+        let py = PathBuf::from(line.trim());
+        assert!(
+            py.exists(),
+            "setup_venv.sh printed {py:?}, which does not exist"
+        );
+        py
+    })
+}
+
+/// Run one of the scripts in tests/py with the venv python.
+pub fn py_script<I, S>(script: &str, cwd: &Path, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("tests/py").join(script))
+        .args(args)
+        .current_dir(cwd);
+    run(&mut cmd)
+}
+
+/// A test's private temp directory plus helpers that run pmad and the Python tools in it.
+pub struct TestEnv {
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestEnv {
+    /// A fresh temp directory.
+    pub fn new() -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("pmad-cli-test-")
+            .tempdir()
+            .expect("create temp dir");
+        TestEnv { tmp: Some(tmp) }
+    }
+
+    /// The temp directory.
+    pub fn path(&self) -> &Path {
+        self.tmp.as_ref().expect("temp dir").path()
+    }
+
+    /// `path()/rel`.
+    pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.path().join(rel)
+    }
+
+    /// Create (and return) an empty directory `rel`.
+    pub fn mkdir(&self, rel: impl AsRef<Path>) -> PathBuf {
+        let p = self.join(rel);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        p
+    }
+
+    /// Run pmad in the temp dir.
+    pub fn pmad<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        pmad(self.path(), args)
+    }
+
+    /// `pmad merge <opts> --out OUT INPUTS...`.
+    pub fn merge(&self, opts: &[&str], out: &Path, inputs: &[PathBuf]) -> Run {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("merge")];
+        args.extend(opts.iter().map(OsStr::new));
+        args.push(OsStr::new("--out"));
+        args.push(out.as_os_str());
+        args.extend(inputs.iter().map(|p| p.as_os_str()));
+        self.pmad(args)
+    }
+
+    /// `fixtures.py make --out rel --dtype D --seed S --step N EXTRA...`; panics on failure.
+    pub fn make(&self, rel: &str, dtype: &str, seed: u32, step: u32, extra: &[&str]) -> PathBuf {
+        let out = self.join(rel);
+        let (seed, step) = (seed.to_string(), step.to_string());
+        let head = ["make", "--dtype", dtype, "--seed", &seed, "--step", &step];
+        let mut args: Vec<&OsStr> = head.iter().map(OsStr::new).collect();
+        args.push(OsStr::new("--out"));
+        args.push(out.as_os_str());
+        args.extend(extra.iter().map(OsStr::new));
+        py_script("fixtures.py", self.path(), args).expect_ok();
+        out
+    }
+
+    /// `n` checkpoints `<dir>/checkpoint-100, -200, ...` (seeds 1..=n), oldest first.
+    pub fn make_series(&self, dir: &str, dtype: &str, n: u32, extra: &[&str]) -> Vec<PathBuf> {
+        (1..=n)
+            .map(|i| {
+                self.make(
+                    &format!("{dir}/checkpoint-{}", 100 * i),
+                    dtype,
+                    i,
+                    100 * i,
+                    extra,
+                )
+            })
+            .collect()
+    }
+
+    /// `fixtures.py hostile --kind K --out rel --from good`; returns the dir and the
+    /// description fixtures.py printed.
+    pub fn hostile(&self, kind: &str, rel: &str, from: &Path) -> (PathBuf, String) {
+        let out = self.join(rel);
+        let r = py_script(
+            "fixtures.py",
+            self.path(),
+            [
+                OsStr::new("hostile"),
+                OsStr::new("--kind"),
+                OsStr::new(kind),
+                OsStr::new("--out"),
+                out.as_os_str(),
+                OsStr::new("--from"),
+                from.as_os_str(),
+            ],
+        );
+        r.expect_ok();
+        (out, r.stdout.trim().to_string())
+    }
+
+    /// `oracle.py check OPTS OUT INPUTS...` (not asserted).
+    pub fn oracle(&self, opts: &[&str], out: &Path, inputs: &[PathBuf]) -> Run {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("check")];
+        args.extend(opts.iter().map(OsStr::new));
+        args.push(out.as_os_str());
+        args.extend(inputs.iter().map(|p| p.as_os_str()));
+        py_script("oracle.py", self.path(), args)
+    }
+
+    /// Run a Python snippet with the venv python (`sys.argv[1:]` = args).
+    pub fn python<I, S>(&self, code: &str, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(python());
+        cmd.arg("-c").arg(code).args(args).current_dir(self.path());
+        run(&mut cmd)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("PMAD_TEST_KEEP").is_some() {
+            if let Some(t) = self.tmp.take() {
+                eprintln!("PMAD_TEST_KEEP: kept {}", t.keep().display());
+            }
+        }
+    }
+}
+
+/// Names of the entries of `dir`, sorted (empty if it does not exist).
+pub fn list_dir(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| {
+                e.expect("read_dir entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// One tensor as read by the reference reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefTensor {
+    /// Dtype as written in the header ("BF16", "F32", "I64", "BOOL", ...).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Raw little-endian data bytes.
+    pub data: Vec<u8>,
+    /// File it came from (file name only).
+    pub file: String,
+}
+
+/// Safetensors files of a checkpoint: a bare file, `model.safetensors`, or the shards named
+/// by `model.safetensors.index.json`.
+pub fn weight_files(ckpt: &Path) -> Vec<PathBuf> {
+    if ckpt.is_file() {
+        return vec![ckpt.to_path_buf()];
+    }
+    let index = ckpt.join("model.safetensors.index.json");
+    if index.exists() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index).expect("read index"))
+                .expect("index JSON");
+        let mut files: Vec<String> = v["weight_map"]
+            .as_object()
+            .expect("weight_map")
+            .values()
+            .map(|f| f.as_str().expect("shard name").to_string())
+            .collect();
+        files.sort();
+        files.dedup();
+        return files.iter().map(|f| ckpt.join(f)).collect();
+    }
+    vec![ckpt.join("model.safetensors")]
+}
+
+/// Every tensor of a checkpoint, read with the reference `safetensors` crate.
+pub fn load_tensors(ckpt: &Path) -> BTreeMap<String, RefTensor> {
+    let mut out = BTreeMap::new();
+    for f in weight_files(ckpt) {
+        let bytes = std::fs::read(&f).unwrap_or_else(|e| panic!("read {}: {e}", f.display()));
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .unwrap_or_else(|e| panic!("{}: reference reader: {e:?}", f.display()));
+        for (name, view) in st.tensors() {
+            let t = RefTensor {
+                dtype: format!("{:?}", view.dtype()),
+                shape: view.shape().to_vec(),
+                data: view.data().to_vec(),
+                file: f.file_name().unwrap().to_string_lossy().into_owned(),
+            };
+            assert!(
+                out.insert(name.clone(), t).is_none(),
+                "{name} twice in {}",
+                ckpt.display()
+            );
+        }
+    }
+    out
+}
+
+/// The `__metadata__` of one safetensors file.
+pub fn file_metadata(file: &Path) -> BTreeMap<String, String> {
+    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .unwrap_or_else(|e| panic!("{}: reference reader: {e:?}", file.display()));
+    meta.metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect()
+}
+
+/// Parse a JSON file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: bad JSON: {e}", path.display()))
+}
