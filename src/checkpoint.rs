@@ -146,8 +146,7 @@ impl SourceFile {
             // whose length matched their header exactly a moment ago, and (2) every reader
             // re-checks the descriptor's size (`check_fd`) before touching the map. Bytes
             // changed in place are only ever read as plain bytes, never trusted as references.
-            let m = unsafe { MmapOptions::new().len(len as usize).map(&file) }
-                .ctx("mmap", path)?;
+            let m = unsafe { MmapOptions::new().len(len as usize).map(&file) }.ctx("mmap", path)?;
             // Streaming passes read each file front to back once.
             let _ = m.advise(Advice::Sequential);
             Some(m)
@@ -282,7 +281,10 @@ impl Checkpoint {
             });
         }
         if !meta.is_dir() {
-            return Err(Error::invalid(path, "neither a directory nor a regular file"));
+            return Err(Error::invalid(
+                path,
+                "neither a directory nor a regular file",
+            ));
         }
         let index_path = path.join(INDEX_FILE);
         let single = path.join(SINGLE_FILE);
@@ -551,21 +553,61 @@ fn no_weights(dir: &Path) -> Error {
     Error::invalid(dir, format!("no safetensors weights: {hint}"))
 }
 
-/// Step number from a checkpoint name: the trailing run of digits of the directory name (or
-/// file stem), e.g. `checkpoint-2000`, `iter_0002000`, `global_step2000`, `step-2000`.
+/// Training step of a checkpoint: `global_step` from its `trainer_state.json` when present,
+/// else the number in a known directory name (`checkpoint-N`, `iter_N`, `global_stepN`,
+/// `step-N`, `step_N`, `stepN`), else unknown.
 pub fn step_from_name(path: &Path) -> Option<u64> {
+    if path.is_dir() {
+        if let Ok(bytes) = std::fs::read(path.join("trainer_state.json")) {
+            if let Some(s) = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("global_step").and_then(|g| g.as_u64()))
+            {
+                return Some(s);
+            }
+        }
+    }
     let name = if path.is_file() {
         path.file_stem()?.to_str()?
     } else {
         path.file_name()?.to_str()?
     };
-    let digits: String = name
-        .chars()
-        .rev()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    digits.parse().ok()
+    [
+        "checkpoint-",
+        "iter_",
+        "global_step",
+        "step-",
+        "step_",
+        "step",
+    ]
+    .iter()
+    .find_map(|p| name.strip_prefix(p))
+    .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+    .and_then(|d| d.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_come_from_trainer_state_or_known_names() {
+        let d = tempfile::tempdir().unwrap();
+        for (name, step) in [
+            ("checkpoint-1200", Some(1200)),
+            ("iter_0001000", Some(1000)),
+            ("global_step300", Some(300)),
+            ("step-7", Some(7)),
+            ("bf1", None),
+            ("checkpoint-12a", None),
+        ] {
+            let p = d.path().join(name);
+            std::fs::create_dir(&p).unwrap();
+            assert_eq!(step_from_name(&p), step, "{name}");
+        }
+        let p = d.path().join("run");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join("trainer_state.json"), br#"{"global_step": 42}"#).unwrap();
+        assert_eq!(step_from_name(&p), Some(42));
+    }
 }

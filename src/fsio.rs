@@ -89,7 +89,10 @@ pub fn sync_file(f: &File, path: &Path) -> Result<()> {
 /// fsync a directory so that entries created or renamed in it are durable.
 pub fn sync_dir(path: &Path) -> Result<()> {
     gate(Op::Fsync).ctx("fsync", path)?;
-    File::open(path).ctx("open", path)?.sync_all().ctx("fsync", path)
+    File::open(path)
+        .ctx("open", path)?
+        .sync_all()
+        .ctx("fsync", path)
 }
 
 /// Rename `from` to `to` (atomic within a filesystem).

@@ -68,7 +68,11 @@ pub fn inspect(path: &Path) -> Inspection {
                 valid: true,
                 error: None,
                 step: c.step,
-                files: c.files.iter().map(|f| f.path.display().to_string()).collect(),
+                files: c
+                    .files
+                    .iter()
+                    .map(|f| f.path.display().to_string())
+                    .collect(),
                 total_tensors: tensors.len(),
                 total_elements: c.tensors.iter().map(|t| t.elements() as u64).sum(),
                 total_bytes: c.data_bytes(),
@@ -93,8 +97,18 @@ pub fn inspect(path: &Path) -> Inspection {
 pub fn render(i: &Inspection) -> String {
     let mut s = String::new();
     if !i.tensors.is_empty() {
-        let w = i.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-        let _ = writeln!(s, "{:<w$}  {:<8}  {:<20}  {:>14}", "name", "dtype", "shape", "bytes");
+        let w = i
+            .tensors
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            s,
+            "{:<w$}  {:<8}  {:<20}  {:>14}",
+            "name", "dtype", "shape", "bytes"
+        );
         for t in &i.tensors {
             let _ = writeln!(
                 s,

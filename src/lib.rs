@@ -10,7 +10,12 @@
 //! - [`fsio`]: every durable filesystem step (and the fault-injection hook for tests).
 //! - [`inspect`]: the `pmad inspect` report.
 
+pub mod accum;
 pub mod checkpoint;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod emit;
 pub mod engine;
 pub mod error;
 pub mod fsio;
@@ -18,5 +23,9 @@ pub mod header;
 pub mod inspect;
 pub mod merge;
 pub mod publish;
+pub mod select;
+pub mod telemetry;
+pub mod watch;
+pub mod window;
 
 pub use error::{Error, Result};

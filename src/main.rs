@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use pmad::config::Config;
 use pmad::engine::{self, MergeSpec, OutDtype, Progress};
 use pmad::merge::{Accumulator, Method};
 use std::io::IsTerminal;
@@ -10,9 +11,14 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "pmad", version, about = "Pre-trained Model Averaging daemon: running averages of LLM checkpoints")]
+#[command(
+    name = "pmad",
+    version,
+    about = "Pre-trained Model Averaging daemon: running averages of LLM checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -24,6 +30,25 @@ enum Command {
     Merge(MergeArgs),
     /// Show a checkpoint's tensors, sizes and validity.
     Inspect(InspectArgs),
+    /// Run the daemon: watch a training run and publish running averages.
+    Run(RunArgs),
+    /// Validate a config file and print the resolved settings.
+    CheckConfig(CheckConfigArgs),
+    /// A self-contained demonstration: a simulated training run merged live.
+    Demo(pmad::demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct CheckConfigArgs {
+    /// TOML config file.
+    config: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -125,7 +150,9 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
         return Err(pmad::Error::Usage("--alpha is only used with --method ema".into()).into());
     }
     if args.weights.is_some() && !matches!(method, Method::Weights(_)) {
-        return Err(pmad::Error::Usage("--weights is only used with --method weights".into()).into());
+        return Err(
+            pmad::Error::Usage("--weights is only used with --method weights".into()).into(),
+        );
     }
     let dtype = OutDtype::parse(match args.dtype {
         DtypeArg::Source => "source",
@@ -161,7 +188,14 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
         std::thread::spawn(move || draw_progress(&p, &d))
     });
     let result = pool.install(|| {
-        engine::merge_checkpoints(&args.checkpoints, &spec, &args.out, args.force, &progress, &cancel)
+        engine::merge_checkpoints(
+            &args.checkpoints,
+            &spec,
+            &args.out,
+            args.force,
+            &progress,
+            &cancel,
+        )
     });
     done.store(true, Ordering::Relaxed);
     if let Some(b) = bar {
@@ -178,9 +212,14 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
         s.shards,
         bytesize::ByteSize(s.bytes_written).display().si(),
         secs,
-        bytesize::ByteSize((s.bytes_read as f64 / secs) as u64).display().si(),
+        bytesize::ByteSize((s.bytes_read as f64 / secs) as u64)
+            .display()
+            .si(),
         if s.nonfinite > 0 {
-            format!("; {} non-finite input values merged (--allow-nonfinite)", s.nonfinite)
+            format!(
+                "; {} non-finite input values merged (--allow-nonfinite)",
+                s.nonfinite
+            )
         } else {
             String::new()
         }
@@ -215,11 +254,61 @@ fn inspect(args: InspectArgs) -> anyhow::Result<bool> {
     Ok(i.valid)
 }
 
+fn check_config(args: CheckConfigArgs) -> anyhow::Result<bool> {
+    let cfg = Config::load(&args.config).map_err(|e| pmad::Error::Usage(e.to_string()))?;
+    print!("{}", cfg.describe());
+    Ok(true)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<bool> {
+    let cfg = Config::load(&args.config).map_err(|e| pmad::Error::Usage(e.to_string()))?;
+    pmad::telemetry::init(cfg.log_format, &cfg.log_level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .thread_name("pmad-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        install_signals(shutdown.clone())?;
+        pmad::daemon::run(cfg, shutdown).await
+    })?;
+    Ok(true)
+}
+
+/// SIGTERM/SIGINT: the first stops gracefully, a second one exits at once.
+fn install_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            seen += 1;
+            if seen == 1 {
+                shutdown.cancel();
+            } else {
+                eprintln!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Merge(a) => merge(a).map(|_| true),
         Command::Inspect(a) => inspect(a),
+        Command::Run(a) => run(a),
+        Command::CheckConfig(a) => check_config(a),
+        Command::Demo(a) => pmad::demo::run(a).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,0 +1,441 @@
+//! Running accumulators for the daemon's recipes, and the single pass that updates them.
+//!
+//! Owns the incremental math of design.md: SMA keeps a sliding sum S (add newest, subtract
+//! evicted), WMA keeps S and T = Σ i·x_i (positions 1..n, shifted by T −= S on eviction), EMA
+//! keeps e. Every update is a short list of [`Op`]s applied in one pass over the new (and
+//! evicted) checkpoints, so one read of each input feeds every recipe.
+//!
+//! Layout invariant: all float elements of the model, tensors sorted by name, form one flat
+//! index space cut into pages of [`PAGE`] elements. The store holds, page after page, one
+//! [`PAGE`]-long run per slot (a slot is one recipe sum), so a page's slots are one contiguous
+//! `&mut` region: pages are updated in parallel with no shared mutable state. The store lives
+//! in RAM, or — past `state.memory_budget` — in a file-backed map under `state.dir` whose
+//! blocks are reserved with `fallocate` first (a full disk fails at creation, never as SIGBUS).
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, IoContext, Result};
+use crate::merge::{Acc, FloatKind, BLOCK};
+use memmap2::{MmapMut, MmapOptions};
+use rayon::prelude::*;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// Elements per page.
+pub const PAGE: usize = 1 << 18;
+
+/// One float tensor in the flat index space.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Element encoding in the checkpoints.
+    pub kind: FloatKind,
+    /// First flat element.
+    pub start: usize,
+    /// Number of elements.
+    pub len: usize,
+}
+
+/// The float tensors of a model laid out flat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatLayout {
+    /// Tensors sorted by name.
+    pub tensors: Vec<FlatTensor>,
+    /// Total float elements.
+    pub total: usize,
+}
+
+impl FlatLayout {
+    /// Layout of a checkpoint's float tensors (others are copied at emission, not accumulated).
+    pub fn of(c: &Checkpoint) -> FlatLayout {
+        let mut tensors = Vec::new();
+        let mut start = 0;
+        for t in &c.tensors {
+            if let Some(kind) = FloatKind::of(t.dtype) {
+                let len = t.elements();
+                tensors.push(FlatTensor {
+                    name: t.name.clone(),
+                    kind,
+                    start,
+                    len,
+                });
+                start += len;
+            }
+        }
+        FlatLayout {
+            tensors,
+            total: start,
+        }
+    }
+
+    /// Index of the first tensor overlapping flat element `pos`.
+    fn find(&self, pos: usize) -> usize {
+        self.tensors
+            .partition_point(|t| t.start + t.len <= pos)
+            .min(self.tensors.len().saturating_sub(1))
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        self.total.div_ceil(PAGE)
+    }
+}
+
+/// One step of an update, applied element-wise, in order, to every page.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// slot = 0.
+    Zero(usize),
+    /// slot += coef · input.
+    Axpy {
+        /// Target slot.
+        slot: usize,
+        /// Index into the pass's inputs.
+        input: usize,
+        /// Coefficient.
+        coef: f64,
+    },
+    /// slot -= other (WMA position shift: T −= S).
+    Sub {
+        /// Target slot.
+        slot: usize,
+        /// Slot subtracted.
+        other: usize,
+    },
+    /// slot = alpha · input + (1 − alpha) · slot.
+    Ema {
+        /// Target slot.
+        slot: usize,
+        /// Index into the pass's inputs.
+        input: usize,
+        /// EMA alpha.
+        alpha: f64,
+    },
+}
+
+enum Store<A> {
+    Ram(Vec<A>),
+    Mapped { map: MmapMut, path: PathBuf },
+}
+
+/// Accumulator slots for all recipes over one model.
+pub struct Accumulators<A: Acc> {
+    layout: FlatLayout,
+    slots: usize,
+    store: Store<A>,
+}
+
+/// Bytes a store for `slots` slots over `layout` needs.
+pub fn store_bytes(layout: &FlatLayout, slots: usize, acc_size: usize) -> u64 {
+    (layout.pages() * PAGE * slots * acc_size) as u64
+}
+
+impl<A: Acc + bytemuck::Pod> Accumulators<A> {
+    /// Zeroed accumulators: in RAM, or file-backed at `file` when given.
+    pub fn new(layout: FlatLayout, slots: usize, file: Option<&Path>) -> Result<Self> {
+        let elems = layout.pages() * PAGE * slots;
+        let store = match file {
+            None => Store::Ram(vec![A::default(); elems]),
+            Some(path) => {
+                let bytes = (elems * std::mem::size_of::<A>()) as u64;
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .ctx("create", path)?;
+                if bytes > 0 {
+                    // Reserve every block now: a full disk fails here with ENOSPC instead of
+                    // raising SIGBUS later when a page of the map is first written.
+                    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, bytes)
+                        .map_err(|e| Error::io("fallocate", path, e.into()))?;
+                }
+                // SAFETY: the file was just created (truncated) by this process in pmad's own
+                // state directory and its blocks are allocated, so accesses cannot fault for
+                // lack of space; nothing else is meant to write or truncate it while mapped
+                // (the state directory belongs to one pmad instance).
+                let map = unsafe { MmapOptions::new().len(bytes as usize).map_mut(&f) }
+                    .ctx("mmap", path)?;
+                Store::Mapped {
+                    map,
+                    path: path.to_path_buf(),
+                }
+            }
+        };
+        Ok(Accumulators {
+            layout,
+            slots,
+            store,
+        })
+    }
+
+    /// The layout accumulated over.
+    pub fn layout(&self) -> &FlatLayout {
+        &self.layout
+    }
+
+    /// Whether the store is file-backed (and where).
+    pub fn file(&self) -> Option<&Path> {
+        match &self.store {
+            Store::Ram(_) => None,
+            Store::Mapped { path, .. } => Some(path),
+        }
+    }
+
+    fn data(&self) -> &[A] {
+        match &self.store {
+            Store::Ram(v) => v,
+            Store::Mapped { map, .. } => bytemuck::cast_slice(&map[..]),
+        }
+    }
+
+    fn data_mut(&mut self) -> &mut [A] {
+        match &mut self.store {
+            Store::Ram(v) => v,
+            Store::Mapped { map, .. } => bytemuck::cast_slice_mut(&mut map[..]),
+        }
+    }
+
+    /// Apply `ops` to every element, reading `inputs` (all compatible with the layout).
+    /// Each input's files are re-checked before each page is read; on error the slots are
+    /// partially updated and the caller must rebuild them.
+    pub fn pass(&mut self, inputs: &[&Checkpoint], ops: &[Op]) -> Result<()> {
+        // Resolve each input's tensors to (file, absolute byte start) once.
+        let mut locs: Vec<Vec<(usize, usize)>> = Vec::with_capacity(inputs.len());
+        for c in inputs {
+            let mut v = Vec::with_capacity(self.layout.tensors.len());
+            for t in &self.layout.tensors {
+                let ct = c.tensor(&t.name).ok_or_else(|| Error::Mismatch {
+                    path: c.path.clone(),
+                    detail: format!("tensor {} is missing", t.name),
+                })?;
+                v.push((ct.file, ct.range.start));
+            }
+            locs.push(v);
+        }
+        let slots = self.slots;
+        let layout = self.layout.clone();
+        let used: Vec<usize> = (0..inputs.len())
+            .filter(|i| {
+                ops.iter().any(
+                    |o| matches!(o, Op::Axpy { input, .. } | Op::Ema { input, .. } if input == i),
+                )
+            })
+            .collect();
+        let data = self.data_mut();
+        data.par_chunks_mut(PAGE * slots)
+            .enumerate()
+            .try_for_each(|(p, region)| -> Result<()> {
+                let lo = p * PAGE;
+                let hi = ((p + 1) * PAGE).min(layout.total);
+                if lo >= hi {
+                    return Ok(());
+                }
+                for &i in &used {
+                    for f in &inputs[i].files {
+                        f.check_fd()?;
+                    }
+                }
+                let mut scratch = vec![A::default(); inputs.len() * BLOCK];
+                let mut ti = layout.find(lo);
+                let mut pos = lo;
+                while pos < hi {
+                    let t = &layout.tensors[ti];
+                    let seg_end = (t.start + t.len).min(hi);
+                    let mut b = pos;
+                    while b < seg_end {
+                        let e = (b + BLOCK).min(seg_end);
+                        let len = e - b;
+                        let isz = t.kind.size();
+                        let in_t = b - t.start;
+                        for &i in &used {
+                            let (fi, start) = locs[i][ti];
+                            let r = start + in_t * isz..start + (in_t + len) * isz;
+                            A::decode(
+                                t.kind,
+                                inputs[i].files[fi].slice(r),
+                                &mut scratch[i * BLOCK..i * BLOCK + len],
+                            );
+                        }
+                        let off = b - lo;
+                        apply(region, ops, &scratch, off, len);
+                        b = e;
+                    }
+                    for &i in &used {
+                        let (fi, start) = locs[i][ti];
+                        let isz = t.kind.size();
+                        let r = start + (pos - t.start) * isz..start + (seg_end - t.start) * isz;
+                        inputs[i].files[fi].release(r);
+                    }
+                    pos = seg_end;
+                    ti += 1;
+                }
+                Ok(())
+            })
+    }
+
+    /// Write `slot / divisor` for flat elements `range` of tensor `ti`, encoded as `out_kind`.
+    pub fn emit_into(
+        &self,
+        slot: usize,
+        divisor: f64,
+        flat: Range<usize>,
+        out_kind: FloatKind,
+        out: &mut [u8],
+    ) {
+        let data = self.data();
+        let d = A::from_f64(divisor);
+        let one = divisor == 1.0;
+        let mut tmp = [A::default(); BLOCK];
+        let osz = out_kind.size();
+        let mut pos = flat.start;
+        let mut o = 0;
+        while pos < flat.end {
+            let p = pos / PAGE;
+            let page_end = ((p + 1) * PAGE).min(flat.end);
+            let e = page_end.min(pos + BLOCK);
+            let len = e - pos;
+            let base = p * PAGE * self.slots + slot * PAGE + (pos - p * PAGE);
+            let src = &data[base..base + len];
+            let t = &mut tmp[..len];
+            if one {
+                t.copy_from_slice(src);
+            } else {
+                for (x, s) in t.iter_mut().zip(src) {
+                    *x = div(*s, d);
+                }
+            }
+            A::encode(out_kind, t, &mut out[o..o + len * osz]);
+            o += len * osz;
+            pos = e;
+        }
+    }
+
+    /// Copy of one slot's values (for tests and state snapshots).
+    pub fn slot_values(&self, slot: usize) -> Vec<A> {
+        let data = self.data();
+        let mut v = Vec::with_capacity(self.layout.total);
+        for p in 0..self.layout.pages() {
+            let lo = p * PAGE;
+            let hi = ((p + 1) * PAGE).min(self.layout.total);
+            let base = p * PAGE * self.slots + slot * PAGE;
+            v.extend_from_slice(&data[base..base + (hi - lo)]);
+        }
+        v
+    }
+}
+
+#[inline]
+fn div<A: Acc>(a: A, d: A) -> A {
+    // Acc has no Div bound: f32/f64 division via the f64 path is exact enough for f32 and
+    // exact for f64 (one rounding each way).
+    A::from_f64(to_f64(a) / to_f64(d))
+}
+
+#[inline]
+fn to_f64<A: Acc>(a: A) -> f64 {
+    let mut b = [0u8; 8];
+    A::encode(FloatKind::F64, std::slice::from_ref(&a), &mut b);
+    f64::from_le_bytes(b)
+}
+
+/// Apply ops to `len` elements at offset `off` of each slot run in a page region.
+fn apply<A: Acc>(region: &mut [A], ops: &[Op], scratch: &[A], off: usize, len: usize) {
+    for op in ops {
+        match *op {
+            Op::Zero(s) => region[s * PAGE + off..s * PAGE + off + len].fill(A::default()),
+            Op::Axpy { slot, input, coef } => {
+                let c = A::from_f64(coef);
+                let x = &scratch[input * BLOCK..input * BLOCK + len];
+                let dst = &mut region[slot * PAGE + off..slot * PAGE + off + len];
+                if coef == 1.0 {
+                    for (d, x) in dst.iter_mut().zip(x) {
+                        *d = *d + *x;
+                    }
+                } else if coef == -1.0 {
+                    for (d, x) in dst.iter_mut().zip(x) {
+                        *d = *d - *x;
+                    }
+                } else {
+                    for (d, x) in dst.iter_mut().zip(x) {
+                        *d = *d + c * *x;
+                    }
+                }
+            }
+            Op::Sub { slot, other } => {
+                let (a, b) = if slot < other {
+                    let (lo, hi) = region.split_at_mut(other * PAGE);
+                    (
+                        &mut lo[slot * PAGE + off..slot * PAGE + off + len],
+                        &hi[off..off + len],
+                    )
+                } else {
+                    let (lo, hi) = region.split_at_mut(slot * PAGE);
+                    (
+                        &mut hi[off..off + len],
+                        &lo[other * PAGE + off..other * PAGE + off + len],
+                    )
+                };
+                for (d, s) in a.iter_mut().zip(b.iter()) {
+                    *d = *d - *s;
+                }
+            }
+            Op::Ema { slot, input, alpha } => {
+                let a = A::from_f64(alpha);
+                let x = &scratch[input * BLOCK..input * BLOCK + len];
+                let dst = &mut region[slot * PAGE + off..slot * PAGE + off + len];
+                // e + a (x − e): one multiply, and exact when x == e.
+                for (d, x) in dst.iter_mut().zip(x) {
+                    *d = *d + a * (*x - *d);
+                }
+            }
+        }
+    }
+}
+
+/// Type-erased accumulators (f32 or f64), as the daemon holds them.
+pub trait AccStore: Send + Sync {
+    /// See [`Accumulators::pass`].
+    fn pass(&mut self, inputs: &[&Checkpoint], ops: &[Op]) -> Result<()>;
+    /// See [`Accumulators::emit_into`].
+    fn emit_into(
+        &self,
+        slot: usize,
+        divisor: f64,
+        flat: Range<usize>,
+        out: FloatKind,
+        buf: &mut [u8],
+    );
+    /// The layout.
+    fn layout(&self) -> &FlatLayout;
+    /// Backing file, if file-backed.
+    fn file(&self) -> Option<&Path>;
+    /// One slot's values widened to f64 (tests, snapshots).
+    fn slot_f64(&self, slot: usize) -> Vec<f64>;
+}
+
+impl<A: Acc + bytemuck::Pod> AccStore for Accumulators<A> {
+    fn pass(&mut self, inputs: &[&Checkpoint], ops: &[Op]) -> Result<()> {
+        Accumulators::pass(self, inputs, ops)
+    }
+    fn emit_into(
+        &self,
+        slot: usize,
+        divisor: f64,
+        flat: Range<usize>,
+        out: FloatKind,
+        buf: &mut [u8],
+    ) {
+        Accumulators::emit_into(self, slot, divisor, flat, out, buf)
+    }
+    fn layout(&self) -> &FlatLayout {
+        &self.layout
+    }
+    fn file(&self) -> Option<&Path> {
+        Accumulators::file(self)
+    }
+    fn slot_f64(&self, slot: usize) -> Vec<f64> {
+        self.slot_values(slot).into_iter().map(to_f64).collect()
+    }
+}

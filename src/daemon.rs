@@ -1,0 +1,654 @@
+//! `pmad run`: the long-running service.
+//!
+//! The async side only moves events: it waits for a wake (inotify), a deadline (poll interval,
+//! a checkpoint's settle time, an emission interval) or shutdown, then runs one *cycle* on the
+//! blocking pool. A cycle is synchronous and owns all state ([`Core`]): scan → gate (marker,
+//! settle, validation, schema, NaN/Inf) → select (phase, LR plateau, interval) → window update
+//! (one pass feeding every recipe) → emissions that are due. Shutdown stops intake at once and
+//! lets an in-flight emission finish within `daemon.shutdown_grace`, then cancels it (its temp
+//! dir is removed) and exits cleanly.
+//!
+//! A checkpoint is tracked by directory. Its states: pending (waiting for marker, quiescence,
+//! validity), accepted (in the window), skipped (outside the phase), rejected (corrupt; logged
+//! once, retried only if its files change), abandoned (a later step dropped by a rollback).
+
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
+use crate::emit;
+use crate::engine::Progress;
+use crate::error::Error;
+use crate::merge::{self, FloatKind};
+use crate::publish;
+use crate::select::{self, Decision};
+use crate::telemetry::{bytes, rate, secs};
+use crate::watch::{self, Scanner, Signature};
+use crate::window::Window;
+use rayon::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+#[derive(Debug, Clone, PartialEq)]
+enum TState {
+    Pending,
+    Accepted,
+    Skipped,
+    Rejected,
+    Abandoned,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    step: u64,
+    sig: Signature,
+    since: Instant,
+    state: TState,
+}
+
+/// A command to run after an emission.
+#[derive(Debug)]
+pub struct HookJob {
+    /// Recipe name.
+    pub recipe: String,
+    /// Step published.
+    pub step: u64,
+    /// Command and arguments, placeholders substituted.
+    pub argv: Vec<String>,
+    /// Time limit.
+    pub timeout: Duration,
+}
+
+/// All daemon state; driven one cycle at a time.
+pub struct Core {
+    cfg: Config,
+    scanner: Arc<Scanner>,
+    tracked: BTreeMap<PathBuf, Tracked>,
+    window: Window,
+    /// Accepted step → directory (for merge.json).
+    paths: BTreeMap<u64, PathBuf>,
+    /// Steps whose directory vanished while pinned (logged once).
+    vanished: BTreeSet<u64>,
+    pool: rayon::ThreadPool,
+    hooks: tokio::sync::mpsc::UnboundedSender<HookJob>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Core {
+    /// Build the daemon state from a validated config.
+    pub fn new(
+        cfg: Config,
+        hooks: tokio::sync::mpsc::UnboundedSender<HookJob>,
+        cancel: Arc<AtomicBool>,
+    ) -> anyhow::Result<Core> {
+        let mut exclude: Vec<PathBuf> = cfg.recipes.iter().map(|r| r.out_dir.clone()).collect();
+        if let Some(d) = &cfg.state.dir {
+            exclude.push(d.clone());
+        }
+        let scanner = Arc::new(Scanner::new(cfg.watch.clone(), &exclude));
+        let window = Window::new(
+            &cfg.recipes,
+            cfg.state.accumulator,
+            cfg.state.dir.clone(),
+            cfg.state.memory_budget,
+        );
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("pmad-worker-{i}"))
+            .build()?;
+        Ok(Core {
+            cfg,
+            scanner,
+            tracked: BTreeMap::new(),
+            window,
+            paths: BTreeMap::new(),
+            vanished: BTreeSet::new(),
+            pool,
+            hooks,
+            cancel,
+        })
+    }
+
+    /// The scanner (shared with the inotify callback).
+    pub fn scanner(&self) -> Arc<Scanner> {
+        self.scanner.clone()
+    }
+
+    /// One cycle. Returns when the next cycle is due at the latest.
+    pub fn cycle(&mut self) -> Instant {
+        let now = Instant::now();
+        let mut next = now + self.cfg.watch.poll_interval;
+        let cands = match self.scanner.scan() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(event = "watch.error", dir = %self.cfg.watch.dir.display(), error = %e, "cannot list the watched directory");
+                return next;
+            }
+        };
+        let present: BTreeSet<PathBuf> = cands.iter().map(|c| c.path.clone()).collect();
+        self.tracked.retain(|p, t| {
+            let keep = present.contains(p);
+            if !keep && t.state == TState::Pending {
+                debug!(event = "checkpoint.gone", step = t.step, path = %p.display());
+            }
+            keep
+        });
+        let mut ready = Vec::new();
+        for (i, c) in cands.iter().enumerate() {
+            let sig = match self.scanner.signature(&c.path) {
+                Ok(s) => s,
+                Err(_) => continue, // vanished mid-scan: gone next time
+            };
+            let lookback = i.checked_sub(1).map(|j| cands[j].step);
+            let t = self.tracked.entry(c.path.clone()).or_insert_with(|| {
+                info!(event = "checkpoint.discovered", step = c.step, path = %c.path.display());
+                Tracked {
+                    step: c.step,
+                    sig: sig.clone(),
+                    since: now,
+                    state: TState::Pending,
+                }
+            });
+            if t.sig != sig {
+                let was = t.state.clone();
+                t.sig = sig;
+                t.since = now;
+                t.state = TState::Pending;
+                if was == TState::Accepted {
+                    self.rewritten(c.step);
+                }
+            }
+            let t = &self.tracked[&c.path];
+            if t.state != TState::Pending || !self.scanner.marker_ok(&c.path, c.step) {
+                continue;
+            }
+            let settle_at = t.since + self.cfg.watch.settle;
+            if now < settle_at {
+                next = next.min(settle_at);
+                continue;
+            }
+            ready.push((c.clone(), lookback));
+        }
+        for (c, lookback) in ready {
+            if self.cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            self.consider(c.step, c.path, lookback);
+        }
+        // Emissions may also become due by time alone.
+        for ri in 0..self.window.recipes.len() {
+            if self.cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            match self.due(ri, Instant::now()) {
+                Due::Now => self.emit(ri),
+                Due::At(t) => next = next.min(t),
+                Due::No => {}
+            }
+        }
+        next
+    }
+
+    /// A complete-looking checkpoint: validate, check against the window, select, update.
+    fn consider(&mut self, step: u64, path: PathBuf, lookback: Option<u64>) {
+        let opened = Checkpoint::open(&path).and_then(|c| {
+            self.window.check_schema(&c)?;
+            if !self.cfg.watch.allow_nonfinite {
+                self.pool.install(|| nonfinite(&c))?;
+            }
+            Ok(c)
+        });
+        let ckpt = match opened {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = match &e {
+                    // Marker present and files quiet for `settle`, yet still short: the writer
+                    // died or the file is corrupt. Retried if its files change.
+                    Error::NotReady { .. } => "incomplete",
+                    other => other.reason(),
+                };
+                warn!(event = "checkpoint.rejected", step, path = %path.display(), reason, error = %e);
+                self.set_state(&path, TState::Rejected);
+                return;
+            }
+        };
+        let lr = if self.cfg.phase.lr_from_trainer_state {
+            std::fs::read(path.join("trainer_state.json"))
+                .ok()
+                .and_then(|b| select::lr_history(&b).ok())
+        } else {
+            None
+        };
+        let decision = select::decide(
+            &self.cfg.phase,
+            step,
+            self.window.newest(),
+            lookback,
+            lr.as_deref(),
+        );
+        if let Decision::Skip(why) = decision {
+            let lr_seen = lr.as_deref().and_then(|h| select::lr_at(h, step));
+            match lr_seen {
+                Some(l) => info!(event = "checkpoint.skipped", step, lr = l, reason = %why),
+                None => info!(event = "checkpoint.skipped", step, reason = %why),
+            }
+            self.set_state(&path, TState::Skipped);
+            return;
+        }
+        self.verify_window();
+        info!(event = "checkpoint.accepted", step, path = %path.display(), size = %bytes(ckpt.data_bytes()), tensors = ckpt.tensors.len());
+        self.set_state(&path, TState::Accepted);
+        self.paths.insert(step, path.clone());
+        let t0 = Instant::now();
+        let result = self
+            .pool
+            .install(|| self.window.arrive(step, Arc::new(ckpt)));
+        match result {
+            Ok(rep) => {
+                let took = t0.elapsed();
+                let steps = self.window.steps();
+                info!(
+                    event = "window.updated",
+                    step,
+                    window = %fmt_steps(&steps),
+                    n = steps.len(),
+                    evicted = %fmt_list(&rep.evicted),
+                    read = %bytes(rep.bytes_read),
+                    took = %secs(took),
+                    rate = %rate(rep.bytes_read, took),
+                    rebuilt = rep.rebuilt,
+                );
+            }
+            Err(e) => {
+                error!(event = "checkpoint.rejected", step, path = %path.display(), reason = e.reason(), error = %e, "update failed; window rebuilt without it");
+                self.set_state(&path, TState::Rejected);
+                return;
+            }
+        }
+        for ri in 0..self.window.recipes.len() {
+            if self.cancel.load(Ordering::Relaxed) {
+                return;
+            }
+            if matches!(self.due(ri, Instant::now()), Due::Now) {
+                self.emit(ri);
+            }
+        }
+    }
+
+    fn set_state(&mut self, path: &PathBuf, s: TState) {
+        if let Some(t) = self.tracked.get_mut(path) {
+            t.state = s;
+        }
+    }
+
+    /// Re-check every pinned source; drop the ones that changed and rebuild.
+    fn verify_window(&mut self) {
+        let mut changed = Vec::new();
+        for (step, c) in &self.window.ckpts {
+            match c.verify() {
+                Ok(crate::checkpoint::SourceState::Same) => {}
+                Ok(crate::checkpoint::SourceState::Unlinked) => {
+                    if self.vanished.insert(*step) {
+                        info!(event = "source.vanished", step, path = %c.path.display(), "deleted on disk; still pinned, so the window keeps it until it slides out");
+                    }
+                }
+                Err(e) => {
+                    warn!(event = "source.changed", step, path = %c.path.display(), error = %e, "dropped from the window");
+                    changed.push(*step);
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.drop_steps(&changed, "source changed");
+        }
+    }
+
+    fn drop_steps(&mut self, steps: &[u64], why: &str) {
+        let result = self.pool.install(|| self.window.remove(steps));
+        match result {
+            Ok(removed) => {
+                let w = self.window.steps();
+                info!(event = "window.updated", removed = %fmt_list(&removed), window = %fmt_steps(&w), n = w.len(), rebuilt = true, reason = why);
+            }
+            Err(e) => {
+                error!(event = "window.updated", error = %e, reason = why, "rebuild failed; window cleared");
+                let all = self.window.steps();
+                for s in all {
+                    self.window.ckpts.remove(&s);
+                }
+            }
+        }
+    }
+
+    /// An accepted checkpoint's files changed: the run restarted from an earlier step (or the
+    /// files were rewritten). Every step at or after it is abandoned.
+    fn rewritten(&mut self, step: u64) {
+        let abandoned: Vec<u64> = self
+            .window
+            .steps()
+            .into_iter()
+            .filter(|s| *s >= step)
+            .collect();
+        warn!(event = "source.changed", step, abandoned = %fmt_list(&abandoned), "checkpoint rewritten: the run went back to an earlier step; dropping it and every later step");
+        for t in self.tracked.values_mut() {
+            if t.step > step && t.state == TState::Accepted {
+                t.state = TState::Abandoned;
+            }
+        }
+        for s in &abandoned {
+            self.paths.remove(s);
+        }
+        self.drop_steps(&abandoned, "rollback");
+    }
+
+    fn due(&self, ri: usize, now: Instant) -> Due {
+        let r = &self.window.recipes[ri];
+        if !r.ready() || r.since_emit == 0 {
+            return Due::No;
+        }
+        if r.recipe.emit_every > 0 && r.since_emit < r.recipe.emit_every {
+            return Due::No;
+        }
+        match (r.recipe.emit_interval, r.last_emit) {
+            (Some(iv), Some(last)) if now < last + iv => Due::At(last + iv),
+            _ => Due::Now,
+        }
+    }
+
+    fn emit(&mut self, ri: usize) {
+        let (name, steps) = {
+            let r = &self.window.recipes[ri];
+            (r.recipe.name.clone(), r.steps().to_vec())
+        };
+        let step = steps.last().copied().unwrap_or(0);
+        info!(event = "merge.started", recipe = %name, step, n = steps.len());
+        let progress = Progress::default();
+        let done = AtomicBool::new(false);
+        let interval = self.cfg.progress_interval;
+        let started = Instant::now();
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut last = Instant::now();
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(Duration::from_millis(200));
+                    if last.elapsed() >= interval && !done.load(Ordering::Relaxed) {
+                        last = Instant::now();
+                        let w = progress.written.load(Ordering::Relaxed);
+                        let t = progress.total.load(Ordering::Relaxed).max(1);
+                        info!(event = "merge.progress", recipe = %name, step, done = %format!("{:.0}%", 100.0 * w as f64 / t as f64), written = %bytes(w), rate = %rate(w, started.elapsed()));
+                    }
+                }
+            });
+            let r = self.pool.install(|| {
+                emit::emit(
+                    &self.window,
+                    ri,
+                    &self.paths,
+                    self.cfg.state.accumulator,
+                    &progress,
+                    &self.cancel,
+                )
+            });
+            done.store(true, Ordering::Relaxed);
+            r
+        });
+        let r = &mut self.window.recipes[ri];
+        match result {
+            Ok(e) => {
+                r.since_emit = 0;
+                r.last_emit = Some(Instant::now());
+                r.last_emitted_step = Some(e.step);
+                let lag = self
+                    .paths
+                    .get(&e.step)
+                    .and_then(|p| {
+                        std::fs::metadata(p.join(crate::checkpoint::SINGLE_FILE))
+                            .or_else(|_| std::fs::metadata(p))
+                            .ok()
+                    })
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    .unwrap_or_default();
+                info!(
+                    event = "merge.emitted",
+                    recipe = %name,
+                    steps = %fmt_steps(&e.steps),
+                    n = e.steps.len(),
+                    out = %e.path.display(),
+                    size = %bytes(e.bytes),
+                    took = %secs(e.duration),
+                    rate = %rate(e.bytes, e.duration),
+                    lag = %secs(Duration::from_secs(lag.as_secs())),
+                );
+                for p in &e.removed {
+                    debug!(event = "merge.retired", recipe = %name, path = %p.display());
+                }
+                if !r.recipe.on_emit.is_empty() {
+                    let argv = r
+                        .recipe
+                        .on_emit
+                        .iter()
+                        .map(|a| {
+                            a.replace("{path}", &e.path.display().to_string())
+                                .replace("{step}", &e.step.to_string())
+                                .replace("{recipe}", &name)
+                        })
+                        .collect();
+                    let _ = self.hooks.send(HookJob {
+                        recipe: name.clone(),
+                        step: e.step,
+                        argv,
+                        timeout: r.recipe.on_emit_timeout,
+                    });
+                }
+            }
+            Err(Error::Cancelled) => {
+                warn!(event = "merge.failed", recipe = %name, step, reason = "cancelled", "shutdown: emission aborted, temp dir removed");
+            }
+            Err(e) => {
+                match e.errno() {
+                    Some(errno) => {
+                        error!(event = "merge.failed", recipe = %name, step, reason = e.reason(), errno, error = %e)
+                    }
+                    None => {
+                        error!(event = "merge.failed", recipe = %name, step, reason = e.reason(), error = %e)
+                    }
+                }
+                // Try again with the next arrival (or interval), not in a tight loop.
+                r.since_emit = 0;
+                r.last_emit = Some(Instant::now());
+            }
+        }
+    }
+}
+
+enum Due {
+    No,
+    Now,
+    At(Instant),
+}
+
+/// Refuse checkpoints holding NaN/Inf, naming the first tensor and the count.
+fn nonfinite(c: &Checkpoint) -> crate::Result<()> {
+    let counts: Vec<(usize, u64)> = c
+        .tensors
+        .par_iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let kind: FloatKind = FloatKind::of(t.dtype)?;
+            let f = &c.files[t.file];
+            let n = merge::count_nonfinite(kind, f.slice(t.range.clone()));
+            f.release(t.range.clone());
+            (n > 0).then_some((i, n))
+        })
+        .collect();
+    if let Some(&(first, _)) = counts.first() {
+        let total: u64 = counts.iter().map(|x| x.1).sum();
+        let t = &c.tensors[first];
+        return Err(Error::NonFinite {
+            path: c.files[t.file].path.clone(),
+            tensor: t.name.clone(),
+            count: total,
+            more: if counts.len() > 1 {
+                format!(" (in {} tensors)", counts.len())
+            } else {
+                String::new()
+            },
+        });
+    }
+    Ok(())
+}
+
+fn fmt_steps(s: &[u64]) -> String {
+    match (s.first(), s.last()) {
+        (Some(a), Some(b)) if a != b => format!("{a}..{b}"),
+        (Some(a), _) => a.to_string(),
+        _ => "-".into(),
+    }
+}
+
+fn fmt_list(s: &[u64]) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+async fn run_hook(job: HookJob) {
+    let Some((prog, args)) = job.argv.split_first() else {
+        return;
+    };
+    let started = Instant::now();
+    let child = tokio::process::Command::new(prog)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(event = "hook.failed", recipe = %job.recipe, step = job.step, command = %prog, error = %e);
+            return;
+        }
+    };
+    match tokio::time::timeout(job.timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => {
+            info!(event = "hook.finished", recipe = %job.recipe, step = job.step, command = %prog, took = %secs(started.elapsed()));
+        }
+        Ok(Ok(status)) => {
+            warn!(event = "hook.failed", recipe = %job.recipe, step = job.step, command = %prog, status = %status);
+        }
+        Ok(Err(e)) => {
+            warn!(event = "hook.failed", recipe = %job.recipe, step = job.step, command = %prog, error = %e);
+        }
+        Err(_) => {
+            let _ = child.kill().await;
+            warn!(event = "hook.failed", recipe = %job.recipe, step = job.step, command = %prog, reason = "timeout", timeout = %secs(job.timeout));
+        }
+    }
+}
+
+/// Run the daemon until `shutdown` is cancelled. Signal handling is the caller's.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    for r in &cfg.recipes {
+        std::fs::create_dir_all(&r.out_dir).map_err(|e| {
+            anyhow::anyhow!("recipe {}: out_dir {}: {e}", r.name, r.out_dir.display())
+        })?;
+        let n = publish::sweep_temps(&r.out_dir)?;
+        if n > 0 {
+            info!(event = "startup.swept", dir = %r.out_dir.display(), removed = n, "removed temp dirs left by an earlier crash");
+        }
+    }
+    if !cfg.watch.dir.is_dir() {
+        anyhow::bail!("watch.dir {}: not a directory", cfg.watch.dir.display());
+    }
+    let grace = cfg.shutdown_grace;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (hook_tx, mut hook_rx) = tokio::sync::mpsc::unbounded_channel::<HookJob>();
+    let hooks = tokio_util::task::TaskTracker::new();
+    let hooks2 = hooks.clone();
+    let hook_loop = tokio::spawn(async move {
+        while let Some(job) = hook_rx.recv().await {
+            hooks2.spawn(run_hook(job));
+        }
+    });
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let core = Core::new(cfg.clone(), hook_tx, cancel.clone())?;
+    let _watcher = match watch::use_inotify(&cfg.watch) {
+        Ok(()) => match watch::start_notify(&cfg.watch.dir, core.scanner(), wake.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(event = "watch.mode", mode = "poll", reason = %e, "inotify unavailable; polling only");
+                None
+            }
+        },
+        Err(why) => {
+            info!(event = "watch.mode", mode = "poll", reason = %why);
+            None
+        }
+    };
+    info!(
+        event = "daemon.started",
+        version = env!("CARGO_PKG_VERSION"),
+        watch = %cfg.watch.dir.display(),
+        recipes = %cfg.recipes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
+        poll = %secs(cfg.watch.poll_interval),
+        settle = %secs(cfg.watch.settle),
+    );
+    let core = Arc::new(Mutex::new(core));
+    let mut stopping = false;
+    while !stopping {
+        let c = core.clone();
+        let mut job = tokio::task::spawn_blocking(move || match c.lock() {
+            Ok(mut core) => core.cycle(),
+            Err(_) => Instant::now() + Duration::from_secs(1),
+        });
+        let next = tokio::select! {
+            r = &mut job => r?,
+            _ = shutdown.cancelled() => {
+                info!(event = "shutdown.started", grace = %secs(grace), "stopping intake; finishing the current work");
+                match tokio::time::timeout(grace, &mut job).await {
+                    Ok(r) => { r?; }
+                    Err(_) => {
+                        cancel.store(true, Ordering::Relaxed);
+                        warn!(event = "shutdown.started", "grace period over; aborting the in-flight emission");
+                        job.await?;
+                    }
+                }
+                break;
+            }
+        };
+        let deadline = tokio::time::Instant::from_std(next);
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                stopping = true;
+                info!(event = "shutdown.started", grace = %secs(grace), "stopping intake");
+            }
+            _ = wake.notified() => {
+                // Coalesce a burst of filesystem events into one scan.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+    cancel.store(true, Ordering::Relaxed);
+    hook_loop.abort();
+    hooks.close();
+    if tokio::time::timeout(Duration::from_secs(1), hooks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            event = "shutdown.started",
+            "on_emit commands still running were stopped"
+        );
+    }
+    info!(event = "shutdown.completed");
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Logging: one line per event, with a stable `event` field.
+//!
+//! Text format (people tailing `kubectl logs -f`):
+//! `2026-11-27T10:31:02Z INFO merge.emitted recipe=sma10 steps=9100..10000 n=10 ...`
+//! — timestamp, level, the event name, then `key=value` fields in the order they were
+//! recorded (values with spaces quoted). No colour codes, ever, so pipes and files stay clean.
+//! JSON format (`log.format = "json"`): the same events as JSON lines from tracing-subscriber.
+
+use crate::config::LogFormat;
+use std::fmt;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
+
+/// Install the global subscriber. `level` is an EnvFilter directive ("info", "pmad=debug").
+pub fn init(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(false);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_target(false)
+            .try_init(),
+        LogFormat::Text => builder.event_format(TextFormat).try_init(),
+    };
+}
+
+/// The human-readable line format.
+pub struct TextFormat;
+
+struct Fields {
+    event: Option<String>,
+    message: Option<String>,
+    rest: String,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.to_string());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.put(field, format!("{value:?}"));
+    }
+}
+
+impl Fields {
+    fn put(&mut self, field: &Field, value: String) {
+        match field.name() {
+            "event" => self.event = Some(value),
+            "message" => self.message = Some(value),
+            name => {
+                if value.is_empty() || value.contains([' ', '"', '=']) {
+                    self.rest.push_str(&format!(" {name}={value:?}"));
+                } else {
+                    self.rest.push_str(&format!(" {name}={value}"));
+                }
+            }
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for TextFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut f = Fields {
+            event: None,
+            message: None,
+            rest: String::new(),
+        };
+        event.record(&mut f);
+        let ts = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        write!(w, "{ts} {:<5}", event.metadata().level())?;
+        if let Some(e) = &f.event {
+            write!(w, " {e}")?;
+        }
+        w.write_str(&f.rest)?;
+        if let Some(m) = &f.message {
+            write!(w, " {m}")?;
+        }
+        writeln!(w)
+    }
+}
+
+/// Format a byte count for log lines ("13.5GB").
+pub fn bytes(n: u64) -> String {
+    bytesize::ByteSize(n).display().si_short().to_string()
+}
+
+/// Format a duration for log lines ("41.7s", "250ms").
+pub fn secs(d: std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 1.0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{s:.1}s")
+    }
+}
+
+/// Format a rate for log lines ("331MB/s").
+pub fn rate(bytes: u64, d: std::time::Duration) -> String {
+    let s = d.as_secs_f64().max(1e-6);
+    format!("{}/s", self::bytes((bytes as f64 / s) as u64))
+}
