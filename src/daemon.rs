@@ -386,7 +386,7 @@ impl Core {
                     &self.window,
                     ri,
                     &self.paths,
-                    self.cfg.state.accumulator,
+                    self.window.accumulator(),
                     &progress,
                     &self.cancel,
                 )

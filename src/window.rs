@@ -14,6 +14,7 @@
 use crate::accum::{self, AccStore, Accumulators, FlatLayout, Op};
 use crate::checkpoint::Checkpoint;
 use crate::config::Recipe;
+use crate::engine::OutDtype;
 use crate::error::{Error, Result};
 use crate::merge::{Accumulator, FloatKind, Method};
 use std::collections::BTreeMap;
@@ -40,8 +41,6 @@ pub struct RecipeState {
     pub members: Vec<u64>,
     /// Steps absorbed by the EMA, oldest first.
     pub absorbed: Vec<u64>,
-    /// Updates since the sums were last rebuilt from scratch.
-    pub updates_since_rebuild: u64,
     /// Accepted checkpoints since the last emission.
     pub since_emit: u64,
     /// When it last published.
@@ -94,8 +93,6 @@ pub struct Window {
     accumulator: Accumulator,
     acc_file: Option<PathBuf>,
     memory_budget: u64,
-    /// Rebuild SMA/WMA sums after this many incremental updates (drift control; 0 = never).
-    rebuild_every: Vec<u64>,
 }
 
 /// What an arrival did, for the `window.updated` log line.
@@ -121,7 +118,6 @@ impl Window {
     ) -> Window {
         let mut next = 0;
         let mut states = Vec::new();
-        let mut rebuild_every = Vec::new();
         for r in recipes {
             let slots = match r.method {
                 Method::Sma | Method::Ema { .. } => {
@@ -143,30 +139,11 @@ impl Window {
                     second: None,
                 },
             };
-            // f32 sliding sums drift by about sqrt(k) f32 ulps after k add/subtract updates.
-            // For bf16/f16 outputs that stays far below one output ulp for any realistic k;
-            // for f32 outputs it would pass 1e-6 after ~100 updates, so rebuild every 32.
-            let wide_out = !matches!(
-                r.dtype,
-                crate::engine::OutDtype::Float(FloatKind::BF16)
-                    | crate::engine::OutDtype::Float(FloatKind::F16)
-            );
-            rebuild_every.push(
-                if accumulator == Accumulator::F32
-                    && wide_out
-                    && !matches!(r.method, Method::Ema { .. })
-                {
-                    32
-                } else {
-                    0
-                },
-            );
             states.push(RecipeState {
                 recipe: r.clone(),
                 slots,
                 members: Vec::new(),
                 absorbed: Vec::new(),
-                updates_since_rebuild: 0,
                 since_emit: 0,
                 last_emit: None,
                 last_emitted_step: None,
@@ -180,7 +157,6 @@ impl Window {
             accumulator,
             acc_file: state_dir.map(|d| d.join("accumulators.bin")),
             memory_budget,
-            rebuild_every,
         }
     }
 
@@ -218,9 +194,34 @@ impl Window {
         }
     }
 
+    /// The accumulator precision in use (see [`Window::arrive`] for when f64 is chosen).
+    pub fn accumulator(&self) -> Accumulator {
+        self.accumulator
+    }
+
     fn ensure_acc(&mut self, c: &Arc<Checkpoint>) -> Result<()> {
         if self.acc.is_some() {
             return Ok(());
+        }
+        // f32 running sums stay within one output ulp for bf16/f16 outputs over any realistic
+        // number of updates, but not within 1e-6 for f32/f64 outputs (each add/subtract costs
+        // about one f32 ulp of the sum). If any recipe publishes a wide dtype, accumulate in f64.
+        let wide = self.recipes.iter().any(|r| match r.recipe.dtype {
+            OutDtype::Float(k) => matches!(k, FloatKind::F32 | FloatKind::F64),
+            OutDtype::Source => c.tensors.iter().any(|t| {
+                matches!(
+                    FloatKind::of(t.dtype),
+                    Some(FloatKind::F32 | FloatKind::F64)
+                )
+            }),
+        });
+        if wide && self.accumulator == Accumulator::F32 {
+            tracing::info!(
+                event = "window.accumulator",
+                accumulator = "f64",
+                "a recipe publishes f32/f64 tensors: accumulating in f64 so outputs stay within 1e-6 of a one-shot merge"
+            );
+            self.accumulator = Accumulator::F64;
         }
         let layout = FlatLayout::of(c);
         let slots = self.slot_count();
@@ -270,21 +271,11 @@ impl Window {
         let mut input_steps: Vec<u64> = vec![step];
         let mut ops = Vec::new();
         let mut evicted = Vec::new();
-        let mut rebuild = Vec::new();
-        for (ri, r) in self.recipes.iter().enumerate() {
+        for r in &self.recipes {
             let n = r.members.len();
             match r.recipe.method.clone() {
                 Method::Sma | Method::Wma | Method::Weights(_) => {
                     let full = n == r.recipe.window;
-                    let every = if r.slots.first.is_some() {
-                        self.rebuild_every[ri]
-                    } else {
-                        0
-                    };
-                    if every > 0 && r.updates_since_rebuild + 1 >= every {
-                        rebuild.push(ri);
-                        continue;
-                    }
                     if full {
                         evicted.push(r.members[0]);
                     }
@@ -367,10 +358,7 @@ impl Window {
             return Err(e);
         }
         self.ckpts.insert(step, c);
-        for (ri, r) in self.recipes.iter_mut().enumerate() {
-            if rebuild.contains(&ri) {
-                continue;
-            }
+        for r in self.recipes.iter_mut() {
             if r.is_ema() {
                 r.absorbed.push(step);
             } else {
@@ -378,17 +366,8 @@ impl Window {
                 if r.members.len() > r.recipe.window {
                     r.members.remove(0);
                 }
-                r.updates_since_rebuild += 1;
             }
             r.since_emit += 1;
-        }
-        for ri in &rebuild {
-            let r = &mut self.recipes[*ri];
-            r.since_emit += 1;
-        }
-        let rebuilt = !rebuild.is_empty();
-        if rebuilt {
-            self.rebuild(&rebuild)?;
         }
         self.trim();
         evicted.sort();
@@ -397,7 +376,7 @@ impl Window {
             evicted,
             inputs: inputs.len(),
             bytes_read,
-            rebuilt,
+            rebuilt: false,
         })
     }
 
@@ -523,7 +502,6 @@ impl Window {
                         }
                     }
                     r.members = pinned[first..].iter().map(|(s, _)| *s).collect();
-                    r.updates_since_rebuild = 0;
                 }
             }
         }
@@ -538,5 +516,218 @@ impl Window {
             bytes_read: refs.iter().map(|c| c.data_bytes()).sum(),
             rebuilt: true,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::OutDtype;
+    use crate::header::build_header;
+    use crate::merge::{self, Acc};
+    use rand::{Rng, SeedableRng};
+    use safetensors::Dtype;
+    use std::path::Path;
+
+    const SHAPES: [(&str, usize); 3] = [("a", 3000), ("b", 111), ("c", 1)];
+
+    /// A checkpoint whose float tensors are base + noise (like consecutive training steps).
+    fn write_ckpt(dir: &Path, step: u64, kind: FloatKind, seed: u64) -> Arc<Checkpoint> {
+        let mut base = rand::rngs::StdRng::seed_from_u64(1);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + step);
+        let mut tensors = Vec::new();
+        let mut data = Vec::new();
+        for (name, n) in SHAPES {
+            tensors.push((name.to_string(), kind.dtype(), vec![n]));
+            let v: Vec<f32> = (0..n)
+                .map(|_| base.random_range(-2.0f32..2.0) * (1.0 + rng.random_range(-0.05f32..0.05)))
+                .collect();
+            let mut b = vec![0u8; n * kind.size()];
+            f32::encode(kind, &v, &mut b);
+            data.extend(b);
+        }
+        tensors.push(("ids".into(), Dtype::I64, vec![2]));
+        data.extend((step as i64).to_le_bytes());
+        data.extend((seed as i64).to_le_bytes());
+        let (mut bytes, _) = build_header(&Default::default(), &tensors).unwrap();
+        bytes.extend(data);
+        let d = dir.join(format!("checkpoint-{step}-{seed}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+        Arc::new(Checkpoint::open(&d).unwrap())
+    }
+
+    fn recipes(dtype: &str) -> Vec<Recipe> {
+        let text = format!(
+            r#"[watch]
+dir = "/w"
+[[recipe]]
+name = "sma"
+method = "sma"
+window = 4
+out_dir = "/o/sma"
+dtype = "{dtype}"
+[[recipe]]
+name = "wma"
+method = "wma"
+window = 3
+out_dir = "/o/wma"
+dtype = "{dtype}"
+[[recipe]]
+name = "ema"
+method = "ema"
+alpha = 0.3
+out_dir = "/o/ema"
+dtype = "{dtype}"
+"#
+        );
+        Config::parse(&text).unwrap().recipes
+    }
+
+    /// Compare every recipe's accumulator output with a one-shot merge of the same steps.
+    fn check(w: &Window, ckpts: &BTreeMap<u64, Arc<Checkpoint>>, out: FloatKind) {
+        let acc = w.acc.as_ref().unwrap();
+        for r in &w.recipes {
+            if !r.ready() {
+                continue;
+            }
+            let steps = r.steps();
+            let weights = r.weights();
+            let n = steps.len();
+            let (slot, div) = match r.recipe.method {
+                Method::Sma => (r.slots.first.unwrap(), n as f64),
+                Method::Wma => (r.slots.second.unwrap(), (n * (n + 1)) as f64 / 2.0),
+                _ => (r.slots.first.unwrap(), 1.0),
+            };
+            for ft in &acc.layout().tensors {
+                let mut got = vec![0u8; ft.len * out.size()];
+                acc.emit_into(slot, div, ft.start..ft.start + ft.len, out, &mut got);
+                let srcs: Vec<&[u8]> = steps
+                    .iter()
+                    .map(|s| {
+                        let c = &ckpts[s];
+                        let t = c.tensor(&ft.name).unwrap();
+                        c.files[t.file].slice(t.range.clone())
+                    })
+                    .collect();
+                let mut want = vec![0u8; got.len()];
+                merge::merge_chunk::<f64>(&srcs, ft.kind, &weights, out, &mut want, false);
+                let mut g = vec![0f64; ft.len];
+                let mut e = vec![0f64; ft.len];
+                f64::decode(out, &got, &mut g);
+                f64::decode(out, &want, &mut e);
+                for (j, (x, y)) in g.iter().zip(&e).enumerate() {
+                    let tol = match out {
+                        FloatKind::BF16 => y.abs() * 2f64.powi(-7),
+                        FloatKind::F16 => y.abs().max(6.1e-5) * 2f64.powi(-10),
+                        _ => y.abs().max(1e-30) * 1e-6,
+                    };
+                    assert!(
+                        (x - y).abs() <= tol,
+                        "{} {} elem {j}: incremental {x} vs one-shot {y} (steps {steps:?})",
+                        r.recipe.name,
+                        ft.name
+                    );
+                }
+            }
+        }
+    }
+
+    fn run_case(kind: FloatKind, dtype: &str, acc: Accumulator) {
+        let d = tempfile::tempdir().unwrap();
+        let out = match dtype {
+            "bf16" => FloatKind::BF16,
+            "f32" => FloatKind::F32,
+            _ => kind,
+        };
+        let mut w = Window::new(&recipes(dtype), acc, None, u64::MAX);
+        let mut all = BTreeMap::new();
+        // 3N+ in-order arrivals (N = 4), checking after every one.
+        for k in 1..=16u64 {
+            let c = write_ckpt(d.path(), k * 100, kind, 0);
+            all.insert(k * 100, c.clone());
+            w.arrive(k * 100, c).unwrap();
+            check(&w, &all, out);
+        }
+        assert_eq!(w.steps(), vec![1300, 1400, 1500, 1600]);
+        assert_eq!(w.recipes[0].members, vec![1300, 1400, 1500, 1600]);
+        assert_eq!(w.recipes[2].absorbed.len(), 16);
+        // Rollback: the run restarted from 1400; 1500 and 1600 are abandoned.
+        w.remove(&[1500, 1600]).unwrap();
+        assert_eq!(w.recipes[0].members, vec![1300, 1400]);
+        for k in 15..=17u64 {
+            let c = write_ckpt(d.path(), k * 100, kind, 1);
+            all.insert(k * 100, c.clone());
+            w.arrive(k * 100, c).unwrap();
+            check(&w, &all, out);
+        }
+        // Out of order: 1650 arrives after 1700.
+        let c = write_ckpt(d.path(), 1650, kind, 1);
+        all.insert(1650, c.clone());
+        w.arrive(1650, c).unwrap();
+        assert_eq!(w.recipes[0].members, vec![1500, 1600, 1650, 1700]);
+        check(&w, &all, out);
+    }
+
+    #[test]
+    fn incremental_equals_one_shot_bf16() {
+        run_case(FloatKind::BF16, "source", Accumulator::F32);
+    }
+
+    #[test]
+    fn incremental_equals_one_shot_f32_output_with_f32_accumulator() {
+        // f32 outputs switch the accumulators to f64.
+        run_case(FloatKind::F32, "f32", Accumulator::F32);
+        run_case(FloatKind::BF16, "f32", Accumulator::F32);
+    }
+
+    #[test]
+    fn incremental_equals_one_shot_f64_accumulator() {
+        run_case(FloatKind::F16, "source", Accumulator::F64);
+    }
+
+    #[test]
+    fn long_run_drift_stays_within_one_ulp() {
+        // Many more updates than the window: sliding sums must not drift past 1 ulp (bf16).
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Window::new(&recipes("bf16"), Accumulator::F32, None, u64::MAX);
+        let mut all = BTreeMap::new();
+        for k in 1..=120u64 {
+            let c = write_ckpt(d.path(), k, FloatKind::BF16, 3);
+            all.insert(k, c.clone());
+            w.arrive(k, c).unwrap();
+        }
+        check(&w, &all, FloatKind::BF16);
+    }
+
+    #[test]
+    fn file_backed_accumulators_match_ram() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        let mut ram = Window::new(&recipes("source"), Accumulator::F32, None, u64::MAX);
+        let mut file = Window::new(&recipes("source"), Accumulator::F32, Some(state.clone()), 1);
+        for k in 1..=6u64 {
+            let c = write_ckpt(d.path(), k * 10, FloatKind::BF16, 0);
+            ram.arrive(k * 10, c.clone()).unwrap();
+            file.arrive(k * 10, c).unwrap();
+        }
+        assert!(file.acc.as_ref().unwrap().file().is_some());
+        assert!(state.join("accumulators.bin").exists());
+        for s in 0..4 {
+            assert_eq!(
+                ram.acc.as_ref().unwrap().slot_f64(s),
+                file.acc.as_ref().unwrap().slot_f64(s)
+            );
+        }
+        // Over budget without a state dir: a clear error naming the keys.
+        let mut none = Window::new(&recipes("source"), Accumulator::F32, None, 1);
+        let c = write_ckpt(d.path(), 999, FloatKind::BF16, 0);
+        let e = none.arrive(999, c).err().unwrap().to_string();
+        assert!(
+            e.contains("state.memory_budget") && e.contains("state.dir"),
+            "{e}"
+        );
+        let _ = OutDtype::Source;
     }
 }
