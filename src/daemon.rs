@@ -18,6 +18,7 @@ use crate::emit;
 use crate::engine::Progress;
 use crate::error::Error;
 use crate::merge::{self, FloatKind};
+use crate::metrics::{RecipeStatus, Shared, StatusSnapshot};
 use crate::publish;
 use crate::select::{self, Decision};
 use crate::telemetry::{bytes, rate, secs};
@@ -75,6 +76,7 @@ pub struct Core {
     pool: rayon::ThreadPool,
     hooks: tokio::sync::mpsc::UnboundedSender<HookJob>,
     cancel: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl Core {
@@ -83,6 +85,7 @@ impl Core {
         cfg: Config,
         hooks: tokio::sync::mpsc::UnboundedSender<HookJob>,
         cancel: Arc<AtomicBool>,
+        shared: Arc<Shared>,
     ) -> anyhow::Result<Core> {
         let mut exclude: Vec<PathBuf> = cfg.recipes.iter().map(|r| r.out_dir.clone()).collect();
         if let Some(d) = &cfg.state.dir {
@@ -108,6 +111,7 @@ impl Core {
             pool,
             hooks,
             cancel,
+            shared,
         })
     }
 
@@ -118,6 +122,88 @@ impl Core {
 
     /// One cycle. Returns when the next cycle is due at the latest.
     pub fn cycle(&mut self) -> Instant {
+        self.shared.beat();
+        let next = self.cycle_inner();
+        self.shared.scanned.store(true, Ordering::Relaxed);
+        self.publish_status(next);
+        self.shared.beat();
+        next
+    }
+
+    /// Refresh the `/status` snapshot and the gauges.
+    fn publish_status(&self, next: Instant) {
+        let m = &self.shared.metrics;
+        let steps = self.window.steps();
+        m.window.set(steps.len() as i64);
+        if let Some(n) = self.window.newest() {
+            m.newest_step.set(n as i64);
+        }
+        let now = Instant::now();
+        let recipes = self
+            .window
+            .recipes
+            .iter()
+            .enumerate()
+            .map(|(ri, r)| {
+                if let Ok(st) = rustix::fs::statvfs(&r.recipe.out_dir) {
+                    m.free(&r.recipe.name, st.f_bavail.saturating_mul(st.f_frsize));
+                }
+                let next_due = match self.due(ri, now) {
+                    Due::Now => "now".to_string(),
+                    Due::At(t) => format!("in {}", secs(t.saturating_duration_since(now))),
+                    Due::No if !r.ready() => {
+                        format!("window filling ({}/{})", r.steps().len(), r.recipe.window)
+                    }
+                    Due::No => format!(
+                        "after {} more accepted checkpoint(s)",
+                        r.recipe.emit_every.saturating_sub(r.since_emit).max(1)
+                    ),
+                };
+                RecipeStatus {
+                    name: r.recipe.name.clone(),
+                    method: r.recipe.method.name().into(),
+                    steps: r.steps().to_vec(),
+                    last_emitted_step: r.last_emitted_step,
+                    last_output: r.last_emitted_step.map(|s| {
+                        r.recipe
+                            .out_dir
+                            .join(emit::step_dir_name(s))
+                            .display()
+                            .to_string()
+                    }),
+                    last_emit_unix: r.last_emit.map(|t| {
+                        (SystemTime::now() - t.elapsed())
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0)
+                    }),
+                    next_due,
+                }
+            })
+            .collect();
+        let pending = self
+            .tracked
+            .values()
+            .filter(|t| t.state == TState::Pending)
+            .map(|t| t.step)
+            .collect();
+        let snap = StatusSnapshot {
+            version: env!("CARGO_PKG_VERSION").into(),
+            watch_dir: self.cfg.watch.dir.display().to_string(),
+            window: steps,
+            newest_checkpoint_step: self.window.newest(),
+            recipes,
+            state_dir: self.cfg.state.dir.as_ref().map(|d| d.display().to_string()),
+            accumulator: self.window.accumulator().name().into(),
+            pending,
+        };
+        if let Ok(mut s) = self.shared.status.lock() {
+            *s = snap;
+        }
+        let _ = next;
+    }
+
+    fn cycle_inner(&mut self) -> Instant {
         let now = Instant::now();
         let mut next = now + self.cfg.watch.poll_interval;
         let cands = match self.scanner.scan() {
@@ -144,6 +230,7 @@ impl Core {
             let lookback = i.checked_sub(1).map(|j| cands[j].step);
             let t = self.tracked.entry(c.path.clone()).or_insert_with(|| {
                 info!(event = "checkpoint.discovered", step = c.step, path = %c.path.display());
+                self.shared.metrics.discovered.inc();
                 Tracked {
                     step: c.step,
                     sig: sig.clone(),
@@ -210,6 +297,7 @@ impl Core {
                     other => other.reason(),
                 };
                 warn!(event = "checkpoint.rejected", step, path = %path.display(), reason, error = %e);
+                self.shared.metrics.reject(reason);
                 self.set_state(&path, TState::Rejected);
                 return;
             }
@@ -235,19 +323,23 @@ impl Core {
                 None => info!(event = "checkpoint.skipped", step, reason = %why),
             }
             self.set_state(&path, TState::Skipped);
+            self.shared.metrics.skipped.inc();
             return;
         }
         self.verify_window();
         info!(event = "checkpoint.accepted", step, path = %path.display(), size = %bytes(ckpt.data_bytes()), tensors = ckpt.tensors.len());
         self.set_state(&path, TState::Accepted);
+        self.shared.metrics.accepted.inc();
         self.paths.insert(step, path.clone());
         let t0 = Instant::now();
-        let result = self
-            .pool
-            .install(|| self.window.arrive(step, Arc::new(ckpt)));
+        let (pool, window) = (&self.pool, &mut self.window);
+        let result = with_heartbeat(&self.shared, || {
+            pool.install(|| window.arrive(step, Arc::new(ckpt)))
+        });
         match result {
             Ok(rep) => {
                 let took = t0.elapsed();
+                self.shared.metrics.read_bytes.inc_by(rep.bytes_read);
                 let steps = self.window.steps();
                 info!(
                     event = "window.updated",
@@ -263,6 +355,7 @@ impl Core {
             }
             Err(e) => {
                 error!(event = "checkpoint.rejected", step, path = %path.display(), reason = e.reason(), error = %e, "update failed; window rebuilt without it");
+                self.shared.metrics.reject(e.reason());
                 self.set_state(&path, TState::Rejected);
                 return;
             }
@@ -368,11 +461,19 @@ impl Core {
         let done = AtomicBool::new(false);
         let interval = self.cfg.progress_interval;
         let started = Instant::now();
+        let shared = self.shared.clone();
         let result = std::thread::scope(|s| {
             s.spawn(|| {
                 let mut last = Instant::now();
+                let mut seen = 0;
                 while !done.load(Ordering::Relaxed) {
                     std::thread::park_timeout(Duration::from_millis(200));
+                    // Liveness follows progress: a stuck write stops the heartbeat.
+                    let w = progress.written.load(Ordering::Relaxed);
+                    if w != seen {
+                        seen = w;
+                        shared.beat();
+                    }
                     if last.elapsed() >= interval && !done.load(Ordering::Relaxed) {
                         last = Instant::now();
                         let w = progress.written.load(Ordering::Relaxed);
@@ -397,6 +498,9 @@ impl Core {
         let r = &mut self.window.recipes[ri];
         match result {
             Ok(e) => {
+                let m = &self.shared.metrics;
+                m.merge(&name, "ok", Some(e.duration.as_secs_f64()));
+                m.emitted(&name, e.step, e.bytes);
                 r.since_emit = 0;
                 r.last_emit = Some(Instant::now());
                 r.last_emitted_step = Some(e.step);
@@ -411,6 +515,7 @@ impl Core {
                     .and_then(|m| m.modified().ok())
                     .and_then(|t| SystemTime::now().duration_since(t).ok())
                     .unwrap_or_default();
+                m.lag.set(lag.as_secs_f64());
                 info!(
                     event = "merge.emitted",
                     recipe = %name,
@@ -445,9 +550,13 @@ impl Core {
                 }
             }
             Err(Error::Cancelled) => {
+                self.shared.metrics.merge(&name, "cancelled", None);
                 warn!(event = "merge.failed", recipe = %name, step, reason = "cancelled", "shutdown: emission aborted, temp dir removed");
             }
             Err(e) => {
+                self.shared
+                    .metrics
+                    .merge(&name, "failed", Some(started.elapsed().as_secs_f64()));
                 match e.errno() {
                     Some(errno) => {
                         error!(event = "merge.failed", recipe = %name, step, reason = e.reason(), errno, error = %e)
@@ -462,6 +571,23 @@ impl Core {
             }
         }
     }
+}
+
+/// Run `f` while a ticker keeps the heartbeat fresh: a long pass over a big checkpoint is
+/// work, not a hang. (Emissions tie the heartbeat to byte progress instead.)
+fn with_heartbeat<T>(shared: &Arc<Shared>, f: impl FnOnce() -> T) -> T {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                shared.beat();
+                std::thread::park_timeout(Duration::from_millis(500));
+            }
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        r
+    })
 }
 
 enum Due {
@@ -556,6 +682,45 @@ async fn run_hook(job: HookJob) {
 
 /// Run the daemon until `shutdown` is cancelled. Signal handling is the caller's.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::default());
+    shared.beat();
+    if let Ok(mut d) = shared.out_dirs.lock() {
+        *d = cfg.recipes.iter().map(|r| r.out_dir.clone()).collect();
+    }
+    // The HTTP server comes up before the first scan so probes see the port at once.
+    let server = match cfg.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("server.listen {addr}: {e}"))?;
+            info!(event = "server.started", listen = %listener.local_addr().unwrap_or(addr));
+            let state = crate::server::AppState {
+                shared: shared.clone(),
+                stale_after: cfg.watch.poll_interval * 3 + Duration::from_secs(60),
+            };
+            Some(tokio::spawn(crate::server::serve(
+                listener,
+                state,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
+    let result = run_loop(cfg, shutdown.clone(), shared).await;
+    shutdown.cancel();
+    if let Some(s) = server {
+        let _ = s.await;
+    }
+    let _ = &result;
+    info!(event = "shutdown.completed");
+    result
+}
+
+async fn run_loop(
+    cfg: Config,
+    shutdown: CancellationToken,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
     for r in &cfg.recipes {
         std::fs::create_dir_all(&r.out_dir).map_err(|e| {
             anyhow::anyhow!("recipe {}: out_dir {}: {e}", r.name, r.out_dir.display())
@@ -579,7 +744,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     });
     let wake = Arc::new(tokio::sync::Notify::new());
-    let core = Core::new(cfg.clone(), hook_tx, cancel.clone())?;
+    let core = Core::new(cfg.clone(), hook_tx, cancel.clone(), shared.clone())?;
     let _watcher = match watch::use_inotify(&cfg.watch) {
         Ok(()) => match watch::start_notify(&cfg.watch.dir, core.scanner(), wake.clone()) {
             Ok(w) => Some(w),
@@ -593,6 +758,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             None
         }
     };
+    shared.watching.store(true, Ordering::Relaxed);
     info!(
         event = "daemon.started",
         version = env!("CARGO_PKG_VERSION"),

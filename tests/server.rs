@@ -1,0 +1,190 @@
+//! The HTTP endpoints of `pmad run`, scraped from a real daemon.
+
+mod common;
+
+use common::{pmad_bin, TestEnv};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// GET a path; returns (status code, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (code, body)
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn start(env: &TestEnv, watch: &std::path::Path) -> Daemon {
+    let cfg = env.join("pmad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[watch]
+dir = {watch:?}
+poll_interval = "100ms"
+settle = "100ms"
+[[recipe]]
+name = "sma2"
+method = "sma"
+window = 2
+out_dir = {out:?}
+[server]
+listen = "127.0.0.1:0"
+[log]
+format = "json"
+"#,
+            out = env.join("out/sma2")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(pmad_bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start pmad");
+    // The bound address is in the server.started event.
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("pmad exited before listening").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["event"] == "server.started" {
+            break v["listen"].as_str().unwrap().to_string();
+        }
+    };
+    // Keep draining stdout so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Daemon { child, addr }
+}
+
+#[test]
+fn endpoints_report_health_readiness_metrics_and_status() {
+    let env = TestEnv::new();
+    let watch = env.mkdir("ckpt");
+    let mut d = start(&env, &watch);
+    let (code, body) = get(&d.addr, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    wait_for("readiness", Duration::from_secs(10), || {
+        get(&d.addr, "/readyz").0 == 200
+    });
+    let (code, metrics) = get(&d.addr, "/metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "pmad_build_info",
+        "pmad_checkpoints_discovered_total 0",
+        "pmad_window_checkpoints 0",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    // Two checkpoints arrive: the SMA over 2 publishes once.
+    for (i, step) in [100, 200].iter().enumerate() {
+        env.make(
+            &format!("ckpt/checkpoint-{step}"),
+            "bf16",
+            i as u32,
+            *step,
+            &[],
+        );
+    }
+    wait_for("an emission", Duration::from_secs(30), || {
+        get(&d.addr, "/metrics")
+            .1
+            .contains("pmad_merges_total{recipe=\"sma2\",result=\"ok\"} 1")
+    });
+    let (_, metrics) = get(&d.addr, "/metrics");
+    for name in [
+        "pmad_checkpoints_discovered_total 2",
+        "pmad_checkpoints_accepted_total 2",
+        "pmad_window_checkpoints 2",
+        "pmad_last_emitted_step{recipe=\"sma2\"} 200",
+        "pmad_newest_checkpoint_step 200",
+        "pmad_merge_duration_seconds_count{recipe=\"sma2\"} 1",
+        "pmad_output_free_bytes{recipe=\"sma2\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    // No step or path is ever a label.
+    assert!(!metrics.contains("step=\"") && !metrics.contains("path=\""));
+    let (code, status) = get(&d.addr, "/status");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["window"], serde_json::json!([100, 200]));
+    assert_eq!(v["recipes"][0]["name"], "sma2");
+    assert_eq!(v["recipes"][0]["last_emitted_step"], 200);
+    assert!(v["recipes"][0]["last_output"]
+        .as_str()
+        .unwrap()
+        .ends_with("step-200"));
+
+    // Readiness follows the output directory's writability.
+    let out = env.join("out/sma2");
+    let mut perm = std::fs::metadata(&out).unwrap().permissions();
+    use std::os::unix::fs::PermissionsExt;
+    perm.set_mode(0o500);
+    std::fs::set_permissions(&out, perm.clone()).unwrap();
+    let unwritable = get(&d.addr, "/readyz");
+    perm.set_mode(0o755);
+    std::fs::set_permissions(&out, perm).unwrap();
+    // root bypasses permission bits; only check the not-ready answer where it applies.
+    if !rustix::process::geteuid().is_root() {
+        assert_eq!(unwritable.0, 503, "{}", unwritable.1);
+    }
+    assert_eq!(get(&d.addr, "/readyz").0, 200);
+
+    // SIGTERM: clean exit, and the port is closed.
+    let pid = d.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(TcpStream::connect(&d.addr).is_err());
+}
