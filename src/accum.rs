@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 pub const PAGE: usize = 1 << 18;
 
 /// One float tensor in the flat index space.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FlatTensor {
     /// Tensor name.
     pub name: String,
@@ -37,7 +37,7 @@ pub struct FlatTensor {
 }
 
 /// The float tensors of a model laid out flat.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FlatLayout {
     /// Tensors sorted by name.
     pub tensors: Vec<FlatTensor>,
@@ -413,6 +413,10 @@ pub trait AccStore: Send + Sync {
     fn file(&self) -> Option<&Path>;
     /// One slot's values widened to f64 (tests, snapshots).
     fn slot_f64(&self, slot: usize) -> Vec<f64>;
+    /// The whole store as bytes (for state snapshots).
+    fn raw(&self) -> &[u8];
+    /// The whole store as mutable bytes (for restoring a snapshot).
+    fn raw_mut(&mut self) -> &mut [u8];
 }
 
 impl<A: Acc + bytemuck::Pod> AccStore for Accumulators<A> {
@@ -437,5 +441,11 @@ impl<A: Acc + bytemuck::Pod> AccStore for Accumulators<A> {
     }
     fn slot_f64(&self, slot: usize) -> Vec<f64> {
         self.slot_values(slot).into_iter().map(to_f64).collect()
+    }
+    fn raw(&self) -> &[u8] {
+        bytemuck::cast_slice(self.data())
+    }
+    fn raw_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(self.data_mut())
     }
 }

@@ -13,14 +13,17 @@
 //! once, retried only if its files change), abandoned (a later step dropped by a rollback).
 
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint::Fingerprint;
 use crate::config::Config;
 use crate::emit;
 use crate::engine::Progress;
 use crate::error::Error;
+use crate::merge::Accumulator;
 use crate::merge::{self, FloatKind};
 use crate::metrics::{RecipeStatus, Shared, StatusSnapshot};
 use crate::publish;
 use crate::select::{self, Decision};
+use crate::state::{Manifest, SavedCheckpoint, StateDir};
 use crate::telemetry::{bytes, rate, secs};
 use crate::watch::{self, Scanner, Signature};
 use crate::window::Window;
@@ -77,6 +80,12 @@ pub struct Core {
     hooks: tokio::sync::mpsc::UnboundedSender<HookJob>,
     cancel: Arc<AtomicBool>,
     shared: Arc<Shared>,
+    /// Persistent state (None without `state.dir`).
+    state: Option<StateDir>,
+    /// Checkpoints at or below this step were handled before a restart: not re-processed.
+    restored_upto: Option<u64>,
+    /// Newest step considered (accepted, skipped or rejected), saved in the manifest.
+    considered_upto: Option<u64>,
 }
 
 impl Core {
@@ -101,6 +110,10 @@ impl Core {
         let pool = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("pmad-worker-{i}"))
             .build()?;
+        let state = match &cfg.state.dir {
+            Some(d) => Some(StateDir::open(d)?),
+            None => None,
+        };
         Ok(Core {
             cfg,
             scanner,
@@ -112,7 +125,213 @@ impl Core {
             hooks,
             cancel,
             shared,
+            state,
+            restored_upto: None,
+            considered_upto: None,
         })
+    }
+
+    fn recipes_signature(&self) -> String {
+        self.cfg
+            .recipes
+            .iter()
+            .map(|r| format!("{}:{:?}:{}", r.name, r.method, r.window))
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
+    fn manifest(&self) -> Option<Manifest> {
+        let layout = self.window.layout()?.clone();
+        Some(Manifest {
+            format: crate::state::FORMAT,
+            generation: 0,
+            accumulator: self.window.accumulator().name().into(),
+            recipes_signature: self.recipes_signature(),
+            layout,
+            window: self
+                .window
+                .ckpts
+                .iter()
+                .map(|(step, c)| SavedCheckpoint {
+                    step: *step,
+                    path: c.path.clone(),
+                    files: c
+                        .files
+                        .iter()
+                        .map(|f| (f.path.clone(), f.fingerprint))
+                        .collect(),
+                })
+                .collect(),
+            recipes: self.window.saved_recipes(),
+            newest_step: self.considered_upto.max(self.restored_upto),
+            paths: self.paths.iter().map(|(s, p)| (*s, p.clone())).collect(),
+        })
+    }
+
+    /// Persist the state (with the accumulators when `sums` changed).
+    fn save(&mut self, sums: bool) {
+        let Some(m) = self.manifest() else { return };
+        let Some(sd) = self.state.as_mut() else {
+            return;
+        };
+        let t0 = Instant::now();
+        let acc = if sums {
+            self.window.acc.as_ref().map(|a| a.raw())
+        } else {
+            None
+        };
+        match sd.save(m, acc) {
+            Ok(n) => {
+                debug!(event = "state.saved", dir = %sd.path().display(), size = %bytes(n), took = %secs(t0.elapsed()), accumulators = sums)
+            }
+            Err(e) => {
+                // Keep running: the previous generation stays valid on disk.
+                match e.errno() {
+                    Some(errno) => {
+                        error!(event = "state.saved", ok = false, reason = e.reason(), errno, error = %e)
+                    }
+                    None => {
+                        error!(event = "state.saved", ok = false, reason = e.reason(), error = %e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resume from `state.dir` if a usable state is there (reliability promise 3).
+    pub fn restore(&mut self) {
+        let Some(sd) = self.state.as_mut() else {
+            return;
+        };
+        let dir = sd.path().display().to_string();
+        let (m, acc_path) = match sd.load() {
+            Ok(Some(x)) => x,
+            Ok(None) => return,
+            Err(why) => {
+                warn!(event = "state.restored", restored = false, dir = %dir, reason = %why, "starting fresh");
+                return;
+            }
+        };
+        if m.recipes_signature != self.recipes_signature() {
+            warn!(event = "state.restored", restored = false, dir = %dir, reason = "the recipes in the config changed", "starting fresh");
+            return;
+        }
+        let acc_kind = if m.accumulator == "f64" {
+            Accumulator::F64
+        } else {
+            Accumulator::F32
+        };
+        // Which saved checkpoints are still exactly what was accepted?
+        let mut ok = BTreeMap::new();
+        let mut changed = Vec::new();
+        let mut vanished = Vec::new();
+        for e in &m.window {
+            match Checkpoint::open(&e.path) {
+                Ok(c) => {
+                    let now: Vec<(PathBuf, Fingerprint)> = c
+                        .files
+                        .iter()
+                        .map(|f| (f.path.clone(), f.fingerprint))
+                        .collect();
+                    if now == e.files {
+                        ok.insert(e.step, Arc::new(c));
+                    } else {
+                        changed.push(e.step);
+                    }
+                }
+                Err(_) if !e.path.exists() => vanished.push(e.step),
+                Err(_) => changed.push(e.step),
+            }
+        }
+        // A changed checkpoint means the run went back to it: it and everything after it
+        // are abandoned, and will be processed again as they are written.
+        let cut = changed.iter().min().copied();
+        if let Some(c) = cut {
+            ok.retain(|s, _| *s < c);
+        }
+        let fill = |buf: &mut [u8]| crate::state::read_into(&acc_path, buf);
+        if let Err(e) =
+            self.window
+                .restore(m.layout.clone(), acc_kind, fill, ok.clone(), &m.recipes)
+        {
+            warn!(event = "state.restored", restored = false, dir = %dir, reason = %e, "starting fresh");
+            self.window = Window::new(
+                &self.cfg.recipes,
+                self.cfg.state.accumulator,
+                self.cfg.state.dir.clone(),
+                self.cfg.state.memory_budget,
+            );
+            return;
+        }
+        let lost: Vec<u64> = changed.iter().chain(&vanished).copied().collect();
+        let rebuild: Vec<usize> = (0..self.window.recipes.len())
+            .filter(|i| {
+                let r = &self.window.recipes[*i];
+                if r.is_ema() {
+                    cut.is_some_and(|c| r.absorbed.iter().any(|s| *s >= c))
+                } else {
+                    r.members.iter().any(|s| lost.contains(s))
+                }
+            })
+            .collect();
+        let rebuilt: Vec<String> = rebuild
+            .iter()
+            .map(|i| self.window.recipes[*i].recipe.name.clone())
+            .collect();
+        if !rebuild.is_empty() {
+            let (pool, window) = (&self.pool, &mut self.window);
+            if let Err(e) = pool.install(|| window.rebuild(&rebuild)) {
+                warn!(event = "state.restored", restored = false, dir = %dir, reason = %e, "rebuild failed; starting fresh");
+                self.window = Window::new(
+                    &self.cfg.recipes,
+                    self.cfg.state.accumulator,
+                    self.cfg.state.dir.clone(),
+                    self.cfg.state.memory_budget,
+                );
+                return;
+            }
+        }
+        self.paths = m
+            .paths
+            .iter()
+            .filter(|(s, _)| cut.is_none_or(|c| *s < c))
+            .cloned()
+            .collect();
+        self.restored_upto = match cut {
+            Some(c) => c.checked_sub(1),
+            None => m.newest_step,
+        };
+        self.considered_upto = self.restored_upto;
+        // An output published just before a crash, after the last save: do not publish the
+        // same step again.
+        for r in &mut self.window.recipes {
+            let newest = r.steps().last().copied();
+            if let Some(latest) = publish::read_latest(&r.recipe.out_dir)
+                .and_then(|n| n.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()))
+            {
+                if newest.is_some_and(|n| latest >= n) {
+                    r.since_emit = 0;
+                    r.last_emitted_step = Some(latest);
+                }
+            }
+        }
+        let steps = self.window.steps();
+        info!(
+            event = "state.restored",
+            restored = true,
+            dir = %dir,
+            generation = m.generation,
+            window = %fmt_steps(&steps),
+            n = steps.len(),
+            vanished = %fmt_list(&vanished),
+            changed = %fmt_list(&changed),
+            rebuilt = %if rebuilt.is_empty() { "-".to_string() } else { rebuilt.join(",") },
+            "resuming; checkpoints up to step {} are not processed again",
+            self.restored_upto.map(|s| s.to_string()).unwrap_or_else(|| "-".into())
+        );
+        if !rebuild.is_empty() || cut.is_some() {
+            self.save(true);
+        }
     }
 
     /// The scanner (shared with the inotify callback).
@@ -228,14 +447,26 @@ impl Core {
                 Err(_) => continue, // vanished mid-scan: gone next time
             };
             let lookback = i.checked_sub(1).map(|j| cands[j].step);
+            let restored = self.restored_upto.is_some_and(|u| c.step <= u);
+            let in_window = self.window.ckpts.contains_key(&c.step);
             let t = self.tracked.entry(c.path.clone()).or_insert_with(|| {
-                info!(event = "checkpoint.discovered", step = c.step, path = %c.path.display());
-                self.shared.metrics.discovered.inc();
+                let state = if restored {
+                    // Handled before the restart.
+                    if in_window {
+                        TState::Accepted
+                    } else {
+                        TState::Skipped
+                    }
+                } else {
+                    info!(event = "checkpoint.discovered", step = c.step, path = %c.path.display());
+                    self.shared.metrics.discovered.inc();
+                    TState::Pending
+                };
                 Tracked {
                     step: c.step,
                     sig: sig.clone(),
                     since: now,
-                    state: TState::Pending,
+                    state,
                 }
             });
             if t.sig != sig {
@@ -280,6 +511,7 @@ impl Core {
 
     /// A complete-looking checkpoint: validate, check against the window, select, update.
     fn consider(&mut self, step: u64, path: PathBuf, lookback: Option<u64>) {
+        self.considered_upto = self.considered_upto.max(Some(step));
         let opened = Checkpoint::open(&path).and_then(|c| {
             self.window.check_schema(&c)?;
             if !self.cfg.watch.allow_nonfinite {
@@ -352,6 +584,7 @@ impl Core {
                     rate = %rate(rep.bytes_read, took),
                     rebuilt = rep.rebuilt,
                 );
+                self.save(true);
             }
             Err(e) => {
                 error!(event = "checkpoint.rejected", step, path = %path.display(), reason = e.reason(), error = %e, "update failed; window rebuilt without it");
@@ -404,6 +637,7 @@ impl Core {
             Ok(removed) => {
                 let w = self.window.steps();
                 info!(event = "window.updated", removed = %fmt_list(&removed), window = %fmt_steps(&w), n = w.len(), rebuilt = true, reason = why);
+                self.save(true);
             }
             Err(e) => {
                 error!(event = "window.updated", error = %e, reason = why, "rebuild failed; window cleared");
@@ -463,7 +697,7 @@ impl Core {
         let started = Instant::now();
         let shared = self.shared.clone();
         let result = std::thread::scope(|s| {
-            s.spawn(|| {
+            let ticker = s.spawn(|| {
                 let mut last = Instant::now();
                 let mut seen = 0;
                 while !done.load(Ordering::Relaxed) {
@@ -493,8 +727,10 @@ impl Core {
                 )
             });
             done.store(true, Ordering::Relaxed);
+            ticker.thread().unpark();
             r
         });
+        let mut emitted_ok = false;
         let r = &mut self.window.recipes[ri];
         match result {
             Ok(e) => {
@@ -516,6 +752,7 @@ impl Core {
                     .and_then(|t| SystemTime::now().duration_since(t).ok())
                     .unwrap_or_default();
                 m.lag.set(lag.as_secs_f64());
+                emitted_ok = true;
                 info!(
                     event = "merge.emitted",
                     recipe = %name,
@@ -525,7 +762,7 @@ impl Core {
                     size = %bytes(e.bytes),
                     took = %secs(e.duration),
                     rate = %rate(e.bytes, e.duration),
-                    lag = %secs(Duration::from_secs(lag.as_secs())),
+                    lag = %secs(lag),
                 );
                 for p in &e.removed {
                     debug!(event = "merge.retired", recipe = %name, path = %p.display());
@@ -570,6 +807,9 @@ impl Core {
                 r.last_emit = Some(Instant::now());
             }
         }
+        if emitted_ok {
+            self.save(false);
+        }
     }
 }
 
@@ -578,7 +818,7 @@ impl Core {
 fn with_heartbeat<T>(shared: &Arc<Shared>, f: impl FnOnce() -> T) -> T {
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
-        s.spawn(|| {
+        let ticker = s.spawn(|| {
             while !done.load(Ordering::Relaxed) {
                 shared.beat();
                 std::thread::park_timeout(Duration::from_millis(500));
@@ -586,6 +826,7 @@ fn with_heartbeat<T>(shared: &Arc<Shared>, f: impl FnOnce() -> T) -> T {
         });
         let r = f();
         done.store(true, Ordering::Relaxed);
+        ticker.thread().unpark();
         r
     })
 }
@@ -767,6 +1008,12 @@ async fn run_loop(
         poll = %secs(cfg.watch.poll_interval),
         settle = %secs(cfg.watch.settle),
     );
+    let mut core = core;
+    let core = tokio::task::spawn_blocking(move || {
+        core.restore();
+        core
+    })
+    .await?;
     let core = Arc::new(Mutex::new(core));
     let mut stopping = false;
     while !stopping {
@@ -815,6 +1062,5 @@ async fn run_loop(
             "on_emit commands still running were stopped"
         );
     }
-    info!(event = "shutdown.completed");
     Ok(())
 }

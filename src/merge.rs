@@ -121,7 +121,7 @@ impl Accumulator {
 }
 
 /// Floating-point element encodings pmad can decode and encode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FloatKind {
     /// IEEE binary64.
     F64,

@@ -30,6 +30,21 @@ pub struct RecipeSlots {
     pub second: Option<usize>,
 }
 
+/// A recipe's bookkeeping as saved in the state manifest.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedRecipe {
+    /// Recipe name.
+    pub name: String,
+    /// Steps in the sums (SMA/WMA/weights).
+    pub members: Vec<u64>,
+    /// Steps absorbed (EMA).
+    pub absorbed: Vec<u64>,
+    /// Accepted since the last emission.
+    pub since_emit: u64,
+    /// Last published step.
+    pub last_emitted_step: Option<u64>,
+}
+
 /// One recipe's incremental state.
 #[derive(Debug, Clone)]
 pub struct RecipeState {
@@ -186,11 +201,17 @@ impl Window {
             .sum()
     }
 
-    /// Check a new checkpoint against the schema (names, shapes, dtypes).
+    /// Check a new checkpoint against the schema (names, shapes, dtypes), or, after a restore
+    /// with no pinned checkpoint left, against the accumulators' layout.
     pub fn check_schema(&self, c: &Checkpoint) -> Result<()> {
-        match &self.schema {
-            Some(s) => s.check_compatible(c),
-            None => Ok(()),
+        match (&self.schema, self.layout()) {
+            (Some(s), _) => s.check_compatible(c),
+            (None, Some(l)) if *l != FlatLayout::of(c) => Err(Error::Mismatch {
+                path: c.path.clone(),
+                detail: "float tensors (names, shapes or dtypes) differ from the restored state's"
+                    .into(),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -201,6 +222,9 @@ impl Window {
 
     fn ensure_acc(&mut self, c: &Arc<Checkpoint>) -> Result<()> {
         if self.acc.is_some() {
+            if self.schema.is_none() {
+                self.schema = Some(c.clone());
+            }
             return Ok(());
         }
         // f32 running sums stay within one output ulp for bf16/f16 outputs over any realistic
@@ -223,7 +247,12 @@ impl Window {
             );
             self.accumulator = Accumulator::F64;
         }
-        let layout = FlatLayout::of(c);
+        self.create_acc(FlatLayout::of(c))?;
+        self.schema = Some(c.clone());
+        Ok(())
+    }
+
+    fn create_acc(&mut self, layout: FlatLayout) -> Result<()> {
         let slots = self.slot_count();
         let size = match self.accumulator {
             Accumulator::F32 => 4,
@@ -253,8 +282,52 @@ impl Window {
             Accumulator::F32 => Box::new(Accumulators::<f32>::new(layout, slots, file.as_deref())?),
             Accumulator::F64 => Box::new(Accumulators::<f64>::new(layout, slots, file.as_deref())?),
         });
-        self.schema = Some(c.clone());
         Ok(())
+    }
+
+    /// Recipe states for a state snapshot.
+    pub fn saved_recipes(&self) -> Vec<SavedRecipe> {
+        self.recipes
+            .iter()
+            .map(|r| SavedRecipe {
+                name: r.recipe.name.clone(),
+                members: r.members.clone(),
+                absorbed: r.absorbed.clone(),
+                since_emit: r.since_emit,
+                last_emitted_step: r.last_emitted_step,
+            })
+            .collect()
+    }
+
+    /// Restore accumulators and recipe states from a snapshot. `fill` copies the saved bytes
+    /// into the fresh store; `ckpts` are the saved window's checkpoints that are still valid.
+    pub fn restore(
+        &mut self,
+        layout: FlatLayout,
+        accumulator: Accumulator,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+        ckpts: BTreeMap<u64, Arc<Checkpoint>>,
+        saved: &[SavedRecipe],
+    ) -> Result<()> {
+        self.accumulator = accumulator;
+        self.create_acc(layout)?;
+        if let Some(acc) = self.acc.as_mut() {
+            fill(acc.raw_mut())?;
+        }
+        self.schema = ckpts.values().next_back().cloned();
+        self.ckpts = ckpts;
+        for (r, s) in self.recipes.iter_mut().zip(saved) {
+            r.members = s.members.clone();
+            r.absorbed = s.absorbed.clone();
+            r.since_emit = s.since_emit;
+            r.last_emitted_step = s.last_emitted_step;
+        }
+        Ok(())
+    }
+
+    /// The accumulators' layout, once created.
+    pub fn layout(&self) -> Option<&FlatLayout> {
+        self.acc.as_ref().map(|a| a.layout())
     }
 
     /// Add the newest accepted checkpoint: one pass over it and the checkpoints it evicts
