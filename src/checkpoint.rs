@@ -250,6 +250,78 @@ impl Tensor {
     }
 }
 
+/// The tensor names, shapes and dtypes every checkpoint of a run must share. Holds no file
+/// handles or maps (keeping a schema must not pin a checkpoint the trainer deleted).
+#[derive(Debug, Clone)]
+pub struct Schema {
+    /// Where it was taken from (for messages).
+    pub path: PathBuf,
+    /// (name, dtype, shape), sorted by name.
+    pub tensors: Vec<(String, Dtype, Vec<usize>)>,
+}
+
+impl Schema {
+    /// The schema of a checkpoint.
+    pub fn of(c: &Checkpoint) -> Schema {
+        Schema {
+            path: c.path.clone(),
+            tensors: c
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                .collect(),
+        }
+    }
+
+    /// Refuse `other` unless names, shapes and dtypes all agree; the error names the first
+    /// difference and is reported against `other`.
+    pub fn check(&self, other: &Checkpoint) -> Result<()> {
+        let mismatch = |detail: String| Error::Mismatch {
+            path: other.path.clone(),
+            detail,
+        };
+        let here = self.path.display();
+        let mut a = self.tensors.iter().peekable();
+        let mut b = other.tensors.iter().peekable();
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => return Ok(()),
+                (Some(x), y) if y.is_none_or(|y| x.0 < y.name) => {
+                    return Err(mismatch(format!(
+                        "tensor {} is missing (present in {here})",
+                        x.0
+                    )))
+                }
+                (x, Some(y)) if x.is_none_or(|x| y.name < x.0) => {
+                    return Err(mismatch(format!(
+                        "has tensor {} that {here} does not have",
+                        y.name
+                    )))
+                }
+                (Some(x), Some(y)) => {
+                    if x.2 != y.shape {
+                        return Err(mismatch(format!(
+                            "tensor {}: shape {:?} differs from {:?} in {here}",
+                            y.name, y.shape, x.2
+                        )));
+                    }
+                    if x.1 != y.dtype {
+                        return Err(mismatch(format!(
+                            "tensor {}: dtype {} differs from {} in {here}",
+                            y.name,
+                            dtype_name(y.dtype),
+                            dtype_name(x.1)
+                        )));
+                    }
+                    a.next();
+                    b.next();
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
 /// A validated, pinned checkpoint: one or more safetensors files and their tensor catalog.
 #[derive(Debug)]
 pub struct Checkpoint {
@@ -349,67 +421,7 @@ impl Checkpoint {
     /// Refuse to merge with `other` unless names, shapes and dtypes all agree; the error
     /// names the first difference and is reported against `other`.
     pub fn check_compatible(&self, other: &Checkpoint) -> Result<()> {
-        let mismatch = |detail: String| Error::Mismatch {
-            path: other.path.clone(),
-            detail,
-        };
-        let mut a = self.tensors.iter().peekable();
-        let mut b = other.tensors.iter().peekable();
-        loop {
-            match (a.peek(), b.peek()) {
-                (None, None) => return Ok(()),
-                (Some(x), None) => {
-                    return Err(mismatch(format!(
-                        "tensor {} is missing (present in {})",
-                        x.name,
-                        self.path.display()
-                    )))
-                }
-                (None, Some(y)) => {
-                    return Err(mismatch(format!(
-                        "has tensor {} that {} does not have",
-                        y.name,
-                        self.path.display()
-                    )))
-                }
-                (Some(x), Some(y)) => {
-                    if x.name < y.name {
-                        return Err(mismatch(format!(
-                            "tensor {} is missing (present in {})",
-                            x.name,
-                            self.path.display()
-                        )));
-                    }
-                    if y.name < x.name {
-                        return Err(mismatch(format!(
-                            "has tensor {} that {} does not have",
-                            y.name,
-                            self.path.display()
-                        )));
-                    }
-                    if x.shape != y.shape {
-                        return Err(mismatch(format!(
-                            "tensor {}: shape {:?} differs from {:?} in {}",
-                            y.name,
-                            y.shape,
-                            x.shape,
-                            self.path.display()
-                        )));
-                    }
-                    if x.dtype != y.dtype {
-                        return Err(mismatch(format!(
-                            "tensor {}: dtype {} differs from {} in {}",
-                            y.name,
-                            dtype_name(y.dtype),
-                            dtype_name(x.dtype),
-                            self.path.display()
-                        )));
-                    }
-                    a.next();
-                    b.next();
-                }
-            }
-        }
+        Schema::of(self).check(other)
     }
 
     /// Config and tokenizer files present in the checkpoint directory (formats.md list).

@@ -79,6 +79,9 @@ pub struct Core {
     pool: rayon::ThreadPool,
     hooks: tokio::sync::mpsc::UnboundedSender<HookJob>,
     cancel: Arc<AtomicBool>,
+    /// Set at SIGTERM: no new checkpoint or emission is started (the in-flight one goes on
+    /// until `cancel`).
+    stopping: Arc<AtomicBool>,
     shared: Arc<Shared>,
     /// Persistent state (None without `state.dir`).
     state: Option<StateDir>,
@@ -94,6 +97,7 @@ impl Core {
         cfg: Config,
         hooks: tokio::sync::mpsc::UnboundedSender<HookJob>,
         cancel: Arc<AtomicBool>,
+        stopping: Arc<AtomicBool>,
         shared: Arc<Shared>,
     ) -> anyhow::Result<Core> {
         let mut exclude: Vec<PathBuf> = cfg.recipes.iter().map(|r| r.out_dir.clone()).collect();
@@ -124,6 +128,7 @@ impl Core {
             pool,
             hooks,
             cancel,
+            stopping,
             shared,
             state,
             restored_upto: None,
@@ -470,12 +475,19 @@ impl Core {
                 }
             });
             if t.sig != sig {
-                let was = t.state.clone();
-                t.sig = sig;
-                t.since = now;
-                t.state = TState::Pending;
-                if was == TState::Accepted {
-                    self.rewritten(c.step);
+                // Files only disappearing is a deletion in progress (rotation), not a
+                // rewrite: the pinned maps stay valid and `source.vanished` covers it.
+                let only_removed = sig.0.iter().all(|e| t.sig.0.contains(e));
+                if t.state == TState::Accepted && only_removed {
+                    t.sig = sig;
+                } else {
+                    let was = t.state.clone();
+                    t.sig = sig;
+                    t.since = now;
+                    t.state = TState::Pending;
+                    if was == TState::Accepted {
+                        self.rewritten(c.step);
+                    }
                 }
             }
             let t = &self.tracked[&c.path];
@@ -490,14 +502,14 @@ impl Core {
             ready.push((c.clone(), lookback));
         }
         for (c, lookback) in ready {
-            if self.cancel.load(Ordering::Relaxed) {
+            if self.stopping.load(Ordering::Relaxed) {
                 break;
             }
             self.consider(c.step, c.path, lookback);
         }
         // Emissions may also become due by time alone.
         for ri in 0..self.window.recipes.len() {
-            if self.cancel.load(Ordering::Relaxed) {
+            if self.stopping.load(Ordering::Relaxed) {
                 break;
             }
             match self.due(ri, Instant::now()) {
@@ -559,6 +571,11 @@ impl Core {
             return;
         }
         self.verify_window();
+        if self.paths.contains_key(&step) {
+            // Accepted before, and complete again with other files: the directory was
+            // deleted and written anew (a restart from an earlier step).
+            self.rewritten(step);
+        }
         info!(event = "checkpoint.accepted", step, path = %path.display(), size = %bytes(ckpt.data_bytes()), tensors = ckpt.tensors.len());
         self.set_state(&path, TState::Accepted);
         self.shared.metrics.accepted.inc();
@@ -594,7 +611,7 @@ impl Core {
             }
         }
         for ri in 0..self.window.recipes.len() {
-            if self.cancel.load(Ordering::Relaxed) {
+            if self.stopping.load(Ordering::Relaxed) {
                 return;
             }
             if matches!(self.due(ri, Instant::now()), Due::Now) {
@@ -923,6 +940,9 @@ async fn run_hook(job: HookJob) {
 
 /// Run the daemon until `shutdown` is cancelled. Signal handling is the caller's.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if !cfg.watch.dir.is_dir() {
+        anyhow::bail!("watch.dir {}: not a directory", cfg.watch.dir.display());
+    }
     let shared = Arc::new(Shared::default());
     shared.beat();
     if let Ok(mut d) = shared.out_dirs.lock() {
@@ -985,7 +1005,14 @@ async fn run_loop(
         }
     });
     let wake = Arc::new(tokio::sync::Notify::new());
-    let core = Core::new(cfg.clone(), hook_tx, cancel.clone(), shared.clone())?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    let core = Core::new(
+        cfg.clone(),
+        hook_tx,
+        cancel.clone(),
+        stopping.clone(),
+        shared.clone(),
+    )?;
     let _watcher = match watch::use_inotify(&cfg.watch) {
         Ok(()) => match watch::start_notify(&cfg.watch.dir, core.scanner(), wake.clone()) {
             Ok(w) => Some(w),
@@ -1015,8 +1042,8 @@ async fn run_loop(
     })
     .await?;
     let core = Arc::new(Mutex::new(core));
-    let mut stopping = false;
-    while !stopping {
+    let mut done = false;
+    while !done {
         let c = core.clone();
         let mut job = tokio::task::spawn_blocking(move || match c.lock() {
             Ok(mut core) => core.cycle(),
@@ -1025,6 +1052,7 @@ async fn run_loop(
         let next = tokio::select! {
             r = &mut job => r?,
             _ = shutdown.cancelled() => {
+                stopping.store(true, Ordering::Relaxed);
                 info!(event = "shutdown.started", grace = %secs(grace), "stopping intake; finishing the current work");
                 match tokio::time::timeout(grace, &mut job).await {
                     Ok(r) => { r?; }
@@ -1040,7 +1068,8 @@ async fn run_loop(
         let deadline = tokio::time::Instant::from_std(next);
         tokio::select! {
             _ = shutdown.cancelled() => {
-                stopping = true;
+                done = true;
+                stopping.store(true, Ordering::Relaxed);
                 info!(event = "shutdown.started", grace = %secs(grace), "stopping intake");
             }
             _ = wake.notified() => {

@@ -69,7 +69,6 @@ pub fn emit(
     let out_dir = &r.recipe.out_dir;
     let staging = Staging::new(out_dir, &step.to_string())?;
     let weights = r.weights();
-    let n = steps.len();
     let nf = match &r.recipe.method {
         Method::Weights(_) => {
             let members: Vec<&Checkpoint> =
@@ -104,9 +103,9 @@ pub fn emit(
                 .acc
                 .as_ref()
                 .ok_or_else(|| Error::Usage("internal: no accumulators".into()))?;
+            // The sums are kept pre-scaled (RecipeState::sum_scale): they are the output.
             let (slot, divisor) = match method {
-                Method::Sma => (r.slots.first, n as f64),
-                Method::Wma => (r.slots.second, (n * (n + 1)) as f64 / 2.0),
+                Method::Wma => (r.slots.second, 1.0),
                 _ => (r.slots.first, 1.0),
             };
             let slot = slot.ok_or_else(|| Error::Usage("internal: recipe has no slot".into()))?;

@@ -17,7 +17,10 @@ use tracing_subscriber::EnvFilter;
 
 /// Install the global subscriber. `level` is an EnvFilter directive ("info", "pmad=debug").
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Dependencies' own info lines (notify's watch bookkeeping, hyper) carry no `event`
+    // field; keep them to warnings unless the user names them.
+    let directive = format!("{level},notify=warn,hyper=warn,axum=warn");
+    let filter = EnvFilter::try_new(directive).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout)

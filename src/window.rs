@@ -12,7 +12,7 @@
 //! the sums are rebuilt from the pinned members.
 
 use crate::accum::{self, AccStore, Accumulators, FlatLayout, Op};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Schema};
 use crate::config::Recipe;
 use crate::engine::OutDtype;
 use crate::error::{Error, Result};
@@ -79,6 +79,18 @@ impl RecipeState {
         }
     }
 
+    /// Factor applied to every term of the sums so they hold the output directly and cannot
+    /// overflow: SMA keeps S/N, WMA keeps S/W and T/W with W = N(N+1)/2 (outputs are only
+    /// published from a full window).
+    pub fn sum_scale(&self) -> f64 {
+        let n = self.recipe.window as f64;
+        match self.recipe.method {
+            Method::Sma => 1.0 / n,
+            Method::Wma => 2.0 / (n * (n + 1.0)),
+            _ => 1.0,
+        }
+    }
+
     /// Whether there is enough to publish: a full window, or any EMA state.
     pub fn ready(&self) -> bool {
         if self.is_ema() {
@@ -104,7 +116,7 @@ pub struct Window {
     /// Accumulators (created with the first accepted checkpoint, whose schema they follow).
     pub acc: Option<Box<dyn AccStore>>,
     /// The checkpoint whose names/shapes/dtypes every later one must match.
-    pub schema: Option<Arc<Checkpoint>>,
+    pub schema: Option<Schema>,
     accumulator: Accumulator,
     acc_file: Option<PathBuf>,
     memory_budget: u64,
@@ -205,7 +217,7 @@ impl Window {
     /// with no pinned checkpoint left, against the accumulators' layout.
     pub fn check_schema(&self, c: &Checkpoint) -> Result<()> {
         match (&self.schema, self.layout()) {
-            (Some(s), _) => s.check_compatible(c),
+            (Some(s), _) => s.check(c),
             (None, Some(l)) if *l != FlatLayout::of(c) => Err(Error::Mismatch {
                 path: c.path.clone(),
                 detail: "float tensors (names, shapes or dtypes) differ from the restored state's"
@@ -223,7 +235,7 @@ impl Window {
     fn ensure_acc(&mut self, c: &Arc<Checkpoint>) -> Result<()> {
         if self.acc.is_some() {
             if self.schema.is_none() {
-                self.schema = Some(c.clone());
+                self.schema = Some(Schema::of(c));
             }
             return Ok(());
         }
@@ -248,7 +260,7 @@ impl Window {
             self.accumulator = Accumulator::F64;
         }
         self.create_acc(FlatLayout::of(c))?;
-        self.schema = Some(c.clone());
+        self.schema = Some(Schema::of(c));
         Ok(())
     }
 
@@ -314,7 +326,7 @@ impl Window {
         if let Some(acc) = self.acc.as_mut() {
             fill(acc.raw_mut())?;
         }
-        self.schema = ckpts.values().next_back().cloned();
+        self.schema = ckpts.values().next_back().map(|c| Schema::of(c));
         self.ckpts = ckpts;
         for (r, s) in self.recipes.iter_mut().zip(saved) {
             r.members = s.members.clone();
@@ -369,6 +381,7 @@ impl Window {
                     } else {
                         None
                     };
+                    let scale = r.sum_scale();
                     if let (Method::Wma, Some(t), Some(s)) =
                         (&r.recipe.method, r.slots.second, r.slots.first)
                     {
@@ -377,13 +390,13 @@ impl Window {
                             ops.push(Op::Axpy {
                                 slot: t,
                                 input: 0,
-                                coef: n as f64,
+                                coef: n as f64 * scale,
                             });
                         } else {
                             ops.push(Op::Axpy {
                                 slot: t,
                                 input: 0,
-                                coef: (n + 1) as f64,
+                                coef: (n + 1) as f64 * scale,
                             });
                         }
                     }
@@ -391,13 +404,13 @@ impl Window {
                         ops.push(Op::Axpy {
                             slot: s,
                             input: 0,
-                            coef: 1.0,
+                            coef: scale,
                         });
                         if let Some(o) = old {
                             ops.push(Op::Axpy {
                                 slot: s,
                                 input: o,
-                                coef: -1.0,
+                                coef: -scale,
                             });
                         }
                     }
@@ -554,13 +567,14 @@ impl Window {
                     r.absorbed = pinned[first..].iter().map(|(s, _)| *s).collect();
                 }
                 _ => {
+                    let scale = r.sum_scale();
                     if let Some(s) = r.slots.first {
                         ops.push(Op::Zero(s));
                         for i in first..pinned.len() {
                             ops.push(Op::Axpy {
                                 slot: s,
                                 input: i,
-                                coef: 1.0,
+                                coef: scale,
                             });
                         }
                     }
@@ -570,7 +584,7 @@ impl Window {
                             ops.push(Op::Axpy {
                                 slot: t,
                                 input: i,
-                                coef: (k + 1) as f64,
+                                coef: (k + 1) as f64 * scale,
                             });
                         }
                     }
@@ -578,7 +592,9 @@ impl Window {
                 }
             }
         }
-        if !pinned.is_empty() && !ops.is_empty() {
+        // With nothing pinned the ops are only Zero: they must still run, or stale sums
+        // would survive into the next outputs.
+        if !ops.is_empty() {
             if let Some(acc) = self.acc.as_mut() {
                 acc.pass(&refs, &ops)?;
             }
@@ -668,9 +684,9 @@ dtype = "{dtype}"
             let steps = r.steps();
             let weights = r.weights();
             let n = steps.len();
+            let _ = n;
             let (slot, div) = match r.recipe.method {
-                Method::Sma => (r.slots.first.unwrap(), n as f64),
-                Method::Wma => (r.slots.second.unwrap(), (n * (n + 1)) as f64 / 2.0),
+                Method::Wma => (r.slots.second.unwrap(), 1.0),
                 _ => (r.slots.first.unwrap(), 1.0),
             };
             for ft in &acc.layout().tensors {

@@ -364,3 +364,433 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: bad JSON: {e}", path.display()))
 }
+
+/// Python driver for [`py_script_batch`]: loads the script as a module and calls its `main()`
+/// once per argv, capturing stdout/stderr and the exit code of each call.
+const BATCH_DRIVER: &str = r#"
+import contextlib, importlib.util, io, json, sys, traceback
+script, jobs_file = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location("pmad_batch_target", script)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+with open(jobs_file) as f:
+    jobs = json.load(f)
+results = []
+for argv in jobs:
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = [script] + argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            mod.main()
+        except SystemExit as e:
+            if e.code is None:
+                code = 0
+            elif isinstance(e.code, int):
+                code = e.code
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 3
+    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+json.dump(results, sys.stdout)
+"#;
+
+/// Run `tests/py/<script>`'s `main()` once per argv in ONE venv python process (saving the
+/// interpreter and numpy start-up of each call), as if each were `script argv...`. Returns one
+/// [`Run`] per argv, in order; the exit code is the one `main()` raised with `SystemExit`
+/// (0 when it returned, 3 when it raised anything else). Panics if the driver itself fails.
+pub fn py_script_batch(script: &str, cwd: &Path, argvs: &[Vec<String>]) -> Vec<Run> {
+    if argvs.is_empty() {
+        return Vec::new();
+    }
+    let script_path = repo_root().join("tests/py").join(script);
+    let mut jobs = tempfile::Builder::new()
+        .prefix(".py-batch-")
+        .suffix(".json")
+        .tempfile_in(cwd)
+        .expect("create batch job file");
+    serde_json::to_writer(&mut jobs, argvs).expect("write batch job file");
+    let mut cmd = Command::new(python());
+    cmd.arg("-c")
+        .arg(BATCH_DRIVER)
+        .arg(&script_path)
+        .arg(jobs.path())
+        .current_dir(cwd);
+    let r = run(&mut cmd);
+    assert_eq!(r.code, 0, "python batch driver failed\n{}", r.describe());
+    let v: Vec<serde_json::Value> = serde_json::from_str(&r.stdout)
+        .unwrap_or_else(|e| panic!("batch driver output is not JSON: {e}\n{}", r.describe()));
+    assert_eq!(v.len(), argvs.len(), "batch driver returned a wrong count");
+    v.into_iter()
+        .zip(argvs)
+        .map(|(res, argv)| Run {
+            cmdline: format!("{} {}", script_path.display(), argv.join(" ")),
+            code: res["code"].as_i64().unwrap_or(-1) as i32,
+            stdout: res["stdout"].as_str().unwrap_or_default().to_string(),
+            stderr: res["stderr"].as_str().unwrap_or_default().to_string(),
+        })
+        .collect()
+}
+
+/// [`py_script_batch`] split over `parallel` python processes (results stay in order).
+pub fn py_script_batch_parallel(
+    script: &str,
+    cwd: &Path,
+    argvs: &[Vec<String>],
+    parallel: usize,
+) -> Vec<Run> {
+    let parallel = parallel.max(1).min(argvs.len().max(1));
+    let per = argvs.len().div_ceil(parallel).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = argvs
+            .chunks(per)
+            .map(|chunk| s.spawn(move || py_script_batch(script, cwd, chunk)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("batch thread panicked"))
+            .collect()
+    })
+}
+
+// =============================================================================================
+// Daemon-process harness (added for tests/fault_inputs.rs). Additive block: everything below
+// is self-contained (fully qualified paths, no new imports above).
+// =============================================================================================
+
+/// One JSON log line of `pmad run` (`log.format = "json"`, fields flattened).
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// The parsed line.
+    pub v: serde_json::Value,
+    /// Its `timestamp` (wall clock, comparable with `SystemTime::now()` in the test).
+    pub t: std::time::SystemTime,
+}
+
+impl LogLine {
+    /// The `event` field ("" when absent).
+    pub fn event(&self) -> &str {
+        self.v["event"].as_str().unwrap_or("")
+    }
+    /// The `level` field ("INFO", "WARN", "ERROR", ...).
+    pub fn level(&self) -> &str {
+        self.v["level"].as_str().unwrap_or("")
+    }
+    /// The `step` field.
+    pub fn step(&self) -> Option<u64> {
+        self.v["step"].as_u64()
+    }
+    /// A string field.
+    pub fn s(&self, k: &str) -> Option<&str> {
+        self.v[k].as_str()
+    }
+    /// An unsigned integer field.
+    pub fn u(&self, k: &str) -> Option<u64> {
+        self.v[k].as_u64()
+    }
+    /// `event` is `ev` and `step` is `step`.
+    pub fn is(&self, ev: &str, step: u64) -> bool {
+        self.event() == ev && self.step() == Some(step)
+    }
+    /// The line as JSON text.
+    pub fn line(&self) -> String {
+        self.v.to_string()
+    }
+}
+
+/// Parse the complete lines of pmad's JSON stdout. Returns the events and the lines that are
+/// not JSON events (which a JSON log must not have).
+pub fn parse_log(text: &str) -> (Vec<LogLine>, Vec<String>) {
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    let mut evs = Vec::new();
+    let mut bad = Vec::new();
+    for line in complete.lines().filter(|l| !l.trim().is_empty()) {
+        let parsed = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| {
+                let t = humantime::parse_rfc3339_weak(v["timestamp"].as_str()?).ok()?;
+                v["event"].as_str()?;
+                Some(LogLine { v, t })
+            });
+        match parsed {
+            Some(e) => evs.push(e),
+            None => bad.push(line.to_string()),
+        }
+    }
+    (evs, bad)
+}
+
+/// `pmad run --config F` as a child process, stdout/stderr captured to files in its dir.
+/// SIGKILLed on drop if still running (a failing test never leaks a daemon).
+pub struct PmadDaemon {
+    child: std::process::Child,
+    /// stdout (the JSON log).
+    pub stdout: PathBuf,
+    /// stderr.
+    pub stderr: PathBuf,
+    exit: Option<std::process::ExitStatus>,
+}
+
+impl PmadDaemon {
+    /// Start `pmad run --config config` in `cwd`; logs go to `cwd/<tag>.stdout.log` and
+    /// `cwd/<tag>.stderr.log`.
+    pub fn start(cwd: &Path, config: &Path, tag: &str) -> PmadDaemon {
+        let stdout = cwd.join(format!("{tag}.stdout.log"));
+        let stderr = cwd.join(format!("{tag}.stderr.log"));
+        let child = Command::new(pmad_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .current_dir(cwd)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("create stdout log"))
+            .stderr(std::fs::File::create(&stderr).expect("create stderr log"))
+            .spawn()
+            .expect("start pmad run");
+        PmadDaemon {
+            child,
+            stdout,
+            stderr,
+            exit: None,
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log so far (complete lines).
+    pub fn log(&self) -> Vec<LogLine> {
+        parse_log(&std::fs::read_to_string(&self.stdout).unwrap_or_default()).0
+    }
+
+    /// Lines of stdout that are not JSON events.
+    pub fn non_json_lines(&self) -> Vec<String> {
+        parse_log(&std::fs::read_to_string(&self.stdout).unwrap_or_default()).1
+    }
+
+    /// The exit status if the process has ended (it is reaped once and remembered).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().expect("wait for pmad");
+        }
+        self.exit
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.exit_status().is_none()
+    }
+
+    /// How the process ended, for messages ("running", "exit code 1", "signal 7 (SIGBUS)").
+    pub fn status_text(&mut self) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        match self.exit_status() {
+            None => "running".into(),
+            Some(st) => match (st.code(), st.signal()) {
+                (Some(c), _) => format!("exited with code {c}"),
+                (None, Some(7)) => "killed by signal 7 (SIGBUS)".into(),
+                (None, Some(s)) => format!("killed by signal {s}"),
+                _ => format!("{st:?}"),
+            },
+        }
+    }
+
+    /// Wait until a log line matches `pred` (None on timeout or when the process exits first).
+    pub fn wait_for(
+        &mut self,
+        timeout: std::time::Duration,
+        pred: impl Fn(&LogLine) -> bool,
+    ) -> Option<LogLine> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.log().into_iter().find(|e| pred(e)) {
+                return Some(e);
+            }
+            if !self.alive() {
+                // One last look: the line may have been written just before the exit.
+                return self.log().into_iter().find(|e| pred(e));
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(15));
+        }
+    }
+
+    /// Like [`PmadDaemon::wait_for`], but panics with the log tail when nothing matches.
+    #[track_caller]
+    pub fn expect(
+        &mut self,
+        what: &str,
+        timeout: std::time::Duration,
+        pred: impl Fn(&LogLine) -> bool,
+    ) -> LogLine {
+        match self.wait_for(timeout, pred) {
+            Some(e) => e,
+            None => panic!(
+                "pmad: no {what} within {timeout:?} (process {})\n{}",
+                self.status_text(),
+                self.dump(40)
+            ),
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout`; returns the exit code (None: signal or timeout,
+    /// in which case it is SIGKILLed).
+    pub fn terminate(&mut self, timeout: std::time::Duration) -> Option<i32> {
+        if self.alive() {
+            let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("pid");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while self.alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(15));
+        }
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return None;
+        }
+        self.exit_status().and_then(|s| s.code())
+    }
+
+    /// The last `n` lines of stdout plus stderr, for assertion messages.
+    pub fn dump(&self, n: usize) -> String {
+        let out = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+        let lines: Vec<&str> = out.lines().collect();
+        let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+        format!(
+            "-- pmad stdout (last {n} lines of {}):\n{tail}\n-- pmad stderr:\n{}",
+            lines.len(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for PmadDaemon {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Whether `/proc/<pid>/maps` shows a mapping of a live (not deleted) file whose path
+/// contains `needle`.
+pub fn maps_contain(pid: u32, needle: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.contains(needle) && !l.ends_with("(deleted)"))
+        })
+        .unwrap_or(false)
+}
+
+/// What a tree snapshot records about one path (no atime: reading is allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathState {
+    /// "file", "dir", "symlink" or "other".
+    pub kind: &'static str,
+    /// st_mode (type and permission bits).
+    pub mode: u32,
+    /// Inode number (a replaced file has another).
+    pub ino: u64,
+    /// Hard link count.
+    pub nlink: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// mtime, ns since the epoch.
+    pub mtime_ns: i128,
+    /// ctime, ns since the epoch (changes on any write or metadata change).
+    pub ctime_ns: i128,
+    /// Content hash (files) or link target (symlinks).
+    pub content: String,
+}
+
+/// Stat (and hash) one path without following a final symlink.
+pub fn path_state(p: &Path) -> std::io::Result<PathState> {
+    use std::hash::Hasher;
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p)?;
+    let ft = m.file_type();
+    let (kind, content) = if ft.is_symlink() {
+        (
+            "symlink",
+            std::fs::read_link(p)?.to_string_lossy().into_owned(),
+        )
+    } else if ft.is_dir() {
+        ("dir", String::new())
+    } else if ft.is_file() {
+        let bytes = std::fs::read(p)?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        h.write(&bytes);
+        ("file", format!("{:016x}:{}", h.finish(), bytes.len()))
+    } else {
+        ("other", String::new())
+    };
+    Ok(PathState {
+        kind,
+        mode: m.mode(),
+        ino: m.ino(),
+        nlink: m.nlink(),
+        size: if ft.is_dir() { 0 } else { m.size() },
+        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+        content,
+    })
+}
+
+/// Every path under `root` (relative; `""` is the root itself) with its state, not descending
+/// into or listing `exclude`d directories (given relative to `root`).
+pub fn tree_snapshot(root: &Path, exclude: &[&str]) -> BTreeMap<String, PathState> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let rel = p
+            .strip_prefix(root)
+            .expect("under root")
+            .to_string_lossy()
+            .into_owned();
+        if exclude.iter().any(|e| rel == *e) {
+            continue;
+        }
+        let st = path_state(&p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+        if st.kind == "dir" {
+            for e in std::fs::read_dir(&p).unwrap_or_else(|e| panic!("list {}: {e}", p.display())) {
+                stack.push(e.expect("read_dir entry").path());
+            }
+        }
+        out.insert(rel, st);
+    }
+    out
+}
+
+/// Differences between two snapshots, one line each (empty when equal).
+pub fn diff_snapshots(
+    want: &BTreeMap<String, PathState>,
+    got: &BTreeMap<String, PathState>,
+) -> Vec<String> {
+    let mut d = Vec::new();
+    for (k, w) in want {
+        match got.get(k) {
+            None => d.push(format!("{k:?}: missing (was {w:?})")),
+            Some(g) if g != w => d.push(format!("{k:?}: changed\n    was {w:?}\n    now {g:?}")),
+            _ => {}
+        }
+    }
+    for (k, g) in got {
+        if !want.contains_key(k) {
+            d.push(format!("{k:?}: created ({g:?})"));
+        }
+    }
+    d
+}
+// ===================================================== end of the daemon-process harness block
