@@ -93,6 +93,8 @@ pub struct SourceFile {
     pub data_start: usize,
     /// Keeps the inode alive (unlinking by the trainer cannot pull the data away).
     file: File,
+    /// SIGBUS protection of the map (declared before `map`: unregistered before unmapping).
+    guard: Option<crate::sigbus::Guard>,
     /// `None` for a file whose data section is empty (mapping zero bytes is an error).
     map: Option<Mmap>,
 }
@@ -143,9 +145,12 @@ impl SourceFile {
         let map = if len > 0 {
             // SAFETY: the map is read-only and private to this process. A mapped file that is
             // truncated by another process raises SIGBUS on access, so (1) we only map files
-            // whose length matched their header exactly a moment ago, and (2) every reader
-            // re-checks the descriptor's size (`check_fd`) before touching the map. Bytes
-            // changed in place are only ever read as plain bytes, never trusted as references.
+            // whose length matched their header exactly a moment ago, (2) every reader
+            // re-checks the descriptor (`check_fd`) before touching the map and after using
+            // the bytes, and (3) the map is registered with `sigbus`, whose handler turns a
+            // fault into zero bytes plus a "poisoned" flag that `check_fd` reports. Bytes
+            // changed in place are only ever read as plain numbers, never trusted as
+            // references or lengths.
             let m = unsafe { MmapOptions::new().len(len as usize).map(&file) }.ctx("mmap", path)?;
             // Streaming passes read each file front to back once.
             let _ = m.advise(Advice::Sequential);
@@ -153,12 +158,16 @@ impl SourceFile {
         } else {
             None
         };
+        let guard = map
+            .as_ref()
+            .map(|m| crate::sigbus::register(m.as_ptr() as usize, m.len()));
         let src = SourceFile {
             path: path.to_path_buf(),
             fingerprint,
             metadata: parsed.metadata.clone(),
             data_start: parsed.data_start,
             file,
+            guard,
             map,
         };
         // The reference reader is the final authority; it reads only the header bytes of
@@ -176,6 +185,12 @@ impl SourceFile {
     /// Cheap check before touching the map: the open descriptor's size and mtime are
     /// unchanged (one `fstat`).
     pub fn check_fd(&self) -> Result<()> {
+        if self.guard.as_ref().is_some_and(|g| g.poisoned()) {
+            return Err(Error::SourceChanged {
+                path: self.path.clone(),
+                detail: "truncated while being read".into(),
+            });
+        }
         let now = Fingerprint::of(&self.file.metadata().ctx("fstat", &self.path)?);
         match self.fingerprint.diff(&now) {
             None => Ok(()),
@@ -335,6 +350,10 @@ pub struct Checkpoint {
     pub tensors: Vec<Tensor>,
     /// Directory holding config/tokenizer files, when the checkpoint is a directory.
     pub dir: Option<PathBuf>,
+    /// Config and tokenizer files (formats.md list), read when the checkpoint was opened so
+    /// an output always carries the files of the weights it was made from, even if the
+    /// directory is rotated away or rewritten before the emission.
+    pub aux: Vec<(String, Vec<u8>)>,
 }
 
 impl Checkpoint {
@@ -350,6 +369,7 @@ impl Checkpoint {
                 files,
                 tensors,
                 dir: None,
+                aux: Vec::new(),
             });
         }
         if !meta.is_dir() {
@@ -380,12 +400,20 @@ impl Checkpoint {
             return Err(no_weights(path));
         };
         let (tensors, files) = catalog_owned(files, index)?;
+        let mut aux = Vec::new();
+        for name in AUX_FILES {
+            let p = path.join(name);
+            if p.symlink_metadata().map(|m| m.is_file()).unwrap_or(false) {
+                aux.push((name.to_string(), std::fs::read(&p).ctx("read", &p)?));
+            }
+        }
         Ok(Checkpoint {
             path: path.to_path_buf(),
             step,
             files,
             tensors,
             dir: Some(path.to_path_buf()),
+            aux,
         })
     }
 
@@ -418,22 +446,15 @@ impl Checkpoint {
         Ok(state)
     }
 
+    /// Cheap re-check of every file's descriptor (and SIGBUS poisoning) after reading.
+    pub fn check_fds(&self) -> Result<()> {
+        self.files.iter().try_for_each(|f| f.check_fd())
+    }
+
     /// Refuse to merge with `other` unless names, shapes and dtypes all agree; the error
     /// names the first difference and is reported against `other`.
     pub fn check_compatible(&self, other: &Checkpoint) -> Result<()> {
         Schema::of(self).check(other)
-    }
-
-    /// Config and tokenizer files present in the checkpoint directory (formats.md list).
-    pub fn aux_files(&self) -> Vec<PathBuf> {
-        let Some(dir) = &self.dir else {
-            return Vec::new();
-        };
-        AUX_FILES
-            .iter()
-            .map(|n| dir.join(n))
-            .filter(|p| p.symlink_metadata().map(|m| m.is_file()).unwrap_or(false))
-            .collect()
     }
 }
 

@@ -89,6 +89,9 @@ pub struct Core {
     restored_upto: Option<u64>,
     /// Newest step considered (accepted, skipped or rejected), saved in the manifest.
     considered_upto: Option<u64>,
+    /// The last save of the accumulators failed: the next save must include them (a
+    /// manifest must never describe sums that are not on disk).
+    acc_unsaved: bool,
 }
 
 impl Core {
@@ -133,6 +136,7 @@ impl Core {
             state,
             restored_upto: None,
             considered_upto: None,
+            acc_unsaved: false,
         })
     }
 
@@ -180,14 +184,17 @@ impl Core {
             return;
         };
         let t0 = Instant::now();
+        let sums = sums || self.acc_unsaved;
         let acc = if sums {
             self.window.acc.as_ref().map(|a| a.raw())
         } else {
             None
         };
-        match sd.save(m, acc) {
+        let result = sd.save(m, acc);
+        self.acc_unsaved = sums && result.is_err();
+        match result {
             Ok(n) => {
-                debug!(event = "state.saved", dir = %sd.path().display(), size = %bytes(n), took = %secs(t0.elapsed()), accumulators = sums)
+                info!(event = "state.saved", dir = %sd.path().display(), size = %bytes(n), took = %secs(t0.elapsed()), accumulators = sums)
             }
             Err(e) => {
                 // Keep running: the previous generation stays valid on disk.
@@ -308,16 +315,28 @@ impl Core {
         };
         self.considered_upto = self.restored_upto;
         // An output published just before a crash, after the last save: do not publish the
-        // same step again.
+        // same step again. If the crash came between renaming it into place and updating
+        // LATEST, finish that last step instead of publishing it anew.
         for r in &mut self.window.recipes {
-            let newest = r.steps().last().copied();
-            if let Some(latest) = publish::read_latest(&r.recipe.out_dir)
-                .and_then(|n| n.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()))
-            {
-                if newest.is_some_and(|n| latest >= n) {
-                    r.since_emit = 0;
-                    r.last_emitted_step = Some(latest);
-                }
+            let Some(newest) = r.steps().last().copied() else {
+                continue;
+            };
+            let out = &r.recipe.out_dir;
+            let latest = publish::read_latest(out)
+                .and_then(|n| n.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()));
+            let dir = out.join(emit::step_dir_name(newest));
+            let published_steps = std::fs::read(dir.join("merge.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<crate::engine::MergeRecord>(&b).ok())
+                .map(|m| m.steps);
+            let same = published_steps
+                .is_some_and(|s| s.iter().copied().eq(r.steps().iter().map(|x| Some(*x))));
+            if latest.is_some_and(|l| l >= newest) {
+                r.since_emit = 0;
+                r.last_emitted_step = latest;
+            } else if same && publish::write_latest(out, &emit::step_dir_name(newest)).is_ok() {
+                r.since_emit = 0;
+                r.last_emitted_step = Some(newest);
             }
         }
         let steps = self.window.steps();
@@ -477,7 +496,12 @@ impl Core {
             if t.sig != sig {
                 // Files only disappearing is a deletion in progress (rotation), not a
                 // rewrite: the pinned maps stay valid and `source.vanished` covers it.
-                let only_removed = sig.0.iter().all(|e| t.sig.0.contains(e));
+                // Other files changing (an eval job writing results into the directory, the
+                // trainer adding files) do not touch the weights we pinned either.
+                let weights = |e: &&(String, u64, i128, u64)| {
+                    e.0.ends_with(".safetensors") || e.0 == crate::checkpoint::INDEX_FILE
+                };
+                let only_removed = sig.0.iter().filter(weights).all(|e| t.sig.0.contains(e));
                 if t.state == TState::Accepted && only_removed {
                     t.sig = sig;
                 } else {
@@ -523,16 +547,43 @@ impl Core {
 
     /// A complete-looking checkpoint: validate, check against the window, select, update.
     fn consider(&mut self, step: u64, path: PathBuf, lookback: Option<u64>) {
-        self.considered_upto = self.considered_upto.max(Some(step));
         let opened = Checkpoint::open(&path).and_then(|c| {
             self.window.check_schema(&c)?;
             if !self.cfg.watch.allow_nonfinite {
                 self.pool.install(|| nonfinite(&c))?;
+                // The scan read every byte: make sure they were the validated ones.
+                c.check_fds()?;
             }
             Ok(c)
         });
+        // The directory must look exactly as it did when it passed the gate: otherwise it
+        // is being deleted (rotation) or rewritten, and what we captured (weights, config
+        // files) may not belong together.
+        let before = self.tracked.get(&path).map(|t| t.sig.clone());
+        let after = self.scanner.signature(&path).ok();
+        if opened.is_ok() && (after.is_none() || after != before) {
+            debug!(event = "checkpoint.unsettled", step, path = %path.display());
+            if let Some(t) = self.tracked.get_mut(&path) {
+                t.state = TState::Pending;
+                t.since = Instant::now();
+                if let Some(sig) = after {
+                    t.sig = sig;
+                }
+            }
+            return;
+        }
+        if path.exists() {
+            // A decision (accept, skip or reject) follows: remembered across restarts.
+            self.considered_upto = self.considered_upto.max(Some(step));
+        }
         let ckpt = match opened {
             Ok(c) => c,
+            Err(_) if !path.exists() => {
+                // Deleted while we looked at it: not bad input, just gone.
+                debug!(event = "checkpoint.gone", step, path = %path.display());
+                self.tracked.remove(&path);
+                return;
+            }
             Err(e) => {
                 let reason = match &e {
                     // Marker present and files quiet for `settle`, yet still short: the writer
@@ -646,6 +697,8 @@ impl Core {
         if !changed.is_empty() {
             self.drop_steps(&changed, "source changed");
         }
+        let pinned = &self.window.ckpts;
+        self.vanished.retain(|s| pinned.contains_key(s));
     }
 
     fn drop_steps(&mut self, steps: &[u64], why: &str) {

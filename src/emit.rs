@@ -159,10 +159,18 @@ pub fn emit(
             &publish::index_json(&plan),
         )?;
     }
-    for aux in newest.aux_files() {
-        if let Some(name) = aux.file_name() {
-            fsio::copy_file(&aux, &staging.path().join(name))?;
+    publish::write_aux(&newest, staging.path())?;
+    // The bytes we read must still be what was validated (a truncation while reading shows
+    // up here as a poisoned map or a changed descriptor). Accumulator-based outputs read only
+    // the newest checkpoint (non-float tensors); `weights` outputs read every member.
+    if matches!(r.recipe.method, Method::Weights(_)) {
+        for s in &steps {
+            if let Some(c) = window.ckpts.get(s) {
+                c.check_fds()?;
+            }
         }
+    } else {
+        newest.check_fds()?;
     }
     let bytes: u64 = plan.iter().map(|s| s.data_len as u64).sum();
     let record = MergeRecord {
@@ -199,7 +207,13 @@ pub fn emit(
     fsio::write_file(&staging.path().join("merge.json"), &json)?;
     let name = step_dir_name(step);
     let path = staging.commit(&name, true)?;
-    publish::write_latest(out_dir, &name)?;
+    if let Err(e) = publish::write_latest(out_dir, &name) {
+        // LATEST still names the previous complete output. Do not leave a newer output that
+        // nothing points at: abandon it, so a retry publishes it properly.
+        let _ = std::fs::remove_dir_all(&path);
+        let _ = fsio::sync_dir(out_dir);
+        return Err(e);
+    }
     let removed = retain(out_dir, r.recipe.keep, &name);
     Ok(Emitted {
         path,

@@ -520,11 +520,7 @@ pub fn merge_checkpoints(
         let p = staging.path().join(crate::checkpoint::INDEX_FILE);
         fsio::write_file(&p, &publish::index_json(&plan))?;
     }
-    for aux in newest.aux_files() {
-        if let Some(n) = aux.file_name() {
-            fsio::copy_file(&aux, &staging.path().join(n))?;
-        }
-    }
+    publish::write_aux(newest, staging.path())?;
     let bytes_written: u64 = plan.iter().map(|s| s.data_len as u64).sum();
     let record = MergeRecord {
         pmad_version: env!("CARGO_PKG_VERSION").into(),

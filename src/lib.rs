@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod publish;
 pub mod select;
 pub mod server;
+pub mod sigbus;
 pub mod state;
 pub mod telemetry;
 pub mod watch;

@@ -208,7 +208,7 @@ impl Staging {
     pub fn commit(mut self, name: &str, replace: bool) -> Result<PathBuf> {
         let dest = self.parent.join(name);
         fsio::sync_dir(&self.tmp)?;
-        if dest.exists() {
+        let exchanged = if dest.exists() {
             if !replace {
                 return Err(Error::Usage(format!(
                     "{} already exists; pass --force to replace it",
@@ -217,11 +217,26 @@ impl Staging {
             }
             fsio::exchange(&self.tmp, &dest)?;
             // The old output now sits at the temp name; the Drop below removes it.
+            true
         } else {
             fsio::rename(&self.tmp, &dest)?;
-            self.committed = true;
+            false
+        };
+        if let Err(e) = fsio::sync_dir(&self.parent) {
+            // The rename may not be durable and a failed fsync is never retried: abandon the
+            // output. Put things back as they were (the old output, if any, returns to its
+            // name) and let Drop remove the new one.
+            let undo = if exchanged {
+                fsio::exchange(&self.tmp, &dest)
+            } else {
+                std::fs::rename(&dest, &self.tmp).map_err(|e| Error::io("rename", &dest, e))
+            };
+            if undo.is_err() {
+                let _ = std::fs::remove_dir_all(&dest);
+            }
+            return Err(e);
         }
-        fsio::sync_dir(&self.parent)?;
+        self.committed = !exchanged;
         Ok(dest)
     }
 }
@@ -237,6 +252,14 @@ impl Drop for Staging {
             };
         }
     }
+}
+
+/// Write the config/tokenizer files captured when `c` was opened into `dir`.
+pub fn write_aux(c: &crate::checkpoint::Checkpoint, dir: &Path) -> Result<()> {
+    for (name, bytes) in &c.aux {
+        fsio::write_file(&dir.join(name), bytes)?;
+    }
+    Ok(())
 }
 
 /// Point `<out_dir>/LATEST` at `name`: write `LATEST.tmp`, fsync, rename, fsync the dir.
