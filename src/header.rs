@@ -105,8 +105,8 @@ impl<'de> Deserialize<'de> for RawHeader {
     }
 }
 
+/// A tensor entry. Unknown extra fields are ignored, as the reference reader does.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawTensor {
     dtype: String,
     shape: Vec<usize>,
@@ -186,16 +186,19 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<Header, HeaderError>
         }
     };
     let mut metadata = None;
+    let mut seen_meta = false;
     let mut tensors: Vec<HeaderTensor> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for entry in raw.0 {
         match entry {
             RawEntry::Metadata(v) => {
-                if metadata.is_some() {
+                if seen_meta {
                     return bad("header has two __metadata__ entries");
                 }
-                match serde_json::from_value::<BTreeMap<String, String>>(v) {
-                    Ok(m) => metadata = Some(m),
+                seen_meta = true;
+                // `null` means "no metadata" to the reference reader too.
+                match serde_json::from_value::<Option<BTreeMap<String, String>>>(v) {
+                    Ok(m) => metadata = m,
                     Err(_) => return bad("__metadata__ must map strings to strings"),
                 }
             }
@@ -223,7 +226,7 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<Header, HeaderError>
     tensors.sort_by_key(|a| (a.begin, a.end));
     let mut pos = 0usize;
     for t in &tensors {
-        let abs = data_start as u64 + t.begin as u64;
+        let abs = (data_start as u64).saturating_add(t.begin as u64);
         if t.end < t.begin {
             return bad(format!(
                 "tensor {}: data_offsets [{}, {}] end before they begin (file offset {abs})",
@@ -263,7 +266,8 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<Header, HeaderError>
         }
         pos = t.end;
     }
-    let expected = data_start as u64 + pos as u64;
+    // Saturating: offsets come from the file and may be near u64::MAX.
+    let expected = (data_start as u64).saturating_add(pos as u64);
     if expected != file_len {
         return if expected > file_len {
             short(format!(
