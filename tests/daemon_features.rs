@@ -1,0 +1,275 @@
+//! Daemon features not covered by the end-to-end and fault tests: `on_emit` hooks (placeholders,
+//! timeout), `keep` retention, `emit_interval`, text log format, and an EMA resumed from
+//! `state.dir` after the checkpoints it absorbed were rotated away.
+
+mod common;
+
+use common::{PmadDaemon, TestEnv};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn config(env: &TestEnv, watch: &Path, extra_recipe: &str, extra: &str) -> PathBuf {
+    let p = env.join("pmad.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"[watch]
+dir = {watch:?}
+poll_interval = "100ms"
+settle = "100ms"
+{extra}
+[[recipe]]
+name = "sma2"
+method = "sma"
+window = 2
+out_dir = {out:?}
+{extra_recipe}
+[server]
+listen = ""
+[log]
+format = "json"
+"#,
+            out = env.join("out/sma2"),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn steps_published(out: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = common::list_dir(out)
+        .iter()
+        .filter_map(|n| n.strip_prefix("step-")?.parse().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn on_emit_runs_with_placeholders_and_times_out() {
+    let env = TestEnv::new();
+    let watch = env.mkdir("ckpt");
+    let record = env.join("hook.txt");
+    let cfg = config(
+        &env,
+        &watch,
+        &format!(
+            r#"on_emit = ["sh", "-c", "echo \"$1 $2 $3\" >> {rec}; [ \"$2\" = 300 ] && sleep 30; exit 0", "hook", "{{path}}", "{{step}}", "{{recipe}}"]
+on_emit_timeout = "500ms"
+keep = 2"#,
+            rec = record.display()
+        ),
+        "",
+    );
+    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    for (i, step) in [100u32, 200, 300, 400].iter().enumerate() {
+        env.make(
+            &format!("ckpt/checkpoint-{step}"),
+            "bf16",
+            i as u32,
+            *step,
+            &[],
+        );
+        if *step >= 200 {
+            d.expect("emission", T, |e| {
+                e.event() == "merge.emitted"
+                    && e.s("steps").is_some_and(|s| s.ends_with(&step.to_string()))
+            });
+        }
+    }
+    d.expect("hook outcome for 400", T, |e| {
+        e.event() == "hook.finished" && e.u("step") == Some(400)
+    });
+    let timeout = d.expect("hook timeout for 300", T, |e| {
+        e.event() == "hook.failed" && e.u("step") == Some(300)
+    });
+    assert_eq!(timeout.s("reason"), Some("timeout"), "{}", timeout.line());
+    let lines = std::fs::read_to_string(&record).unwrap();
+    let out = env.join("out/sma2");
+    for step in [200, 300, 400] {
+        let want = format!("{} {step} sma2", out.join(format!("step-{step}")).display());
+        assert!(
+            lines.lines().any(|l| l == want),
+            "missing {want:?} in\n{lines}"
+        );
+    }
+    // keep = 2: the oldest output was retired after the newer ones were published.
+    assert_eq!(steps_published(&out), vec![300, 400]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("LATEST")).unwrap().trim(),
+        "step-400"
+    );
+    assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+}
+
+#[test]
+fn emit_interval_limits_how_often_outputs_appear() {
+    let env = TestEnv::new();
+    let watch = env.mkdir("ckpt");
+    let cfg = config(&env, &watch, "emit_interval = \"1h\"\nkeep = 0", "");
+    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    for (i, step) in [100u32, 200, 300, 400].iter().enumerate() {
+        env.make(
+            &format!("ckpt/checkpoint-{step}"),
+            "bf16",
+            i as u32,
+            *step,
+            &[],
+        );
+        d.expect("acceptance", T, |e| {
+            e.event() == "checkpoint.accepted" && e.u("step") == Some(*step as u64)
+        });
+    }
+    d.expect("window update for 400", T, |e| {
+        e.event() == "window.updated" && e.u("step") == Some(400)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let emitted = d
+        .log()
+        .iter()
+        .filter(|e| e.event() == "merge.emitted")
+        .count();
+    assert_eq!(emitted, 1, "at most one output per hour\n{}", d.dump(30));
+    assert_eq!(steps_published(&env.join("out/sma2")), vec![200]);
+    assert_eq!(d.terminate(T), Some(0));
+}
+
+#[test]
+fn text_log_is_one_readable_line_per_event() {
+    let env = TestEnv::new();
+    let watch = env.mkdir("ckpt");
+    let cfg = config(&env, &watch, "", "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("format = \"json\"", "format = \"text\"");
+    std::fs::write(&cfg, text).unwrap();
+    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    for (i, step) in [100u32, 200].iter().enumerate() {
+        env.make(
+            &format!("ckpt/checkpoint-{step}"),
+            "bf16",
+            i as u32,
+            *step,
+            &[],
+        );
+    }
+    let deadline = std::time::Instant::now() + T;
+    let log = loop {
+        let s = std::fs::read_to_string(&d.stdout).unwrap_or_default();
+        if s.contains("merge.emitted") || std::time::Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(d.terminate(T), Some(0));
+    let line = log
+        .lines()
+        .find(|l| l.contains(" merge.emitted "))
+        .unwrap_or_else(|| panic!("no emission line in\n{log}"));
+    // 2026-11-27T10:31:02Z INFO  merge.emitted recipe=sma2 steps=100..200 n=2 out=... size=... took=... rate=... lag=...
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert!(words[0].ends_with('Z') && words[0].len() == 20, "{line}");
+    assert_eq!(words[1], "INFO");
+    assert_eq!(words[2], "merge.emitted");
+    for key in [
+        "recipe=sma2",
+        "steps=100..200",
+        "n=2",
+        "out=",
+        "size=",
+        "took=",
+        "rate=",
+        "lag=",
+    ] {
+        assert!(line.contains(key), "{key} missing: {line}");
+    }
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a non-terminal log"
+    );
+}
+
+/// Run pmad (with state) over `steps`, SIGTERM, and return the EMA output of the last step.
+fn ema_run(env: &TestEnv, name: &str, batches: &[&[u32]], rotate_between: bool) -> Vec<u8> {
+    let watch = env.mkdir(format!("{name}/ckpt"));
+    let out = env.join(format!("{name}/out"));
+    let cfg = env.join(format!("{name}/pmad.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[watch]
+dir = {watch:?}
+poll_interval = "100ms"
+settle = "100ms"
+[state]
+dir = {state:?}
+[[recipe]]
+name = "ema"
+method = "ema"
+alpha = 0.3
+out_dir = {out:?}
+keep = 0
+[server]
+listen = ""
+[log]
+format = "json"
+"#,
+            state = env.join(format!("{name}/state")),
+        ),
+    )
+    .unwrap();
+    let mut last = 0;
+    for (b, batch) in batches.iter().enumerate() {
+        if b > 0 && rotate_between {
+            // save_total_limit: everything absorbed so far is deleted while pmad is down.
+            for e in std::fs::read_dir(&watch).unwrap().flatten() {
+                std::fs::remove_dir_all(e.path()).unwrap();
+            }
+        }
+        let mut d = PmadDaemon::start(&env.join(name), &cfg, &format!("run{b}"));
+        for step in batch.iter() {
+            env.make(
+                &format!("{name}/ckpt/checkpoint-{step}"),
+                "bf16",
+                *step,
+                *step,
+                &[],
+            );
+            d.expect("emission", T, |e| {
+                e.event() == "merge.emitted"
+                    && e.s("steps").is_some_and(|s| s.ends_with(&step.to_string()))
+            });
+            last = *step;
+        }
+        if b > 0 {
+            let r = d
+                .log()
+                .into_iter()
+                .find(|e| e.event() == "state.restored")
+                .expect("state.restored");
+            // Everything absorbed so far was deleted: the state is restored, nothing to rebuild.
+            assert_eq!(
+                r.v["restored"],
+                serde_json::Value::Bool(true),
+                "{}",
+                r.line()
+            );
+            assert_eq!(r.s("rebuilt"), Some("-"), "{}", r.line());
+        }
+        assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+    }
+    std::fs::read(out.join(format!("step-{last}/model.safetensors"))).unwrap()
+}
+
+#[test]
+fn ema_resumes_bit_identically_after_its_checkpoints_were_rotated_away() {
+    let env = TestEnv::new();
+    let reference = ema_run(&env, "ref", &[&[100, 200, 300, 400, 500]], false);
+    let resumed = ema_run(&env, "resumed", &[&[100, 200, 300], &[400, 500]], true);
+    assert!(
+        resumed == reference,
+        "EMA after restart differs from an uninterrupted run"
+    );
+}
