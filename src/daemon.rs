@@ -366,6 +366,7 @@ impl Core {
     /// One cycle. Returns when the next cycle is due at the latest.
     pub fn cycle(&mut self) -> Instant {
         self.shared.beat();
+        self.shared.metrics.scans.inc();
         let next = self.cycle_inner();
         self.shared.scanned.store(true, Ordering::Relaxed);
         self.publish_status(next);

@@ -19,6 +19,8 @@ type Labels = Vec<(String, String)>;
 /// Every metric pmad exports.
 pub struct Metrics {
     registry: Registry,
+    /// Full scans of the watched directory.
+    pub scans: Counter,
     /// Checkpoint directories seen for the first time.
     pub discovered: Counter,
     /// Checkpoints accepted into the window.
@@ -63,6 +65,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
             registry: Registry::default(),
+            scans: Counter::default(),
             discovered: Counter::default(),
             accepted: Counter::default(),
             rejected: Family::default(),
@@ -95,6 +98,11 @@ impl Metrics {
                     "version".to_string(),
                     env!("CARGO_PKG_VERSION").to_string(),
                 )]),
+            );
+            r.register(
+                "scans",
+                "Full scans of the watched directory",
+                m.scans.clone(),
             );
             r.register(
                 "checkpoints_discovered",
@@ -372,6 +380,7 @@ mod tests {
         for name in [
             "pmad_build_info{version=",
             "pmad_checkpoints_discovered_total 1",
+            "pmad_scans_total 0",
             "pmad_checkpoints_accepted_total 0",
             "pmad_checkpoints_rejected_total{reason=\"invalid\"} 1",
             "pmad_merges_total{recipe=\"sma10\",result=\"ok\"} 1",

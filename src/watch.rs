@@ -211,8 +211,14 @@ pub fn start_notify(
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
             Ok(ev) => {
+                use notify::event::{AccessKind, AccessMode, EventKind};
+                // Reads (including pmad's own scans: opening a directory or a marker) are
+                // reported as Access events; waking on them would make every scan trigger
+                // the next one. A writer closing a file is the one access that matters.
+                let read_only = matches!(ev.kind, EventKind::Access(a)
+                    if a != AccessKind::Close(AccessMode::Write));
                 let ours = !ev.paths.is_empty() && ev.paths.iter().all(|p| scanner.excluded(p));
-                if ev.need_rescan() || !ours {
+                if ev.need_rescan() || !(ours || read_only) {
                     wake.notify_one();
                 }
             }

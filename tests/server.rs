@@ -52,13 +52,17 @@ impl Drop for Daemon {
 }
 
 fn start(env: &TestEnv, watch: &std::path::Path) -> Daemon {
+    start_with(env, watch, "100ms")
+}
+
+fn start_with(env: &TestEnv, watch: &std::path::Path, poll: &str) -> Daemon {
     let cfg = env.join("pmad.toml");
     std::fs::write(
         &cfg,
         format!(
             r#"[watch]
 dir = {watch:?}
-poll_interval = "100ms"
+poll_interval = "{poll}"
 settle = "100ms"
 [[recipe]]
 name = "sma2"
@@ -187,4 +191,46 @@ fn endpoints_report_health_readiness_metrics_and_status() {
     };
     assert_eq!(status.code(), Some(0));
     assert!(TcpStream::connect(&d.addr).is_err());
+}
+
+fn scans(addr: &str) -> u64 {
+    let (_, m) = get(addr, "/metrics");
+    m.lines()
+        .find_map(|l| l.strip_prefix("pmad_scans_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pmad_scans_total in\n{m}"))
+}
+
+/// Regression: inotify reports reads as Access events, including pmad's own scans of the
+/// tree; waking on them made every scan trigger the next (4% of a core while idle).
+#[test]
+fn an_idle_daemon_does_not_rescan_on_its_own_reads() {
+    let env = TestEnv::new();
+    let watch = env.mkdir("ckpt");
+    for d in 0..20 {
+        let dir = watch.join(format!("checkpoint-{d}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in 0..5 {
+            std::fs::write(dir.join(format!("f{f}")), b"x").unwrap();
+        }
+    }
+    let d = start_with(&env, &watch, "1h");
+    wait_for("readiness", Duration::from_secs(10), || {
+        get(&d.addr, "/readyz").0 == 200
+    });
+    let before = scans(&d.addr);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = scans(&d.addr);
+    assert!(
+        after - before <= 1,
+        "{} scans in 2 s of idling (poll_interval 1h)",
+        after - before
+    );
+    // A real change still wakes it at once.
+    std::fs::create_dir(watch.join("checkpoint-99")).unwrap();
+    wait_for(
+        "a scan after a new directory",
+        Duration::from_secs(5),
+        || scans(&d.addr) > after,
+    );
 }
