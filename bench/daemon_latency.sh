@@ -14,13 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SIZE=100MB COUNT=6 SETTLE=1s IDLE=60
+SIZE=100MB COUNT=6 SETTLE=1s IDLE=60 SKIP_LATENCY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) SIZE=$2; shift 2 ;;
     --count) COUNT=$2; shift 2 ;;
     --settle) SETTLE=$2; shift 2 ;;
     --idle-seconds) IDLE=$2; shift 2 ;;
+    --idle-only) SKIP_LATENCY=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -47,6 +48,7 @@ keep = 2
 [server]
 listen = ""
 TOML
+if [ "$SKIP_LATENCY" = 0 ]; then
 "$PMAD" run --config "$WORK/pmad.toml" > "$WORK/pmad.log" 2>&1 &
 PID=$!
 sleep 1
@@ -70,6 +72,7 @@ for src in "$SRC"/checkpoint-*; do
   fi
 done
 kill -TERM "$PID"; wait "$PID" || true
+fi
 
 echo
 echo "CPU use between scans, 1,000 files in the watched tree, ${IDLE}s idle"
