@@ -266,8 +266,12 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<Header, HeaderError>
         }
         pos = t.end;
     }
-    // Saturating: offsets come from the file and may be near u64::MAX.
-    let expected = (data_start as u64).saturating_add(pos as u64);
+    // Offsets come from the file and may be near u64::MAX.
+    let Some(expected) = (data_start as u64).checked_add(pos as u64) else {
+        return bad(format!(
+            "tensor data ends at offset {pos} after a {data_start}-byte header: past the largest possible file"
+        ));
+    };
     if expected != file_len {
         return if expected > file_len {
             short(format!(
