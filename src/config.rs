@@ -480,14 +480,30 @@ impl Config {
         let w = &self.watch;
         let _ = writeln!(s, "[watch]");
         let _ = writeln!(s, "dir            = {}", w.dir.display());
-        let _ = writeln!(s, "layout         = {:?}", w.layout);
+        let layout = match w.layout {
+            Layout::Hf => "hf",
+            Layout::Megatron => "megatron",
+            Layout::Deepspeed => "deepspeed",
+            Layout::Custom => "custom",
+        };
+        let _ = writeln!(s, "layout         = {layout}");
         let _ = writeln!(
             s,
             "pattern        = {}{{step}}{}",
             w.pattern.prefix, w.pattern.suffix
         );
-        let _ = writeln!(s, "marker         = {:?}", w.marker);
-        let _ = writeln!(s, "mode           = {:?}", w.mode);
+        let marker = match &w.marker {
+            Marker::None => "(none: validation and settle only)".to_string(),
+            Marker::InDir(m) => format!("{m} (inside each checkpoint directory)"),
+            Marker::Tracker(m) => format!("{m} (in watch.dir, naming the newest complete step)"),
+        };
+        let _ = writeln!(s, "marker         = {marker}");
+        let mode = match w.mode {
+            WatchMode::Auto => "auto (inotify; polling only on network filesystems)",
+            WatchMode::Inotify => "inotify",
+            WatchMode::Poll => "poll",
+        };
+        let _ = writeln!(s, "mode           = {mode}");
         let _ = writeln!(
             s,
             "poll_interval  = {}",
@@ -527,7 +543,16 @@ impl Config {
                 .map(|d| d.display().to_string())
                 .unwrap_or_else(|| "(none: no persistence)".into())
         );
-        let _ = writeln!(s, "accumulator    = {}", st.accumulator.name());
+        let _ = writeln!(
+            s,
+            "accumulator    = {}{}",
+            st.accumulator.name(),
+            if st.accumulator == Accumulator::F32 {
+                " (f64 if a recipe publishes f32/f64 tensors, e.g. dtype = \"source\" on f32 checkpoints: twice the memory)"
+            } else {
+                ""
+            }
+        );
         let _ = writeln!(
             s,
             "memory_budget  = {}{}",
@@ -540,8 +565,18 @@ impl Config {
         );
         for r in &self.recipes {
             let _ = writeln!(s, "[[recipe]] {}", r.name);
-            let _ = writeln!(s, "  method       = {:?}", r.method);
-            let _ = writeln!(s, "  window       = {}", r.window);
+            let method = match &r.method {
+                Method::Sma => "sma".to_string(),
+                Method::Wma => "wma".to_string(),
+                Method::Ema { alpha } => format!("ema (alpha {alpha})"),
+                Method::Weights(w) => format!("weights {w:?}"),
+            };
+            let _ = writeln!(s, "  method       = {method}");
+            let window = match r.method {
+                Method::Ema { .. } => "every accepted checkpoint (running EMA)".to_string(),
+                _ => format!("last {}", r.window),
+            };
+            let _ = writeln!(s, "  window       = {window}");
             let _ = writeln!(
                 s,
                 "  emit         = every {} accepted{}",
@@ -584,7 +619,14 @@ impl Config {
                 .unwrap_or_else(|| "(off)".into())
         );
         let _ = writeln!(s, "[log]");
-        let _ = writeln!(s, "format         = {:?}", self.log_format);
+        let _ = writeln!(
+            s,
+            "format         = {}",
+            match self.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }
+        );
         let _ = writeln!(s, "level          = {}", self.log_level);
         let _ = writeln!(s, "[daemon]");
         let _ = writeln!(

@@ -92,6 +92,8 @@ pub struct Core {
     /// The last save of the accumulators failed: the next save must include them (a
     /// manifest must never describe sums that are not on disk).
     acc_unsaved: bool,
+    /// `watch.waiting` was logged (watch.dir missing); logged again only after it appeared.
+    waiting_logged: bool,
 }
 
 impl Core {
@@ -137,6 +139,7 @@ impl Core {
             restored_upto: None,
             considered_upto: None,
             acc_unsaved: false,
+            waiting_logged: false,
         })
     }
 
@@ -451,7 +454,18 @@ impl Core {
         let now = Instant::now();
         let mut next = now + self.cfg.watch.poll_interval;
         let cands = match self.scanner.scan() {
-            Ok(c) => c,
+            Ok(c) => {
+                self.waiting_logged = false;
+                c
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A sidecar usually starts before the trainer creates its output directory.
+                if !self.waiting_logged {
+                    info!(event = "watch.waiting", dir = %self.cfg.watch.dir.display(), "watch.dir does not exist yet; waiting for the trainer to create it");
+                    self.waiting_logged = true;
+                }
+                return next;
+            }
             Err(e) => {
                 warn!(event = "watch.error", dir = %self.cfg.watch.dir.display(), error = %e, "cannot list the watched directory");
                 return next;
@@ -647,7 +661,15 @@ impl Core {
                     step,
                     window = %fmt_steps(&steps),
                     n = steps.len(),
-                    evicted = %fmt_list(&rep.evicted),
+                    evicted = %if rep.evicted.is_empty() {
+                        "-".to_string()
+                    } else {
+                        rep.evicted
+                            .iter()
+                            .map(|(r, s)| format!("{r}:{s}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
                     read = %bytes(rep.bytes_read),
                     took = %secs(took),
                     rate = %rate(rep.bytes_read, took),
@@ -994,7 +1016,7 @@ async fn run_hook(job: HookJob) {
 
 /// Run the daemon until `shutdown` is cancelled. Signal handling is the caller's.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    if !cfg.watch.dir.is_dir() {
+    if cfg.watch.dir.exists() && !cfg.watch.dir.is_dir() {
         anyhow::bail!("watch.dir {}: not a directory", cfg.watch.dir.display());
     }
     let shared = Arc::new(Shared::default());
@@ -1045,9 +1067,6 @@ async fn run_loop(
             info!(event = "startup.swept", dir = %r.out_dir.display(), removed = n, "removed temp dirs left by an earlier crash");
         }
     }
-    if !cfg.watch.dir.is_dir() {
-        anyhow::bail!("watch.dir {}: not a directory", cfg.watch.dir.display());
-    }
     let grace = cfg.shutdown_grace;
     let cancel = Arc::new(AtomicBool::new(false));
     let (hook_tx, mut hook_rx) = tokio::sync::mpsc::unbounded_channel::<HookJob>();
@@ -1067,20 +1086,34 @@ async fn run_loop(
         stopping.clone(),
         shared.clone(),
     )?;
-    let _watcher = match watch::use_inotify(&cfg.watch) {
-        Ok(()) => match watch::start_notify(&cfg.watch.dir, core.scanner(), wake.clone()) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                warn!(event = "watch.mode", mode = "poll", reason = %e, "inotify unavailable; polling only");
-                None
-            }
-        },
+    let scanner = core.scanner();
+    // inotify needs the directory to exist: until it does, the periodic scan waits for it,
+    // and the watcher is installed as soon as it appears.
+    let mut inotify_wanted = match watch::use_inotify(&cfg.watch) {
+        Ok(()) => true,
         Err(why) => {
             info!(event = "watch.mode", mode = "poll", reason = %why);
-            None
+            false
         }
     };
-    shared.watching.store(true, Ordering::Relaxed);
+    let mut watcher = None;
+    let start_watcher = |watcher: &mut Option<notify::RecommendedWatcher>, wanted: &mut bool| {
+        if !cfg.watch.dir.is_dir() {
+            shared.watching.store(false, Ordering::Relaxed);
+            return;
+        }
+        if *wanted && watcher.is_none() {
+            match watch::start_notify(&cfg.watch.dir, scanner.clone(), wake.clone()) {
+                Ok(w) => *watcher = Some(w),
+                Err(e) => {
+                    warn!(event = "watch.mode", mode = "poll", reason = %e, "inotify unavailable; polling only");
+                    *wanted = false;
+                }
+            }
+        }
+        shared.watching.store(true, Ordering::Relaxed);
+    };
+    start_watcher(&mut watcher, &mut inotify_wanted);
     info!(
         event = "daemon.started",
         version = env!("CARGO_PKG_VERSION"),
@@ -1098,6 +1131,7 @@ async fn run_loop(
     let core = Arc::new(Mutex::new(core));
     let mut done = false;
     while !done {
+        start_watcher(&mut watcher, &mut inotify_wanted);
         let c = core.clone();
         let mut job = tokio::task::spawn_blocking(move || match c.lock() {
             Ok(mut core) => core.cycle(),

@@ -97,23 +97,36 @@ pub fn decide(
         let tol = cfg.lr_tolerance;
         let close = |a: f64, b: f64| (a - b).abs() <= tol * a.abs().max(b.abs());
         if !close(now, peak) {
-            return Decision::Skip(format!(
-                "lr {now:e} is below the plateau lr {peak:e} (decay)"
-            ));
+            return Decision::Skip(format!("lr {now} is below the plateau lr {peak} (decay)"));
         }
+        // Every LR logged since the previous checkpoint (exclusive) must be on the same
+        // plateau; with coarse logging and nothing in between, the LR in force at the previous
+        // checkpoint stands in.
         let back_step = lookback.filter(|b| *b < step).unwrap_or(step / 2);
-        match lr_at(hist, back_step) {
-            Some(before) if close(now, before) => {}
-            Some(before) => {
-                return Decision::Skip(format!(
-                    "lr {now:e} is still changing (lr {before:e} at step {back_step}: warmup)"
-                ))
+        let between: Vec<&LrPoint> = hist
+            .iter()
+            .filter(|p| p.step > back_step && p.step <= step)
+            .collect();
+        let off = if between.len() > 1 {
+            between
+                .iter()
+                .find(|p| !close(now, p.lr))
+                .map(|p| (p.step, p.lr))
+        } else {
+            match lr_at(hist, back_step) {
+                Some(before) if close(now, before) => None,
+                Some(before) => Some((back_step, before)),
+                None => {
+                    return Decision::Skip(format!(
+                        "lr {now}: no lr logged at or before step {back_step} to confirm the plateau (warmup)"
+                    ))
+                }
             }
-            None => {
-                return Decision::Skip(format!(
-                    "lr {now:e}: no lr logged at or before step {back_step} to confirm the plateau (warmup)"
-                ))
-            }
+        };
+        if let Some((s, before)) = off {
+            return Decision::Skip(format!(
+                "lr {now} is still changing since step {back_step} (lr {before} at step {s}: warmup)"
+            ));
         }
     }
     if cfg.interval_steps > 0 {
@@ -204,9 +217,28 @@ mod tests {
         );
         let d = decide(&c, 1100, None, Some(1050), Some(&h));
         assert!(
-            matches!(&d, Decision::Skip(s) if s.contains("decay") && s.contains("1.5e-3")),
+            matches!(&d, Decision::Skip(s) if s.contains("decay") && s.contains("0.0015")),
             "{d:?}"
         );
+        // HF logs the last warmup LR at the previous checkpoint (3e-3 * 49/50 at step 50);
+        // every entry since is on the plateau: accepted (seen with the HF Trainer example).
+        let hf: Vec<LrPoint> = (1..=20)
+            .map(|i| {
+                let step = i * 5;
+                let lr = match step {
+                    s if s < 50 => 3e-3 * s as f64 / 50.0,
+                    50 => 2.94e-3,
+                    _ => 3e-3,
+                };
+                LrPoint { step, lr }
+            })
+            .collect();
+        assert_eq!(decide(&c, 100, None, Some(50), Some(&hf)), Decision::Accept);
+        // ... while a checkpoint inside the warmup is not.
+        assert!(matches!(
+            decide(&c, 40, None, Some(20), Some(&hf)),
+            Decision::Skip(_)
+        ));
         assert!(matches!(
             decide(&c, 5, None, None, Some(&h)),
             Decision::Skip(_)

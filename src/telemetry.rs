@@ -100,9 +100,20 @@ where
     }
 }
 
-/// Format a byte count for log lines ("13.5GB").
+/// Format a byte count for log lines: decimal units, no space ("950B", "13.5GB").
 pub fn bytes(n: u64) -> String {
-    bytesize::ByteSize(n).display().si_short().to_string()
+    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < UNITS.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[i])
+    }
 }
 
 /// Format a duration for log lines ("41.7s", "250ms").
@@ -119,4 +130,21 @@ pub fn secs(d: std::time::Duration) -> String {
 pub fn rate(bytes: u64, d: std::time::Duration) -> String {
     let s = d.as_secs_f64().max(1e-6);
     format!("{}/s", self::bytes((bytes as f64 / s) as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_like_the_design_example() {
+        assert_eq!(super::bytes(950), "950B");
+        assert_eq!(super::bytes(13_500_000_000), "13.5GB");
+        assert_eq!(
+            super::rate(331_000_000, std::time::Duration::from_secs(1)),
+            "331.0MB/s"
+        );
+        assert_eq!(
+            super::secs(std::time::Duration::from_millis(41_700)),
+            "41.7s"
+        );
+    }
 }

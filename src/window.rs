@@ -125,8 +125,8 @@ pub struct Window {
 /// What an arrival did, for the `window.updated` log line.
 #[derive(Debug, Clone)]
 pub struct ArrivalReport {
-    /// Steps evicted from some recipe's sums.
-    pub evicted: Vec<u64>,
+    /// (recipe, step) pairs: the step left that recipe's window (it may remain in another's).
+    pub evicted: Vec<(String, u64)>,
     /// Checkpoints read in the pass (new + evicted).
     pub inputs: usize,
     /// Bytes of tensor data read.
@@ -362,7 +362,7 @@ impl Window {
                 Method::Sma | Method::Wma | Method::Weights(_) => {
                     let full = n == r.recipe.window;
                     if full {
-                        evicted.push(r.members[0]);
+                        evicted.push((r.recipe.name.clone(), r.members[0]));
                     }
                     // Weights recipes average the pinned members at emission: no sums.
                     let old = if full && r.slots.first.is_some() {
@@ -456,8 +456,6 @@ impl Window {
             r.since_emit += 1;
         }
         self.trim();
-        evicted.sort();
-        evicted.dedup();
         Ok(ArrivalReport {
             evicted,
             inputs: inputs.len(),

@@ -1725,57 +1725,45 @@ fn check_config_rejects_bad_keys_and_values() {
 }
 
 #[test]
-fn run_with_missing_watch_dir_fails_naming_it() {
+fn run_waits_for_a_missing_watch_dir() {
+    // A sidecar starts before the trainer creates its output directory: pmad must say it is
+    // waiting (naming the directory), keep running, and start work once it appears.
     let env = TestEnv::new();
-    let missing = env.join("no-such-dir");
-    let out = env.join("out");
+    let missing = env.join("not-yet");
     let cfg = env.join("c.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[watch]\ndir = {:?}\n[[recipe]]\nname = \"a\"\nmethod = \"sma\"\nwindow = 2\nout_dir = {:?}\n\
+            "[watch]\ndir = {:?}\npoll_interval = \"200ms\"\nsettle = \"100ms\"\n\
+             [[recipe]]\nname = \"a\"\nmethod = \"sma\"\nwindow = 2\nout_dir = {:?}\n\
              [server]\nlisten = \"\"\n[log]\nformat = \"json\"\n",
             s(&missing),
-            s(&out.join("a"))
+            s(&env.join("out/a"))
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(pmad_bin());
-    cmd.args(["run", "--config"])
-        .arg(&cfg)
-        .current_dir(env.path())
-        .env_remove("RUST_LOG");
-    // Must exit by itself (never hang waiting for the directory).
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("pmad run with a missing watch.dir did not exit within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let mut d = common::PmadDaemon::start(env.path(), &cfg, "pmad");
+    let w = d.expect("watch.waiting", Duration::from_secs(10), |e| {
+        e.event() == "watch.waiting"
+    });
+    assert_eq!(w.s("dir"), Some(s(&missing).as_str()), "{}", w.line());
+    assert!(!missing.exists(), "pmad created the watched directory");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.alive(), "pmad exited while waiting\n{}", d.dump(20));
+    std::fs::create_dir(&missing).unwrap();
+    for (i, step) in [100u32, 200].iter().enumerate() {
+        env.make(
+            &format!("not-yet/checkpoint-{step}"),
+            "bf16",
+            i as u32,
+            *step,
+            &[],
+        );
     }
-    let o = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-    );
-    let code = o.status.code().unwrap_or(-1);
-    assert!(
-        code != 0 && code != -1,
-        "expected a non-zero exit code, got {code}\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    assert!(
-        stderr.contains(&s(&missing)) && stderr.contains("watch.dir"),
-        "the error must name watch.dir and {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        missing.display()
-    );
-    assert!(!missing.exists(), "pmad created the missing watch.dir");
+    d.expect("an emission", Duration::from_secs(20), |e| {
+        e.event() == "merge.emitted"
+    });
+    assert_eq!(d.terminate(Duration::from_secs(20)), Some(0));
 }
 
 /// The oracle-artefact filter accepts only values within float64 noise of the oracle's mean.
