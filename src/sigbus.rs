@@ -7,7 +7,7 @@
 //! registered here, and a SIGBUS handler that finds the faulting address inside a registered
 //! map replaces that page with a private zero page (`MAP_FIXED` anonymous mapping), marks the
 //! map poisoned, and returns, so the interrupted read completes with zeros. Readers check
-//! [`poisoned`] (via `SourceFile::check_fd`) after using the data and discard it as "source
+//! [`Guard::poisoned`] (via `SourceFile::check_fd`) after using the data and discard it as "source
 //! changed". A SIGBUS anywhere else restores the default action and re-faults (a real crash).
 //!
 //! The handler only reads atomics and calls `mmap`, a plain system call on Linux.
