@@ -282,8 +282,8 @@ shutdown_grace = "5s"
         }
         // The EMA publishes every 2nd checkpoint, so its last output may be one step early.
         let done = recipes.iter().all(|(n, _)| {
-            seen.keys()
-                .any(|(r, s)| r == n && *s + args.save_steps >= last_step)
+            let slack = if *n == "ema0.2" { args.save_steps } else { 0 };
+            seen.keys().any(|(r, s)| r == n && *s + slack >= last_step)
         });
         if (done && producer.is_none()) || started.elapsed() > Duration::from_secs(90) {
             break;
