@@ -224,7 +224,7 @@ shutdown_grace = "5s"
     let (n_ckpt, save) = (args.checkpoints, args.save_steps);
     let producer = std::thread::spawn(move || -> anyhow::Result<BTreeMap<u64, f64>> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut w: Vec<f32> = p2.opt.iter().map(|o| o + 1.0).collect();
+        let mut w: Vec<f32> = p2.opt.iter().map(|o| o + 0.1).collect();
         let mut losses = BTreeMap::new();
         for k in 1..=n_ckpt {
             let t0 = Instant::now();
@@ -250,6 +250,9 @@ shutdown_grace = "5s"
     let last_step = args.checkpoints * args.save_steps;
     let mut producer = Some(producer);
     let mut latest_losses = BTreeMap::new();
+    // Once the producer is done, stop when every recipe has published the last step, or when
+    // nothing new has appeared for a few seconds (e.g. too few checkpoints to fill a window).
+    let mut last_change = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(100));
         if producer.as_ref().is_some_and(|p| p.is_finished()) {
@@ -257,6 +260,7 @@ shutdown_grace = "5s"
                 latest_losses = p
                     .join()
                     .map_err(|_| anyhow::anyhow!("producer panicked"))??;
+                last_change = Instant::now();
             }
         }
         for (name, dir) in &recipes {
@@ -279,13 +283,15 @@ shutdown_grace = "5s"
                 100.0 * (merged / latest_loss - 1.0)
             );
             seen.insert((name.to_string(), step), merged);
+            last_change = Instant::now();
         }
         // The EMA publishes every 2nd checkpoint, so its last output may be one step early.
         let done = recipes.iter().all(|(n, _)| {
             let slack = if *n == "ema0.2" { args.save_steps } else { 0 };
             seen.keys().any(|(r, s)| r == n && *s + slack >= last_step)
         });
-        if (done && producer.is_none()) || started.elapsed() > Duration::from_secs(90) {
+        let quiet = last_change.elapsed() > Duration::from_secs(3);
+        if (producer.is_none() && (done || quiet)) || started.elapsed() > Duration::from_secs(90) {
             break;
         }
     }
@@ -322,6 +328,16 @@ shutdown_grace = "5s"
             .filter(|((r, _), _)| r == name)
             .map(|(_, l)| *l)
             .collect();
+        if v.is_empty() {
+            println!(
+                "{:<22} {:>8} {:>12} {:>12}",
+                format!("pmad {name}"),
+                0,
+                "-",
+                "-"
+            );
+            continue;
+        }
         println!(
             "{:<22} {:>8} {:>12.5} {:>12.5}",
             format!("pmad {name}"),
