@@ -45,8 +45,11 @@
 #   --clean            remove the checkpoints of the measured sizes at the end
 #   --smoke            CI mode, seconds: sizes 2MB,4MB, K=3, R=1, warm only, dir prefix
 #                      /tmp/pmad-bench-smoke, results in /tmp/pmad-bench-smoke/results;
-#                      mergekit/torch only if bench/.venv exists (never installs it); checks the
-#                      outputs with `pmad inspect` and, when the venv exists, compare.py
+#                      mergekit/torch only if the venv exists (never installs it; with it they
+#                      add ~25 s per size of Python start-up); checks the outputs with
+#                      `pmad inspect` and, when the venv exists, compare.py. The targets table
+#                      is printed but means nothing at these sizes.
+# Environment: PMAD_BENCH_VENV (default bench/.venv), CARGO_TARGET_DIR.
 #   -h, --help         this text
 # Needs: cargo, python3, /usr/bin/time (Debian package `time`), coreutils dd/sync.
 # Disk: K x size of inputs per size, plus about 4 x size of outputs while it runs.
@@ -67,7 +70,7 @@ THREADS=""
 SETUP=0
 CLEAN=0
 SMOKE=0
-VENV=$ROOT/bench/.venv
+VENV=${PMAD_BENCH_VENV:-$ROOT/bench/.venv}
 # Pinned: what the published numbers were measured with.
 PIP_PKGS=(mergekit==0.1.5 matplotlib==3.11.2)
 
@@ -125,7 +128,7 @@ if [[ $HAVE_VENV == 0 ]]; then
   if want mergekit || want torch; then
     [[ $SMOKE == 1 ]] || die "$VENV is missing: rerun with --setup (or --tools floor,pmad)"
     log "no $VENV: skipping mergekit and torch (smoke mode never installs them)"
-    TOOL_LIST=($(printf '%s\n' "${TOOL_LIST[@]}" | grep -v -x -e mergekit -e torch))
+    mapfile -t TOOL_LIST < <(printf '%s\n' "${TOOL_LIST[@]}" | grep -v -x -e mergekit -e torch)
   fi
 fi
 PY=$VENV/bin/python
@@ -154,6 +157,7 @@ META=$RESULTS/meta.txt
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "host: $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.1f GB RAM", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)"
   echo "pmad: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' (src modified)')"
+  [[ $SMOKE == 1 ]] && echo "mode: smoke (tiny sizes: the targets below apply to 8 x 500 MB, not to this run)"
   echo "args: K=$K dtype=$DTYPE sizes=$SIZES reps=$REPS cold=$COLD drop_caches=$DROP tools=${TOOL_LIST[*]} threads=${THREADS:-default}"
   if [[ $HAVE_VENV == 1 ]]; then
     echo "peers: $("$VENV/bin/pip" freeze 2>/dev/null | grep -i -E '^(mergekit|torch|safetensors)==' | tr '\n' ' ')"
@@ -213,7 +217,8 @@ run_tool() { # SIZE CACHE TOOL REP
   esac
   if [[ $cache == cold ]]; then evict; else warm; fi
   sync
-  local l=$(load1)
+  local l
+  l=$(load1)
   t0=$(now)
   /usr/bin/time -f '%M %U %S' -o "$DIR/.time" "${cmd[@]}" >>"$LOG" 2>&1 || die "$tool failed (size $size), see $LOG"
   t1=$(now)

@@ -13,7 +13,8 @@
 //! `<state-dir>/accumulators.bin` (fallocated, mapped). Nothing is pre-warmed: with `--cold`
 //! each checkpoint is evicted from the page cache (posix_fadvise DONTNEED) before it arrives,
 //! as a checkpoint written long ago or on a machine with less RAM than the window would be.
-//! After the last arrival the SMA is emitted once (to `<state-dir>/out`, removed afterwards).
+//! After the last arrival the SMA is emitted once (to `<state-dir>/out`, removed afterwards
+//! unless `--keep`).
 //!
 //! A sampler thread reads /proc/self/status every 50 ms; the output gives per arrival the
 //! update time, bytes read and GB/s, and at the end the peak of VmRSS, RssAnon and RssFile
@@ -68,12 +69,16 @@ fn main() -> anyhow::Result<()> {
     let budget = take("--memory-budget").unwrap_or_else(|| "64MB".into());
     let state_dir =
         PathBuf::from(take("--state-dir").unwrap_or_else(|| "/tmp/pmad-bench-big/state".into()));
-    let cold = if let Some(i) = args.iter().position(|a| a == "--cold") {
-        args.remove(i);
-        true
-    } else {
-        false
+    let mut flag = |name: &str| -> bool {
+        if let Some(i) = args.iter().position(|a| a == name) {
+            args.remove(i);
+            true
+        } else {
+            false
+        }
     };
+    let cold = flag("--cold");
+    let keep = flag("--keep");
     let dirs: Vec<PathBuf> = args.iter().map(PathBuf::from).collect();
     anyhow::ensure!(!dirs.is_empty(), "no checkpoints given");
     let out = state_dir.join("out");
@@ -230,7 +235,11 @@ keep = 1
         mb(status_kb("VmHWM:")),
     );
     drop(w);
-    let _ = std::fs::remove_dir_all(&out);
+    if keep {
+        println!("kept the emitted output under {}", out.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&out);
+    }
     if let Some(p) = acc_file {
         let _ = std::fs::remove_file(p);
     }
