@@ -16,6 +16,10 @@
 //! After the last arrival the SMA is emitted once (to `<state-dir>/out`, removed afterwards
 //! unless `--keep`).
 //!
+//! With `--snapshot`, every arrival is followed by what `pmad run` does next with a state
+//! directory: `StateDir::save` of the manifest and a full copy of the accumulators
+//! (`acc-N.bin`, written in 64 MiB chunks from the map, fsynced, renamed), timed apart.
+//!
 //! A sampler thread reads /proc/self/status every 50 ms; the output gives per arrival the
 //! update time, bytes read and GB/s, and at the end the peak of VmRSS, RssAnon and RssFile
 //! (file-backed pages of the checkpoint and accumulator maps: reclaimable page cache that the
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
     };
     let cold = flag("--cold");
     let keep = flag("--keep");
+    let snapshot = flag("--snapshot");
     let dirs: Vec<PathBuf> = args.iter().map(PathBuf::from).collect();
     anyhow::ensure!(!dirs.is_empty(), "no checkpoints given");
     let out = state_dir.join("out");
@@ -131,9 +136,15 @@ keep = 1
         state_dir.display(),
         if cold { "cold" } else { "as found" }
     );
+    let mut sd = if snapshot {
+        Some(pmad::state::StateDir::open(&state_dir.join("snap"))?)
+    } else {
+        None
+    };
+    let mut snaps = Vec::new();
     println!(
-        "{:>7} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10}",
-        "arrival", "kind", "update_s", "read_GB", "GB/s", "rss_MB", "anon_MB", "file_MB"
+        "{:>7} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}",
+        "arrival", "kind", "update_s", "read_GB", "GB/s", "rss_MB", "anon_MB", "file_MB", "save_s"
     );
     let mut paths = BTreeMap::new();
     let t_all = Instant::now();
@@ -164,8 +175,29 @@ keep = 1
         } else {
             fills.push((dt, rep.bytes_read));
         }
+        let save = match (&mut sd, &w.acc) {
+            (Some(sd), Some(acc)) => {
+                let m = pmad::state::Manifest {
+                    format: pmad::state::FORMAT,
+                    generation: 0,
+                    accumulator: "f32".into(),
+                    recipes_signature: String::new(),
+                    layout: acc.layout().clone(),
+                    window: Vec::new(),
+                    recipes: Vec::new(),
+                    newest_step: Some(step),
+                    paths: Vec::new(),
+                };
+                let t = Instant::now();
+                sd.save(m, Some(acc.raw()))?;
+                let s = t.elapsed().as_secs_f64();
+                snaps.push(s);
+                s
+            }
+            _ => 0.0,
+        };
         println!(
-            "{:>7} {:>7} {:>10.2} {:>10.2} {:>9.2} {:>10.0} {:>10.0} {:>10.0}",
+            "{:>7} {:>7} {:>10.2} {:>10.2} {:>9.2} {:>10.0} {:>10.0} {:>10.0} {:>10.2}",
             i + 1,
             kind,
             dt,
@@ -174,9 +206,20 @@ keep = 1
             mb(status_kb("VmRSS:")),
             mb(status_kb("RssAnon:")),
             mb(status_kb("RssFile:")),
+            save,
         );
     }
-    let updates = t_all.elapsed().as_secs_f64();
+    let updates = t_all.elapsed().as_secs_f64() - snaps.iter().sum::<f64>();
+    if !snaps.is_empty() {
+        let mut v = snaps.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "state saves (full accumulator copy + fsync): median {:.2}s, total {:.1}s over {} arrivals (not included in the update times below)",
+            v[v.len() / 2],
+            v.iter().sum::<f64>(),
+            v.len()
+        );
+    }
     let acc_file = w
         .acc
         .as_ref()
@@ -243,5 +286,7 @@ keep = 1
     if let Some(p) = acc_file {
         let _ = std::fs::remove_file(p);
     }
+    drop(sd);
+    let _ = std::fs::remove_dir_all(state_dir.join("snap"));
     Ok(())
 }
