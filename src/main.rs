@@ -105,7 +105,7 @@ struct MergeArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Output bytes per unit of work (memory use is about 4 x threads x this).
+    /// Output bytes per unit of work (peak RSS is about threads x this x (inputs + 4)).
     #[arg(long, default_value = "4MiB", hide = true)]
     chunk_size: String,
     /// Checkpoints (directories or .safetensors files), oldest first.
