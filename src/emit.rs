@@ -5,7 +5,7 @@
 //! that and always names a complete output; retention deletes old outputs only after the new
 //! one is published and never the one LATEST names.
 
-use crate::checkpoint::{Checkpoint, INDEX_FILE};
+use crate::checkpoint::Checkpoint;
 use crate::engine::{self, MergeRecord, MergeSpec, Progress};
 use crate::error::{Error, Result};
 use crate::fsio;
@@ -153,12 +153,7 @@ pub fn emit(
             )?
         }
     };
-    if plan.len() > 1 {
-        fsio::write_file(
-            &staging.path().join(INDEX_FILE),
-            &publish::index_json(&plan),
-        )?;
-    }
+    publish::write_index(staging.path(), &plan)?;
     publish::write_aux(&newest, staging.path())?;
     // The bytes we read must still be what was validated (a truncation while reading shows
     // up here as a poisoned map or a changed descriptor). Accumulator-based outputs read only
@@ -197,14 +192,9 @@ pub fn emit(
         tensors: newest.tensors.len(),
         bytes,
         nonfinite: nf.count,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: engine::unix_now(),
     };
-    let mut json = serde_json::to_vec_pretty(&record).unwrap_or_default();
-    json.push(b'\n');
-    fsio::write_file(&staging.path().join("merge.json"), &json)?;
+    record.write(staging.path())?;
     let name = step_dir_name(step);
     let path = staging.commit(&name, true)?;
     if let Err(e) = publish::write_latest(out_dir, &name) {

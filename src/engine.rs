@@ -452,6 +452,23 @@ fn check_out(inputs: &[PathBuf], out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
+impl MergeRecord {
+    /// Write it as `<dir>/merge.json` (durably, like every output file).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(self).unwrap_or_default();
+        json.push(b'\n');
+        fsio::write_file(&dir.join("merge.json"), &json)
+    }
+}
+
+/// Seconds since the epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// One-shot merge: open and validate the inputs, merge, copy aux files, write merge.json and
 /// publish atomically at `out`.
 pub fn merge_checkpoints(
@@ -519,10 +536,7 @@ pub fn merge_checkpoints(
     for c in &inputs {
         c.verify()?;
     }
-    if plan.len() > 1 {
-        let p = staging.path().join(crate::checkpoint::INDEX_FILE);
-        fsio::write_file(&p, &publish::index_json(&plan))?;
-    }
+    publish::write_index(staging.path(), &plan)?;
     publish::write_aux(newest, staging.path())?;
     let bytes_written: u64 = plan.iter().map(|s| s.data_len as u64).sum();
     let record = MergeRecord {
@@ -549,14 +563,9 @@ pub fn merge_checkpoints(
         tensors: newest.tensors.len(),
         bytes: bytes_written,
         nonfinite: nf.count,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: unix_now(),
     };
-    let mut json = serde_json::to_vec_pretty(&record).unwrap_or_default();
-    json.push(b'\n');
-    fsio::write_file(&staging.path().join("merge.json"), &json)?;
+    record.write(staging.path())?;
     let out = staging.commit(name, force)?;
     Ok(MergeSummary {
         out,

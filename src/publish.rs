@@ -124,6 +124,18 @@ pub fn index_json(shards: &[ShardPlan]) -> Vec<u8> {
     out
 }
 
+/// Write the index into `dir` when the output has more than one shard (a single
+/// `model.safetensors` has none, as with `save_pretrained`).
+pub fn write_index(dir: &Path, shards: &[ShardPlan]) -> Result<()> {
+    if shards.len() > 1 {
+        fsio::write_file(
+            &dir.join(crate::checkpoint::INDEX_FILE),
+            &index_json(shards),
+        )?;
+    }
+    Ok(())
+}
+
 /// Streams one safetensors file: the header first, then tensor bytes in plan order.
 pub struct ShardWriter {
     path: PathBuf,
