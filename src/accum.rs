@@ -11,6 +11,9 @@
 //! `&mut` region: pages are updated in parallel with no shared mutable state. The store lives
 //! in RAM, or — past `state.memory_budget` — in a file-backed map under `state.dir` whose
 //! blocks are reserved with `fallocate` first (a full disk fails at creation, never as SIGBUS).
+//! A file-backed store drops its own mappings of each page once a pass or an emission read is
+//! done with it (`MADV_DONTNEED` on a shared file map keeps the data in the page cache and the
+//! file), so resident memory stays bounded by what is being worked on, not the store's size.
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
@@ -223,6 +226,7 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
                 )
             })
             .collect();
+        let release = matches!(self.store, Store::Mapped { .. });
         let data = self.data_mut();
         data.par_chunks_mut(PAGE * slots)
             .enumerate()
@@ -271,6 +275,9 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
                     pos = seg_end;
                     ti += 1;
                 }
+                if release {
+                    release_range(region.as_ptr() as usize, std::mem::size_of_val(region));
+                }
                 Ok(())
             })
     }
@@ -284,6 +291,7 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
         out_kind: FloatKind,
         out: &mut [u8],
     ) {
+        let release = matches!(self.store, Store::Mapped { .. });
         let data = self.data();
         let d = A::from_f64(divisor);
         let one = divisor == 1.0;
@@ -307,6 +315,13 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
                 }
             }
             A::encode(out_kind, t, &mut out[o..o + len * osz]);
+            if release && e == page_end {
+                // This page's run of the slot has been read: drop it from our mappings.
+                let run = base - (pos - flat.start.max(p * PAGE));
+                let lo = data[run..].as_ptr() as usize;
+                let hi = src.as_ptr() as usize + std::mem::size_of_val(src);
+                release_range(lo, hi - lo);
+            }
             o += len * osz;
             pos = e;
         }
@@ -323,6 +338,21 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
             v.extend_from_slice(&data[base..base + (hi - lo)]);
         }
         v
+    }
+}
+
+/// Drop this process's page-table entries for the whole 4 KiB pages inside
+/// `[addr, addr + len)` of a file-backed accumulator map, so they stop counting towards RSS
+/// (and the OOM score). Data is kept: the map is `MAP_SHARED`, so dirty pages stay in the
+/// page cache, are written back by the kernel, and are faulted in again on the next access.
+fn release_range(addr: usize, len: usize) {
+    let a = addr.div_ceil(4096) * 4096;
+    let b = (addr + len) / 4096 * 4096;
+    if b > a {
+        // SAFETY: [a, b) lies inside a live MAP_SHARED file mapping owned by the caller;
+        // MADV_DONTNEED on such a mapping never discards data (unlike on private or anonymous
+        // memory), so later reads see the same bytes.
+        let _ = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED) };
     }
 }
 

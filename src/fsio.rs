@@ -95,6 +95,16 @@ pub fn sync_dir(path: &Path) -> Result<()> {
         .ctx("fsync", path)
 }
 
+/// Ask the kernel to start writing back `len` bytes at `offset` now, without waiting
+/// (`posix_fadvise(DONTNEED)` queues writeback of dirty pages in the range; pages still being
+/// written stay cached). Advisory only: errors are ignored and durability still comes from
+/// [`sync_file`]. Called after each streamed write so the final fsync has little left to do.
+pub fn start_writeback(f: &File, offset: u64, len: usize) {
+    if let Some(n) = std::num::NonZeroU64::new(len as u64) {
+        let _ = rustix::fs::fadvise(f, offset, Some(n), rustix::fs::Advice::DontNeed);
+    }
+}
+
 /// Rename `from` to `to` (atomic within a filesystem).
 pub fn rename(from: &Path, to: &Path) -> Result<()> {
     gate(Op::Rename).ctx("rename", from)?;
