@@ -5,11 +5,12 @@
 //! batch of `2 x threads` units is computed in parallel on rayon while the previous batch is
 //! written, so at most two batches of output buffers exist at once. Each in-flight unit also
 //! maps its K inputs' bytes until it releases them, so peak RSS is about
-//! `threads x chunk_bytes x (K + 4)` plus ~20 MB (measured at 2 threads, 4 MiB chunks: 62 MB
-//! for K = 4, 102-128 MB for K = 8, 180 MB for K = 16), whatever the model size. Input pages
-//! consumed by a unit are released from this process's mappings right away (they stay in the
-//! page cache). Results do
-//! not depend on the batching: every element is computed from the same inputs in the same order.
+//! `threads x unit x (K + 4)` plus ~20 MB, whatever the model size; a one-shot merge of K > 8
+//! inputs shrinks the unit to `chunk_bytes x 12 / (K + 4)` ([`unit_bytes`]) so the bound
+//! stays at its K = 8 value (~`threads x chunk_bytes x 12`; numbers in README "Performance").
+//! Input pages consumed by a unit are released from this process's mappings right away (they
+//! stay in the page cache). Results do not depend on the batching: every element is computed
+//! from the same inputs in the same order.
 
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::error::{Error, Result};
@@ -190,6 +191,14 @@ where
         writer.finish()?;
     }
     Ok(report)
+}
+
+/// Output bytes per unit for a merge of `k` inputs. Each in-flight unit maps about
+/// `k + 4` chunks (its inputs, output buffer, and the batch being written), so units shrink
+/// as `k` grows beyond 8 to keep the peak where it is at `k = 8`: `12 / (k + 4)` of
+/// `chunk_bytes`, never below 64 KiB (nor above `chunk_bytes`).
+pub fn unit_bytes(chunk_bytes: usize, k: usize) -> usize {
+    (chunk_bytes.saturating_mul(12) / (k + 4)).clamp(chunk_bytes.min(64 << 10), chunk_bytes)
 }
 
 fn elem_size(t: &OutTensor) -> usize {
@@ -380,7 +389,7 @@ pub fn merge_into(
     write_output(
         dir,
         plan,
-        spec.chunk_bytes,
+        unit_bytes(spec.chunk_bytes, inputs.len()),
         produce,
         check,
         progress,
@@ -577,4 +586,21 @@ pub fn merge_checkpoints(
         nonfinite: nf.count,
         duration: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_shrink_with_many_inputs_to_bound_memory() {
+        let c = DEFAULT_CHUNK_BYTES;
+        assert_eq!(unit_bytes(c, 1), c);
+        assert_eq!(unit_bytes(c, 8), c);
+        assert_eq!(unit_bytes(c, 16), c * 12 / 20);
+        assert!(unit_bytes(c, 16) * (16 + 4) <= c * (8 + 4));
+        assert_eq!(unit_bytes(c, 10_000), 64 << 10);
+        // Tiny test chunk sizes are kept as they are.
+        assert_eq!(unit_bytes(64, 100), 64);
+    }
 }
