@@ -18,7 +18,8 @@
 //!
 //! With `--snapshot`, every arrival is followed by what `pmad run` does next with a state
 //! directory: `StateDir::save` of the manifest and a full copy of the accumulators
-//! (`acc-N.bin`, written in 64 MiB chunks from the map, fsynced, renamed), timed apart.
+//! (`acc-N.bin`: copied from the accumulator file in the kernel when file-backed, written from
+//! RAM otherwise; fsynced, renamed), timed apart.
 //!
 //! A sampler thread reads /proc/self/status every 50 ms; the output gives per arrival the
 //! update time, bytes read and GB/s, and at the end the peak of VmRSS, RssAnon and RssFile
@@ -189,7 +190,7 @@ keep = 1
                     paths: Vec::new(),
                 };
                 let t = Instant::now();
-                sd.save(m, Some(acc.raw()))?;
+                sd.save(m, Some(pmad::state::AccBytes::of(acc.as_ref())))?;
                 let s = t.elapsed().as_secs_f64();
                 snaps.push(s);
                 s

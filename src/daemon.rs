@@ -89,9 +89,13 @@ pub struct Core {
     restored_upto: Option<u64>,
     /// Newest step considered (accepted, skipped or rejected), saved in the manifest.
     considered_upto: Option<u64>,
-    /// The last save of the accumulators failed: the next save must include them (a
-    /// manifest must never describe sums that are not on disk).
+    /// The sums changed since they were last saved (or that save failed): the next save
+    /// must include them (a manifest must never describe sums that are not on disk).
     acc_unsaved: bool,
+    /// Per recipe: the step LATEST named at restore when it was newer than the restored
+    /// window, i.e. published after the last state save. When the re-processed window
+    /// reaches exactly that output again, it is not published a second time.
+    published_unsaved: Vec<Option<u64>>,
     /// `watch.waiting` was logged (watch.dir missing); logged again only after it appeared.
     waiting_logged: bool,
 }
@@ -139,6 +143,7 @@ impl Core {
             restored_upto: None,
             considered_upto: None,
             acc_unsaved: false,
+            published_unsaved: Vec::new(),
             waiting_logged: false,
         })
     }
@@ -188,10 +193,9 @@ impl Core {
         };
         let t0 = Instant::now();
         let sums = sums || self.acc_unsaved;
-        let acc = if sums {
-            self.window.acc.as_ref().map(|a| a.raw())
-        } else {
-            None
+        let acc = match (sums, self.window.acc.as_ref()) {
+            (true, Some(a)) => Some(crate::state::AccBytes::of(a.as_ref())),
+            _ => None,
         };
         let result = sd.save(m, acc);
         self.acc_unsaved = sums && result.is_err();
@@ -320,7 +324,8 @@ impl Core {
         // An output published just before a crash, after the last save: do not publish the
         // same step again. If the crash came between renaming it into place and updating
         // LATEST, finish that last step instead of publishing it anew.
-        for r in &mut self.window.recipes {
+        self.published_unsaved = vec![None; self.window.recipes.len()];
+        for (ri, r) in self.window.recipes.iter_mut().enumerate() {
             let Some(newest) = r.steps().last().copied() else {
                 continue;
             };
@@ -337,6 +342,9 @@ impl Core {
             if latest.is_some_and(|l| l >= newest) {
                 r.since_emit = 0;
                 r.last_emitted_step = latest;
+                // State is saved after publishing, so a crash in between leaves an output
+                // newer than the restored window (the steps after it are re-processed).
+                self.published_unsaved[ri] = latest.filter(|l| *l > newest);
             } else if same && publish::write_latest(out, &emit::step_dir_name(newest)).is_ok() {
                 r.since_emit = 0;
                 r.last_emitted_step = Some(newest);
@@ -675,7 +683,10 @@ impl Core {
                     rate = %rate(rep.bytes_read, took),
                     rebuilt = rep.rebuilt,
                 );
-                self.save(true);
+                // Saved after the emissions below: publishing is not delayed by the copy of
+                // the sums, and a crash before the save only re-processes this step.
+                self.acc_unsaved = true;
+                self.skip_republish(step);
             }
             Err(e) => {
                 error!(event = "checkpoint.rejected", step, path = %path.display(), reason = e.reason(), error = %e, "update failed; window rebuilt without it");
@@ -686,10 +697,48 @@ impl Core {
         }
         for ri in 0..self.window.recipes.len() {
             if self.stopping.load(Ordering::Relaxed) {
-                return;
+                break;
             }
             if matches!(self.due(ri, Instant::now()), Due::Now) {
                 self.emit(ri);
+            }
+        }
+        if self.acc_unsaved {
+            self.save(true);
+        }
+    }
+
+    /// After a restart, re-processing reached `step`: a recipe whose output for exactly these
+    /// steps was published before the crash (and after the last state save) counts it as
+    /// published instead of publishing it again (reliability.md promise 3).
+    fn skip_republish(&mut self, step: u64) {
+        for (ri, r) in self.window.recipes.iter_mut().enumerate() {
+            let Some(p) = self.published_unsaved.get_mut(ri) else {
+                continue;
+            };
+            let Some(published) = *p else { continue };
+            if step < published {
+                continue;
+            }
+            *p = None;
+            if r.steps().last() != Some(&published) {
+                continue;
+            }
+            let dir = r.recipe.out_dir.join(emit::step_dir_name(published));
+            let same = std::fs::read(dir.join("merge.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<crate::engine::MergeRecord>(&b).ok())
+                .is_some_and(|m| {
+                    m.steps
+                        .iter()
+                        .copied()
+                        .eq(r.steps().iter().map(|x| Some(*x)))
+                });
+            if same {
+                r.since_emit = 0;
+                r.last_emitted_step = Some(published);
+                r.last_emit = Some(Instant::now());
+                info!(event = "merge.skipped", recipe = %r.recipe.name, step = published, out = %dir.display(), "published before the restart; not published again");
             }
         }
     }
@@ -759,6 +808,9 @@ impl Core {
         }
         for s in &abandoned {
             self.paths.remove(s);
+        }
+        for p in &mut self.published_unsaved {
+            *p = None;
         }
         self.drop_steps(&abandoned, "rollback");
     }

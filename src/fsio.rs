@@ -7,8 +7,9 @@
 //!
 //! Fault injection for the fault tests (reliability.md T2): when the environment variable
 //! `PMAD_FAULT` is set to `OP:N` (OP one of `create`, `write`, `fsync`, `rename`, `mkdir`), the
-//! N-th call (1-based) of that operation in this process fails with EIO. It is read once at
-//! start; unset in production, the cost is one relaxed atomic increment per operation.
+//! N-th call (1-based) of that operation in this process fails with EIO; `OP:N:TEXT` counts
+//! only calls on paths containing TEXT (e.g. `create:1:acc-` fails the first accumulator
+//! snapshot). It is read once at start; unset in production, the cost is one check per call.
 
 use crate::error::{Error, IoContext, Result};
 use std::fs::{File, OpenOptions};
@@ -43,29 +44,44 @@ const OPS: [(&str, Op); 5] = [
 
 static COUNTERS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 
-fn plan() -> Option<(Op, u64)> {
-    static PLAN: OnceLock<Option<(Op, u64)>> = OnceLock::new();
-    *PLAN.get_or_init(|| {
+struct Plan {
+    op: Op,
+    n: u64,
+    /// Only operations on paths containing this are counted (empty: all).
+    filter: String,
+}
+
+fn plan() -> Option<&'static Plan> {
+    static PLAN: OnceLock<Option<Plan>> = OnceLock::new();
+    PLAN.get_or_init(|| {
         let v = std::env::var("PMAD_FAULT").ok()?;
-        let (op, n) = v.split_once(':')?;
+        let mut it = v.splitn(3, ':');
+        let op = it.next()?;
         let op = OPS.iter().find(|(name, _)| *name == op)?.1;
-        Some((op, n.parse().ok()?))
+        let n = it.next()?.parse().ok()?;
+        let filter = it.next().unwrap_or_default().to_string();
+        Some(Plan { op, n, filter })
     })
+    .as_ref()
 }
 
 /// Count an operation and fail it if the fault plan says so.
-fn gate(op: Op) -> io::Result<()> {
+fn gate(op: Op, path: &Path) -> io::Result<()> {
+    let Some(p) = plan() else { return Ok(()) };
+    if p.op != op || !path.to_string_lossy().contains(p.filter.as_str()) {
+        return Ok(());
+    }
     let i = OPS.iter().position(|(_, o)| *o == op).unwrap_or(0);
     let n = COUNTERS[i].fetch_add(1, Ordering::Relaxed) + 1;
-    match plan() {
-        Some((o, k)) if o == op && k == n => Err(io::Error::from_raw_os_error(5)),
-        _ => Ok(()),
+    if n == p.n {
+        return Err(io::Error::from_raw_os_error(5));
     }
+    Ok(())
 }
 
 /// Create a new file (failing if it exists), mode 0644.
 pub fn create(path: &Path) -> Result<File> {
-    gate(Op::Create).ctx("create", path)?;
+    gate(Op::Create, path).ctx("create", path)?;
     OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -76,19 +92,19 @@ pub fn create(path: &Path) -> Result<File> {
 
 /// Write all bytes.
 pub fn write_all(f: &mut File, path: &Path, buf: &[u8]) -> Result<()> {
-    gate(Op::Write).ctx("write", path)?;
+    gate(Op::Write, path).ctx("write", path)?;
     f.write_all(buf).ctx("write", path)
 }
 
 /// fsync a file (data and metadata). Never retry on failure.
 pub fn sync_file(f: &File, path: &Path) -> Result<()> {
-    gate(Op::Fsync).ctx("fsync", path)?;
+    gate(Op::Fsync, path).ctx("fsync", path)?;
     f.sync_all().ctx("fsync", path)
 }
 
 /// fsync a directory so that entries created or renamed in it are durable.
 pub fn sync_dir(path: &Path) -> Result<()> {
-    gate(Op::Fsync).ctx("fsync", path)?;
+    gate(Op::Fsync, path).ctx("fsync", path)?;
     File::open(path)
         .ctx("open", path)?
         .sync_all()
@@ -107,13 +123,13 @@ pub fn start_writeback(f: &File, offset: u64, len: usize) {
 
 /// Rename `from` to `to` (atomic within a filesystem).
 pub fn rename(from: &Path, to: &Path) -> Result<()> {
-    gate(Op::Rename).ctx("rename", from)?;
+    gate(Op::Rename, from).ctx("rename", from)?;
     std::fs::rename(from, to).map_err(|e| Error::io("rename", to, e))
 }
 
 /// Atomically swap two existing paths (renameat2 RENAME_EXCHANGE).
 pub fn exchange(a: &Path, b: &Path) -> Result<()> {
-    gate(Op::Rename).ctx("rename", a)?;
+    gate(Op::Rename, a).ctx("rename", a)?;
     rustix::fs::renameat_with(
         rustix::fs::CWD,
         a,
@@ -126,7 +142,7 @@ pub fn exchange(a: &Path, b: &Path) -> Result<()> {
 
 /// Create a directory (not its parents).
 pub fn mkdir(path: &Path) -> Result<()> {
-    gate(Op::Mkdir).ctx("mkdir", path)?;
+    gate(Op::Mkdir, path).ctx("mkdir", path)?;
     std::fs::create_dir(path).ctx("mkdir", path)
 }
 
@@ -135,6 +151,13 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = create(path)?;
     write_all(&mut f, path, bytes)?;
     sync_file(&f, path)
+}
+
+/// Copy all of `src` (from its current offset) to the end of `dst`. On Linux this is an
+/// in-kernel copy (`copy_file_range`), so the bytes never pass through this process's memory.
+pub fn copy_data(src: &mut File, dst: &mut File, dst_path: &Path) -> Result<u64> {
+    gate(Op::Write, dst_path).ctx("write", dst_path)?;
+    io::copy(src, dst).ctx("write", dst_path)
 }
 
 /// Copy a file's bytes into a new file durably.

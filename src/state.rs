@@ -56,6 +56,26 @@ pub struct Manifest {
     pub paths: Vec<(u64, PathBuf)>,
 }
 
+/// Where a snapshot's accumulator bytes come from.
+#[derive(Debug, Clone, Copy)]
+pub enum AccBytes<'a> {
+    /// An in-RAM store.
+    Memory(&'a [u8]),
+    /// A file-backed store: copied file to file in the kernel, so a store larger than RAM
+    /// is never faulted into this process to be saved.
+    File(&'a Path),
+}
+
+impl<'a> AccBytes<'a> {
+    /// How to snapshot `acc`: from its file when file-backed, else from memory.
+    pub fn of(acc: &'a dyn crate::accum::AccStore) -> AccBytes<'a> {
+        match acc.file() {
+            Some(path) => AccBytes::File(path),
+            None => AccBytes::Memory(acc.raw()),
+        }
+    }
+}
+
 /// The open state directory (holds the lock for the daemon's lifetime).
 pub struct StateDir {
     dir: PathBuf,
@@ -138,25 +158,37 @@ impl StateDir {
 
     /// Save a new generation: accumulator bytes (when `acc` is given; otherwise the current
     /// generation's bytes are still valid) and the manifest. Returns bytes written.
-    pub fn save(&mut self, mut m: Manifest, acc: Option<&[u8]>) -> Result<u64> {
+    pub fn save(&mut self, mut m: Manifest, acc: Option<AccBytes<'_>>) -> Result<u64> {
         let mut written = 0u64;
-        if let Some(bytes) = acc {
+        if let Some(src) = acc {
             let next = self.generation + 1;
             let tmp = self.dir.join(format!("acc-{next}.bin.tmp"));
             let _ = std::fs::remove_file(&tmp);
             let mut f = fsio::create(&tmp)?;
             let r = (|| {
-                for chunk in bytes.chunks(64 << 20) {
-                    fsio::write_all(&mut f, &tmp, chunk)?;
-                }
+                let n = match src {
+                    AccBytes::Memory(bytes) => {
+                        for chunk in bytes.chunks(64 << 20) {
+                            fsio::write_all(&mut f, &tmp, chunk)?;
+                        }
+                        bytes.len() as u64
+                    }
+                    AccBytes::File(path) => {
+                        let mut s = File::open(path).ctx("open", path)?;
+                        fsio::copy_data(&mut s, &mut f, &tmp)?
+                    }
+                };
                 fsio::sync_file(&f, &tmp)?;
-                fsio::rename(&tmp, &self.acc_path(next))
+                fsio::rename(&tmp, &self.acc_path(next))?;
+                Ok(n)
             })();
-            if let Err(e) = r {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
+            match r {
+                Ok(n) => written += n,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
             }
-            written += bytes.len() as u64;
             self.generation = next;
         }
         m.generation = self.generation;
@@ -232,8 +264,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut s = StateDir::open(d.path()).unwrap();
         assert_eq!(s.load().unwrap(), None);
-        s.save(manifest(), Some(&[1, 2, 3, 4])).unwrap();
-        s.save(manifest(), Some(&[5, 6, 7, 8])).unwrap();
+        s.save(manifest(), Some(AccBytes::Memory(&[1, 2, 3, 4])))
+            .unwrap();
+        let src = d.path().join("store");
+        std::fs::write(&src, [5, 6, 7, 8]).unwrap();
+        s.save(manifest(), Some(AccBytes::File(&src))).unwrap();
         // Manifest-only save keeps the generation.
         let mut m = manifest();
         m.newest_step = Some(9);
@@ -267,7 +302,7 @@ mod tests {
     fn torn_leftovers_are_ignored() {
         let d = tempfile::tempdir().unwrap();
         let mut s = StateDir::open(d.path()).unwrap();
-        s.save(manifest(), Some(&[1, 2])).unwrap();
+        s.save(manifest(), Some(AccBytes::Memory(&[1, 2]))).unwrap();
         drop(s);
         std::fs::write(d.path().join("acc-2.bin.tmp"), b"torn").unwrap();
         std::fs::write(d.path().join("manifest.json.tmp"), b"{\"torn").unwrap();

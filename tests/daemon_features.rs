@@ -191,8 +191,8 @@ fn text_log_is_one_readable_line_per_event() {
     );
 }
 
-/// Run pmad (with state) over `steps`, SIGTERM, and return the EMA output of the last step.
-fn ema_run(env: &TestEnv, name: &str, batches: &[&[u32]], rotate_between: bool) -> Vec<u8> {
+/// Watch dir, out dir and config of an EMA-with-state setup named `name`.
+fn ema_setup(env: &TestEnv, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     let watch = env.mkdir(format!("{name}/ckpt"));
     let out = env.join(format!("{name}/out"));
     let cfg = env.join(format!("{name}/pmad.toml"));
@@ -220,6 +220,12 @@ format = "json"
         ),
     )
     .unwrap();
+    (watch, out, cfg)
+}
+
+/// Run pmad (with state) over `steps`, SIGTERM, and return the EMA output of the last step.
+fn ema_run(env: &TestEnv, name: &str, batches: &[&[u32]], rotate_between: bool) -> Vec<u8> {
+    let (watch, out, cfg) = ema_setup(env, name);
     let mut last = 0;
     for (b, batch) in batches.iter().enumerate() {
         if b > 0 && rotate_between {
@@ -271,5 +277,88 @@ fn ema_resumes_bit_identically_after_its_checkpoints_were_rotated_away() {
     assert!(
         resumed == reference,
         "EMA after restart differs from an uninterrupted run"
+    );
+}
+
+/// The state is saved after an update's emissions: a crash between publishing step N and that
+/// save restarts from the state before N. Step N is then processed again but its output,
+/// already published, is not published again (reliability.md promise 3), and the EMA still
+/// ends bit-identical to an uninterrupted run.
+#[test]
+fn output_published_before_a_lost_state_save_is_not_published_again() {
+    let env = TestEnv::new();
+    let reference = ema_run(&env, "ref", &[&[100, 200, 300, 400, 500]], false);
+    let name = "crash";
+    let (_watch, out, cfg) = ema_setup(&env, name);
+    let state = env.join(format!("{name}/state"));
+    let make = |step: u32| {
+        env.make(
+            &format!("{name}/ckpt/checkpoint-{step}"),
+            "bf16",
+            step,
+            step,
+            &[],
+        );
+    };
+    let emitted = |d: &mut PmadDaemon, step: u32| {
+        d.expect("emission", T, |e| {
+            e.event() == "merge.emitted"
+                && e.s("steps").is_some_and(|s| s.ends_with(&step.to_string()))
+        });
+    };
+    let mut d = PmadDaemon::start(&env.join(name), &cfg, "run0");
+    for step in [100, 200, 300] {
+        make(step);
+        emitted(&mut d, step);
+    }
+    assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+    // The state as it was after step 300.
+    let saved = env.mkdir(format!("{name}/state-after-300"));
+    for e in std::fs::read_dir(&state).unwrap().flatten() {
+        std::fs::copy(e.path(), saved.join(e.file_name())).unwrap();
+    }
+    let mut d = PmadDaemon::start(&env.join(name), &cfg, "run1");
+    make(400);
+    emitted(&mut d, 400);
+    assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+    let step400 = out.join("step-400/model.safetensors");
+    let before = (
+        common::path_state(&step400).unwrap(),
+        std::fs::read(&step400).unwrap(),
+    );
+    // Crash between publishing step-400 and saving the state: the save never happened.
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::rename(&saved, &state).unwrap();
+    let mut d = PmadDaemon::start(&env.join(name), &cfg, "run2");
+    let skipped = d.expect("merge.skipped", T, |e| e.event() == "merge.skipped");
+    assert_eq!(
+        skipped.v["step"],
+        serde_json::json!(400),
+        "{}",
+        skipped.line()
+    );
+    make(500);
+    emitted(&mut d, 500);
+    assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+    let republished: Vec<String> = d
+        .log()
+        .into_iter()
+        .filter(|e| e.event() == "merge.emitted")
+        .filter_map(|e| e.s("out").map(str::to_string))
+        .filter(|o| o.ends_with("step-400"))
+        .collect();
+    assert!(
+        republished.is_empty(),
+        "step-400 published again: {republished:?}"
+    );
+    let after = (
+        common::path_state(&step400).unwrap(),
+        std::fs::read(&step400).unwrap(),
+    );
+    assert!(after == before, "step-400 changed on disk");
+    let resumed = std::fs::read(out.join("step-500/model.safetensors")).unwrap();
+    assert!(
+        resumed == reference,
+        "EMA after the lost save differs from an uninterrupted run"
     );
 }

@@ -1355,10 +1355,10 @@ fn merge_cli_faults(env: &TestEnv, stage: &Path) -> (Vec<String>, String) {
     (problems, format!("exit 1 at {hits:?}"))
 }
 
-/// A fault in the accumulator file of a save (the first fsio call of a restarted process is
-/// the accumulator write of the checkpoint it accepts), followed by successful emissions and
-/// manifest-only saves, then a restart and one more checkpoint: the resumed averages must
-/// still equal an uninterrupted run's (promise 3).
+/// A fault in the accumulator file of a save (`PMAD_FAULT=op:1:acc-`: the first operation on
+/// an `acc-*` path, i.e. the snapshot after the checkpoint the restarted process accepts),
+/// followed by successful emissions and manifest-only saves, then a restart and one more
+/// checkpoint: the resumed averages must still equal an uninterrupted run's (promise 3).
 #[test]
 fn failed_accumulator_save_keeps_resume_exact() {
     let env = TestEnv::new();
@@ -1382,7 +1382,7 @@ fn failed_accumulator_save_keeps_resume_exact() {
                     write_config(&cfg, &watch, &out_root, Some(&state), &T2_RECIPES, "10s");
                     run_until_step(&root, &cfg, "a.log", None, 200, &mut problems);
                     add_by_rename(stage, &root, &watch, 300);
-                    let fault = format!("{op}:1");
+                    let fault = format!("{op}:1:acc-");
                     let evs =
                         run_until_step(&root, &cfg, "b.log", Some(&fault), 300, &mut problems);
                     let fails = failures(&evs);
