@@ -226,22 +226,62 @@ impl SourceFile {
 
     /// Drop this process's mappings of a consumed range so they stop counting towards RSS.
     /// The page cache keeps the data (a warm re-read stays warm).
+    ///
+    /// The range is widened to whole [`FOLIO`] windows of the mapping's addresses: a fault on
+    /// a file map maps the whole page-cache folio around it (up to 2 MiB on current kernels),
+    /// so the first read of the next range re-maps the tail of the previous one; without the
+    /// widening those pages stayed mapped for good. Pages of a neighbouring range still in
+    /// use by another thread are simply faulted in again.
     pub fn release(&self, range: Range<usize>) {
+        self.release_exact(self.folio_floor(range.start)..self.folio_ceil(range.end));
+    }
+
+    /// `off` rounded down to a [`FOLIO`] boundary of the mapping's addresses.
+    pub fn folio_floor(&self, off: usize) -> usize {
+        match &self.map {
+            Some(m) => {
+                let base = m.as_ptr() as usize;
+                ((base + off) / FOLIO * FOLIO).saturating_sub(base)
+            }
+            None => off,
+        }
+    }
+
+    /// `off` rounded up to a [`FOLIO`] boundary of the mapping's addresses (at most the
+    /// file length).
+    pub fn folio_ceil(&self, off: usize) -> usize {
+        match &self.map {
+            Some(m) => {
+                let base = m.as_ptr() as usize;
+                ((base + off).div_ceil(FOLIO) * FOLIO - base).min(m.len())
+            }
+            None => off,
+        }
+    }
+
+    /// Drop the mappings of the whole pages inside `range`.
+    pub fn release_exact(&self, range: Range<usize>) {
         if let Some(m) = &self.map {
-            let page = 4096;
-            let start = range.start.div_ceil(page) * page;
-            let end = (range.end / page) * page;
-            if end > start {
+            let end = range.end.min(m.len());
+            if end > range.start {
                 // SAFETY: MADV_DONTNEED on a read-only, file-backed shared-or-private map that
                 // was never written: the next access re-reads the same bytes from the page
                 // cache/file, so no slice we hand out observes different contents.
                 let _ = unsafe {
-                    m.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+                    m.unchecked_advise_range(
+                        UncheckedAdvice::DontNeed,
+                        range.start,
+                        end - range.start,
+                    )
                 };
             }
         }
     }
 }
+
+/// Granularity of [`SourceFile::release`]: the largest page-cache folio a fault maps at
+/// once (PMD size on x86-64 and arm64 with 4 KiB pages).
+pub const FOLIO: usize = 2 << 20;
 
 /// A tensor in a checkpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -642,5 +682,59 @@ mod tests {
         std::fs::create_dir(&p).unwrap();
         std::fs::write(p.join("trainer_state.json"), br#"{"global_step": 42}"#).unwrap();
         assert_eq!(step_from_name(&p), Some(42));
+    }
+
+    /// Resident KiB of this process's mappings of `path` (from /proc/self/smaps).
+    fn mapped_kib(path: &Path) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let name = path.to_string_lossy();
+        let mut inside = false;
+        let mut total = 0;
+        for l in smaps.lines() {
+            if l.split_whitespace()
+                .next()
+                .is_some_and(|a| a.contains('-') && !a.ends_with(':'))
+            {
+                inside = l.ends_with(name.as_ref());
+            } else if inside && l.starts_with("Rss:") {
+                total += l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn release_unmaps_whole_folios_and_keeps_the_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut bytes, _) = crate::header::build_header(
+            &Default::default(),
+            &[("w".to_string(), safetensors::Dtype::U8, vec![9 << 20])],
+        )
+        .unwrap();
+        let data_start = bytes.len();
+        bytes.extend((0..9u32 << 20).map(|i| (i % 251) as u8));
+        let path = d.path().join("model.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        let f = SourceFile::open(&path).unwrap();
+        let len = bytes.len();
+        for off in [0, 1, data_start, FOLIO - 1, FOLIO, len - 1, len] {
+            let (lo, hi) = (f.folio_floor(off), f.folio_ceil(off));
+            assert!(lo <= off && off <= hi && hi <= len, "{off}: {lo}..{hi}");
+        }
+        let sum = |r: Range<usize>| f.slice(r).iter().map(|b| *b as u64).sum::<u64>();
+        // Consecutive units: read a piece, release it, read the next one (whose first fault
+        // maps the whole folio it shares with the previous piece), release it.
+        let mid = data_start + (4 << 20) + 12_345;
+        let a = sum(data_start..mid);
+        assert!(mapped_kib(&path) >= 4 << 10, "reading 4 MiB mapped it");
+        f.release(data_start..mid);
+        let b = sum(mid..len);
+        f.release(mid..len);
+        assert_eq!(
+            mapped_kib(&path),
+            0,
+            "pages left mapped after both releases"
+        );
+        assert_eq!(sum(data_start..len), a + b, "same bytes after release");
     }
 }

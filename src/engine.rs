@@ -3,14 +3,13 @@
 //!
 //! Owns the memory bound. Tensors are cut into units of at most `chunk_bytes` of output; a
 //! batch of `2 x threads` units is computed in parallel on rayon while the previous batch is
-//! written, so at most two batches of output buffers exist at once. Each in-flight unit also
-//! maps its K inputs' bytes until it releases them, so peak RSS is about
-//! `threads x unit x (K + 4)` plus ~20 MB, whatever the model size; a one-shot merge of K > 8
-//! inputs shrinks the unit to `chunk_bytes x 12 / (K + 4)` ([`unit_bytes`]) so the bound
-//! stays at its K = 8 value (~`threads x chunk_bytes x 12`; numbers in README "Performance").
-//! Input pages consumed by a unit are released from this process's mappings right away (they
-//! stay in the page cache). Results do not depend on the batching: every element is computed
-//! from the same inputs in the same order.
+//! written, so at most two batches of output buffers exist at once (`4 x threads x
+//! chunk_bytes`). A unit merges its inputs in steps of 256 KiB per input and releases each
+//! step's input pages from this process's mappings at once (they stay in the page cache), so
+//! the inputs add only `threads x K x 256 KiB`. Peak RSS is therefore about
+//! `threads x (4 x chunk_bytes + K x 256 KiB)` plus ~20 MB, whatever the model size
+//! (measured in README "Performance"). Results do not depend on the batching: every element
+//! is computed from the same inputs in the same order.
 
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::error::{Error, Result};
@@ -27,6 +26,9 @@ use std::time::{Duration, Instant};
 
 /// Default output bytes per unit of work.
 pub const DEFAULT_CHUNK_BYTES: usize = 4 << 20;
+
+/// Input bytes per checkpoint merged between two checks for whole folios to release.
+const RELEASE_STEP: usize = 256 << 10;
 
 /// Output dtype for float tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,14 +195,6 @@ where
     Ok(report)
 }
 
-/// Output bytes per unit for a merge of `k` inputs. Each in-flight unit maps about
-/// `k + 4` chunks (its inputs, output buffer, and the batch being written), so units shrink
-/// as `k` grows beyond 8 to keep the peak where it is at `k = 8`: `12 / (k + 4)` of
-/// `chunk_bytes`, never below 64 KiB (nor above `chunk_bytes`).
-pub fn unit_bytes(chunk_bytes: usize, k: usize) -> usize {
-    (chunk_bytes.saturating_mul(12) / (k + 4)).clamp(chunk_bytes.min(64 << 10), chunk_bytes)
-}
-
 fn elem_size(t: &OutTensor) -> usize {
     (t.dtype.bitsize() / 8).max(1)
 }
@@ -343,36 +337,67 @@ pub fn merge_into(
                 f.release(r);
             }
             Job::Average { kind, out: ok } => {
-                let isz = kind.size();
-                let ranges: Vec<Range<usize>> = srcs
-                    .iter()
-                    .map(|t| t.range.start + u.elems.start * isz..t.range.start + u.elems.end * isz)
-                    .collect();
-                let slices: Vec<&[u8]> = inputs
+                // In steps of RELEASE_STEP input bytes, each step's input pages released as
+                // soon as it is merged: what one unit keeps mapped is K x RELEASE_STEP, not
+                // K x the unit, so memory does not grow with the number of inputs.
+                let (isz, osz) = (kind.size(), ok.size());
+                let step = (RELEASE_STEP / isz).max(1);
+                let files: Vec<&crate::checkpoint::SourceFile> = inputs
                     .iter()
                     .zip(srcs)
-                    .zip(&ranges)
-                    .map(|((c, t), r)| c.files[t.file].slice(r.clone()))
+                    .map(|(c, t)| &c.files[t.file])
                     .collect();
-                let bad = match spec.accumulator {
-                    Accumulator::F32 => {
-                        merge::merge_chunk::<f32>(&slices, *kind, weights, *ok, out, fix)
-                    }
-                    Accumulator::F64 => {
-                        merge::merge_chunk::<f64>(&slices, *kind, weights, *ok, out, fix)
-                    }
-                };
-                if bad > 0 {
-                    for (i, s) in slices.iter().enumerate() {
-                        let c = merge::count_nonfinite(*kind, s);
-                        if c > 0 && stat.first_input.is_none() {
-                            stat.first_input = Some(i);
+                // Per input: the offset from which this unit has not released its pages yet.
+                let mut freed: Vec<usize> = files
+                    .iter()
+                    .zip(srcs)
+                    .map(|(f, t)| f.folio_floor(t.range.start + u.elems.start * isz))
+                    .collect();
+                let mut e0 = u.elems.start;
+                while e0 < u.elems.end {
+                    let e1 = (e0 + step).min(u.elems.end);
+                    let ranges: Vec<Range<usize>> = srcs
+                        .iter()
+                        .map(|t| t.range.start + e0 * isz..t.range.start + e1 * isz)
+                        .collect();
+                    let slices: Vec<&[u8]> = inputs
+                        .iter()
+                        .zip(srcs)
+                        .zip(&ranges)
+                        .map(|((c, t), r)| c.files[t.file].slice(r.clone()))
+                        .collect();
+                    let o = &mut out[(e0 - u.elems.start) * osz..(e1 - u.elems.start) * osz];
+                    let bad = match spec.accumulator {
+                        Accumulator::F32 => {
+                            merge::merge_chunk::<f32>(&slices, *kind, weights, *ok, o, fix)
                         }
-                        stat.nonfinite += c;
+                        Accumulator::F64 => {
+                            merge::merge_chunk::<f64>(&slices, *kind, weights, *ok, o, fix)
+                        }
+                    };
+                    if bad > 0 {
+                        for (i, s) in slices.iter().enumerate() {
+                            let c = merge::count_nonfinite(*kind, s);
+                            if c > 0 && stat.first_input.is_none_or(|f| i < f) {
+                                stat.first_input = Some(i);
+                            }
+                            stat.nonfinite += c;
+                        }
                     }
-                }
-                for ((c, t), r) in inputs.iter().zip(srcs).zip(ranges) {
-                    c.files[t.file].release(r);
+                    // Whole folios behind the read position are done with: drop them now
+                    // (a partial one would be mapped whole again by the next read).
+                    for ((f, r), fr) in files.iter().zip(&ranges).zip(freed.iter_mut()) {
+                        let cut = if e1 == u.elems.end {
+                            f.folio_ceil(r.end)
+                        } else {
+                            f.folio_floor(r.end)
+                        };
+                        if cut > *fr {
+                            f.release_exact(*fr..cut);
+                            *fr = cut;
+                        }
+                    }
+                    e0 = e1;
                 }
             }
         }
@@ -389,7 +414,7 @@ pub fn merge_into(
     write_output(
         dir,
         plan,
-        unit_bytes(spec.chunk_bytes, inputs.len()),
+        spec.chunk_bytes,
         produce,
         check,
         progress,
@@ -586,21 +611,4 @@ pub fn merge_checkpoints(
         nonfinite: nf.count,
         duration: started.elapsed(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn units_shrink_with_many_inputs_to_bound_memory() {
-        let c = DEFAULT_CHUNK_BYTES;
-        assert_eq!(unit_bytes(c, 1), c);
-        assert_eq!(unit_bytes(c, 8), c);
-        assert_eq!(unit_bytes(c, 16), c * 12 / 20);
-        assert!(unit_bytes(c, 16) * (16 + 4) <= c * (8 + 4));
-        assert_eq!(unit_bytes(c, 10_000), 64 << 10);
-        // Tiny test chunk sizes are kept as they are.
-        assert_eq!(unit_bytes(64, 100), 64);
-    }
 }
