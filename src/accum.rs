@@ -445,8 +445,12 @@ pub trait AccStore: Send + Sync {
     fn slot_f64(&self, slot: usize) -> Vec<f64>;
     /// The whole store as bytes (for state snapshots).
     fn raw(&self) -> &[u8];
-    /// The whole store as mutable bytes (for restoring a snapshot).
+    /// The whole store as mutable bytes.
     fn raw_mut(&mut self) -> &mut [u8];
+    /// Replace the whole store with a snapshot's bytes (its size must match). A file-backed
+    /// store is filled file to file in the kernel, so a store larger than RAM is not faulted
+    /// into this process to be restored.
+    fn load(&mut self, snapshot: &Path) -> Result<()>;
 }
 
 impl<A: Acc + bytemuck::Pod> AccStore for Accumulators<A> {
@@ -477,5 +481,30 @@ impl<A: Acc + bytemuck::Pod> AccStore for Accumulators<A> {
     }
     fn raw_mut(&mut self) -> &mut [u8] {
         bytemuck::cast_slice_mut(self.data_mut())
+    }
+    fn load(&mut self, snapshot: &Path) -> Result<()> {
+        let path = match &self.store {
+            Store::Ram(_) => return crate::state::read_into(snapshot, self.raw_mut()),
+            Store::Mapped { path, .. } => path.clone(),
+        };
+        let mut src = std::fs::File::open(snapshot).ctx("open", snapshot)?;
+        let have = src.metadata().ctx("stat", snapshot)?.len();
+        let want = self.raw().len() as u64;
+        if have != want {
+            return Err(Error::invalid(
+                snapshot,
+                format!("holds {have} bytes, the accumulators need {want}"),
+            ));
+        }
+        // Writes through the descriptor land in the page cache the shared map reads.
+        let mut dst = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .ctx("open", &path)?;
+        let n = std::io::copy(&mut src, &mut dst).ctx("copy", &path)?;
+        if n != want {
+            return Err(Error::invalid(snapshot, "shrank while being restored"));
+        }
+        Ok(())
     }
 }

@@ -114,12 +114,7 @@ impl Core {
             exclude.push(d.clone());
         }
         let scanner = Arc::new(Scanner::new(cfg.watch.clone(), &exclude));
-        let window = Window::new(
-            &cfg.recipes,
-            cfg.state.accumulator,
-            cfg.state.dir.clone(),
-            cfg.state.memory_budget,
-        );
+        let window = fresh_window(&cfg);
         let pool = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("pmad-worker-{i}"))
             .build()?;
@@ -268,18 +263,15 @@ impl Core {
         if let Some(c) = cut {
             ok.retain(|s, _| *s < c);
         }
-        let fill = |buf: &mut [u8]| crate::state::read_into(&acc_path, buf);
-        if let Err(e) =
-            self.window
-                .restore(m.layout.clone(), acc_kind, fill, ok.clone(), &m.recipes)
-        {
+        if let Err(e) = self.window.restore(
+            m.layout.clone(),
+            acc_kind,
+            &acc_path,
+            ok.clone(),
+            &m.recipes,
+        ) {
             warn!(event = "state.restored", restored = false, dir = %dir, reason = %e, "starting fresh");
-            self.window = Window::new(
-                &self.cfg.recipes,
-                self.cfg.state.accumulator,
-                self.cfg.state.dir.clone(),
-                self.cfg.state.memory_budget,
-            );
+            self.window = fresh_window(&self.cfg);
             return;
         }
         let lost: Vec<u64> = changed.iter().chain(&vanished).copied().collect();
@@ -301,12 +293,7 @@ impl Core {
             let (pool, window) = (&self.pool, &mut self.window);
             if let Err(e) = pool.install(|| window.rebuild(&rebuild)) {
                 warn!(event = "state.restored", restored = false, dir = %dir, reason = %e, "rebuild failed; starting fresh");
-                self.window = Window::new(
-                    &self.cfg.recipes,
-                    self.cfg.state.accumulator,
-                    self.cfg.state.dir.clone(),
-                    self.cfg.state.memory_budget,
-                );
+                self.window = fresh_window(&self.cfg);
                 return;
             }
         }
@@ -956,6 +943,16 @@ impl Core {
             self.save(false);
         }
     }
+}
+
+/// An empty window for the configured recipes.
+fn fresh_window(cfg: &Config) -> Window {
+    Window::new(
+        &cfg.recipes,
+        cfg.state.accumulator,
+        cfg.state.dir.clone(),
+        cfg.state.memory_budget,
+    )
 }
 
 /// Run `f` while a ticker keeps the heartbeat fresh: a long pass over a big checkpoint is

@@ -311,20 +311,20 @@ impl Window {
             .collect()
     }
 
-    /// Restore accumulators and recipe states from a snapshot. `fill` copies the saved bytes
-    /// into the fresh store; `ckpts` are the saved window's checkpoints that are still valid.
+    /// Restore accumulators and recipe states from a snapshot: `snapshot` holds the saved
+    /// accumulator bytes; `ckpts` are the saved window's checkpoints that are still valid.
     pub fn restore(
         &mut self,
         layout: FlatLayout,
         accumulator: Accumulator,
-        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+        snapshot: &std::path::Path,
         ckpts: BTreeMap<u64, Arc<Checkpoint>>,
         saved: &[SavedRecipe],
     ) -> Result<()> {
         self.accumulator = accumulator;
         self.create_acc(layout)?;
         if let Some(acc) = self.acc.as_mut() {
-            fill(acc.raw_mut())?;
+            acc.load(snapshot)?;
         }
         self.schema = ckpts.values().next_back().map(|c| Schema::of(c));
         self.ckpts = ckpts;
@@ -864,5 +864,59 @@ dtype = "{dtype}"
             }
             assert_eq!(ra.slot_f64(slot), fa.slot_f64(slot));
         }
+    }
+
+    #[test]
+    fn restore_from_a_snapshot_into_ram_or_a_file_backed_store() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Window::new(&recipes("bf16"), Accumulator::F32, None, u64::MAX);
+        for k in 1..=5u64 {
+            let c = write_ckpt(d.path(), k * 10, FloatKind::BF16, 0);
+            w.arrive(k * 10, c).unwrap();
+        }
+        let snap = d.path().join("acc-1.bin");
+        std::fs::write(&snap, w.acc.as_ref().unwrap().raw()).unwrap();
+        let layout = w.layout().unwrap().clone();
+        for budget in [u64::MAX, 1] {
+            let mut r = Window::new(
+                &recipes("bf16"),
+                Accumulator::F32,
+                Some(d.path().join(format!("state-{budget}"))),
+                budget,
+            );
+            r.restore(
+                layout.clone(),
+                Accumulator::F32,
+                &snap,
+                w.ckpts.clone(),
+                &w.saved_recipes(),
+            )
+            .unwrap();
+            let acc = r.acc.as_ref().unwrap();
+            assert_eq!(acc.file().is_some(), budget == 1);
+            for slot in 0..4 {
+                assert_eq!(acc.slot_f64(slot), w.acc.as_ref().unwrap().slot_f64(slot));
+            }
+            assert_eq!(r.recipes[2].absorbed, w.recipes[2].absorbed);
+        }
+        // A snapshot of the wrong size is refused, naming the file.
+        std::fs::write(&snap, [0u8; 12]).unwrap();
+        let mut r = Window::new(
+            &recipes("bf16"),
+            Accumulator::F32,
+            Some(d.path().join("s")),
+            1,
+        );
+        let e = r
+            .restore(
+                layout,
+                Accumulator::F32,
+                &snap,
+                w.ckpts.clone(),
+                &w.saved_recipes(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("acc-1.bin") && e.contains("12 bytes"), "{e}");
     }
 }
