@@ -75,24 +75,11 @@ fn write_config(
         t.push_str(&format!("[state]\ndir = {:?}\n\n", s(st)));
     }
     for r in recipes {
-        t.push_str(&format!(
-            "[[recipe]]\nname = \"{}\"\nmethod = \"{}\"\n",
-            r.name, r.method
-        ));
-        if r.method == "ema" {
-            t.push_str(&format!("alpha = {EMA_ALPHA}\n"));
-        } else {
-            t.push_str(&format!("window = {}\n", r.window));
-        }
-        t.push_str(&format!(
-            "emit_every = 1\nout_dir = {:?}\ndtype = \"source\"\nkeep = 0\n\n",
-            s(&out_root.join(r.name))
+        t.push_str(&common::recipe_toml(
+            r.name, r.method, r.window, EMA_ALPHA, out_root,
         ));
     }
-    t.push_str(
-        "[server]\nlisten = \"\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n\
-         [daemon]\nshutdown_grace = \"5s\"\n",
-    );
+    t.push_str(&common::daemon_tail_toml("info", "5s"));
     let p = env.join("pmad.toml");
     std::fs::write(&p, t).expect("write config");
     p

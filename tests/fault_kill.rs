@@ -209,24 +209,11 @@ fn write_config(
         t.push_str(&format!("[state]\ndir = {:?}\n\n", s.display().to_string()));
     }
     for r in recipes {
-        t.push_str(&format!(
-            "[[recipe]]\nname = \"{}\"\nmethod = \"{}\"\n",
-            r.name, r.method
-        ));
-        if r.method == "ema" {
-            t.push_str(&format!("alpha = {}\n", r.alpha));
-        } else {
-            t.push_str(&format!("window = {}\n", r.window));
-        }
-        t.push_str(&format!(
-            "emit_every = 1\nout_dir = {:?}\ndtype = \"source\"\nkeep = 0\n\n",
-            out_root.join(r.name).display().to_string()
+        t.push_str(&common::recipe_toml(
+            r.name, r.method, r.window, r.alpha, out_root,
         ));
     }
-    t.push_str(&format!(
-        "[server]\nlisten = \"\"\n\n[log]\nformat = \"json\"\nlevel = \"info,pmad=debug\"\n\n\
-         [daemon]\nshutdown_grace = \"{grace}\"\n"
-    ));
+    t.push_str(&common::daemon_tail_toml("info,pmad=debug", grace));
     std::fs::write(path, t).expect("write config");
 }
 

@@ -794,3 +794,27 @@ pub fn diff_snapshots(
     d
 }
 // ===================================================== end of the daemon-process harness block
+
+/// One `[[recipe]]` table as the daemon tests use it: publish after every accepted checkpoint,
+/// `dtype = "source"`, keep every output, into `<out_root>/<name>`. EMA gets `alpha`, the
+/// others `window`.
+pub fn recipe_toml(name: &str, method: &str, window: usize, alpha: f64, out_root: &Path) -> String {
+    let size = if method == "ema" {
+        format!("alpha = {alpha}")
+    } else {
+        format!("window = {window}")
+    };
+    format!(
+        "[[recipe]]\nname = \"{name}\"\nmethod = \"{method}\"\n{size}\nemit_every = 1\n\
+         out_dir = {:?}\ndtype = \"source\"\nkeep = 0\n\n",
+        out_root.join(name).display().to_string()
+    )
+}
+
+/// The `[server]` (off), `[log]` (JSON at `level`) and `[daemon]` tables of the daemon tests.
+pub fn daemon_tail_toml(level: &str, grace: &str) -> String {
+    format!(
+        "[server]\nlisten = \"\"\n\n[log]\nformat = \"json\"\nlevel = \"{level}\"\n\n\
+         [daemon]\nshutdown_grace = \"{grace}\"\n"
+    )
+}
