@@ -4,7 +4,10 @@
 //! a checkpoint's settle time, an emission interval) or shutdown, then runs one *cycle* on the
 //! blocking pool. A cycle is synchronous and owns all state ([`Core`]): scan → gate (marker,
 //! settle, validation, schema, NaN/Inf) → select (phase, LR plateau, interval) → window update
-//! (one pass feeding every recipe) → emissions that are due. Shutdown stops intake at once and
+//! (one pass feeding every recipe) → emissions that are due → state save (with `state.dir`;
+//! after the emissions so it never delays an output: a crash before it re-processes that
+//! checkpoint, and an output already on disk for exactly those steps is counted as published,
+//! `merge.skipped`, never published twice). Shutdown stops intake at once and
 //! lets an in-flight emission finish within `daemon.shutdown_grace`, then cancels it (its temp
 //! dir is removed) and exits cleanly.
 //!

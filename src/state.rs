@@ -7,6 +7,8 @@
 //! a temp file, fsyncs, renames; then the manifest the same way; then fsyncs the directory and
 //! deletes older generations. A crash at any point leaves the previous manifest pointing at a
 //! complete generation, so a restart never sees a torn state. A failed fsync abandons the save.
+//! A file-backed accumulator store is copied file to file in the kernel ([`AccBytes::File`]),
+//! so saving (and restoring, `AccStore::load`) never maps a larger-than-RAM store into pmad.
 
 use crate::accum::FlatLayout;
 use crate::checkpoint::Fingerprint;
