@@ -1,6 +1,7 @@
 //! Daemon features not covered by the end-to-end and fault tests: `on_emit` hooks (placeholders,
-//! timeout), `keep` retention, `emit_interval`, text log format, and an EMA resumed from
-//! `state.dir` after the checkpoints it absorbed were rotated away.
+//! timeout), `keep` retention, `emit_interval`, text log format, an EMA resumed from
+//! `state.dir` after the checkpoints it absorbed were rotated away (accumulators in RAM and
+//! file-backed), and a state save lost after an output was published.
 
 mod common;
 
