@@ -10,16 +10,16 @@
 //! Feeds the checkpoints (oldest first) to the daemon's [`Window`] exactly as `pmad run` does,
 //! with one SMA recipe over `--window` and `state.memory_budget = --memory-budget`: when the
 //! accumulators (4 bytes per parameter) exceed the budget they live in
-//! `<state-dir>/accumulators.bin` (fallocated, mapped). Nothing is pre-warmed: with `--cold`
+//! `<state-dir>/acc-<generation>.bin` (fallocated, mapped, double-buffered). Nothing is pre-warmed: with `--cold`
 //! each checkpoint is evicted from the page cache (posix_fadvise DONTNEED) before it arrives,
 //! as a checkpoint written long ago or on a machine with less RAM than the window would be.
 //! After the last arrival the SMA is emitted once (to `<state-dir>/out`, removed afterwards
 //! unless `--keep`).
 //!
 //! With `--snapshot`, every arrival is followed by what `pmad run` does next with a state
-//! directory: `StateDir::save` of the manifest and a full copy of the accumulators
-//! (`acc-N.bin`: copied from the accumulator file in the kernel when file-backed, written from
-//! RAM otherwise; fsynced, renamed), timed apart.
+//! directory: `StateDir::save` in `<state-dir>` of the manifest and the accumulators (an fsync
+//! of the current generation file when file-backed; a full copy written from RAM, fsynced and
+//! renamed otherwise), timed apart.
 //!
 //! A sampler thread reads /proc/self/status every 50 ms; the output gives per arrival the
 //! update time, bytes read and GB/s, and at the end the peak of VmRSS, RssAnon and RssFile
@@ -138,7 +138,7 @@ keep = 1
         if cold { "cold" } else { "as found" }
     );
     let mut sd = if snapshot {
-        Some(pmad::state::StateDir::open(&state_dir.join("snap"))?)
+        Some(pmad::state::StateDir::open(&state_dir)?)
     } else {
         None
     };
@@ -176,7 +176,7 @@ keep = 1
         } else {
             fills.push((dt, rep.bytes_read));
         }
-        let save = match (&mut sd, &w.acc) {
+        let save = match (&mut sd, &mut w.acc) {
             (Some(sd), Some(acc)) => {
                 let m = pmad::state::Manifest {
                     format: pmad::state::FORMAT,
@@ -191,6 +191,8 @@ keep = 1
                 };
                 let t = Instant::now();
                 sd.save(m, Some(pmad::state::AccBytes::of(acc.as_ref())))?;
+                // As `pmad run` does: the store keeps the generation the manifest names.
+                acc.persisted(sd.generation());
                 let s = t.elapsed().as_secs_f64();
                 snaps.push(s);
                 s
@@ -224,7 +226,7 @@ keep = 1
     let acc_file = w
         .acc
         .as_ref()
-        .and_then(|a| a.file().map(|p| p.to_path_buf()));
+        .and_then(|a| a.file().map(|(_, p)| p.to_path_buf()));
     let acc_bytes = w.acc.as_ref().map(|a| a.raw().len() as u64).unwrap_or(0);
     let progress = Progress::default();
     let cancel = AtomicBool::new(false);
@@ -284,10 +286,10 @@ keep = 1
     } else {
         let _ = std::fs::remove_dir_all(&out);
     }
-    if let Some(p) = acc_file {
-        let _ = std::fs::remove_file(p);
-    }
     drop(sd);
-    let _ = std::fs::remove_dir_all(state_dir.join("snap"));
+    for g in pmad::accum::generations(&state_dir) {
+        let _ = std::fs::remove_file(pmad::accum::generation_path(&state_dir, g));
+    }
+    let _ = std::fs::remove_file(state_dir.join("manifest.json"));
     Ok(())
 }

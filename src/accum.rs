@@ -9,11 +9,20 @@
 //! index space cut into pages of [`PAGE`] elements. The store holds, page after page, one
 //! [`PAGE`]-long run per slot (a slot is one recipe sum), so a page's slots are one contiguous
 //! `&mut` region: pages are updated in parallel with no shared mutable state. The store lives
-//! in RAM, or — past `state.memory_budget` — in a file-backed map under `state.dir` whose
-//! blocks are reserved with `fallocate` first (a full disk fails at creation, never as SIGBUS).
-//! A file-backed store drops its own mappings of each page once a pass or an emission read is
-//! done with it (`MADV_DONTNEED` on a shared file map keeps the data in the page cache and the
-//! file), so resident memory stays bounded by what is being worked on, not the store's size.
+//! in RAM, or — past `state.memory_budget` — in files `acc-<generation>.bin` under `state.dir`
+//! whose blocks are reserved with `fallocate` first (a full disk fails at creation, never as
+//! SIGBUS).
+//!
+//! A file-backed store is double-buffered: a pass reads the current generation and writes the
+//! next one into a new file, region by region (copy, then apply the ops), and only then makes
+//! it current. An existing generation file is never written again, so the current file is
+//! itself a complete snapshot: a state save is an fsync of it plus the manifest, with no copy.
+//! The generation the saved manifest names ([`AccStore::persisted`]) is kept until the next
+//! save; other superseded generations are deleted after each pass. A failed pass leaves the
+//! current generation untouched. The store drops its own mappings of each region once a pass
+//! or an emission read is done with it (`MADV_DONTNEED` on a shared file map keeps the data in
+//! the page cache and the file), so resident memory stays bounded by what is being worked on,
+//! not the store's size.
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
@@ -118,7 +127,64 @@ pub enum Op {
 
 enum Store<A> {
     Ram(Vec<A>),
-    Mapped { map: MmapMut, path: PathBuf },
+    Files(FileStore),
+}
+
+/// The file-backed store: the current generation's map (see the module doc).
+struct FileStore {
+    dir: PathBuf,
+    generation: u64,
+    path: PathBuf,
+    map: MmapMut,
+    /// The generation a saved manifest names: never deleted by the store.
+    persisted: Option<u64>,
+}
+
+/// `<dir>/acc-<generation>.bin`.
+pub fn generation_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("acc-{generation}.bin"))
+}
+
+/// Generations of the `acc-<N>.bin` files in `dir`.
+pub fn generations(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name();
+                    n.to_str()?
+                        .strip_prefix("acc-")?
+                        .strip_suffix(".bin")?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// Create `path` with `bytes` allocated and map it read-write.
+fn create_mapped(path: &Path, bytes: u64) -> Result<MmapMut> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .ctx("create", path)?;
+    if bytes > 0 {
+        // Reserve every block now: a full disk fails here with ENOSPC instead of raising
+        // SIGBUS later when a page of the map is first written.
+        rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, bytes)
+            .map_err(|e| Error::io("fallocate", path, e.into()))?;
+    }
+    // SAFETY: the file was just created (truncated) by this process in pmad's own state
+    // directory and its blocks are allocated, so accesses cannot fault for lack of space;
+    // nothing else is meant to write or truncate it while mapped (the state directory belongs
+    // to one pmad instance, under its lock).
+    unsafe { MmapOptions::new().len(bytes as usize).map_mut(&f) }.ctx("mmap", path)
 }
 
 /// Accumulator slots for all recipes over one model.
@@ -134,36 +200,24 @@ pub fn store_bytes(layout: &FlatLayout, slots: usize, acc_size: usize) -> u64 {
 }
 
 impl<A: Acc + bytemuck::Pod> Accumulators<A> {
-    /// Zeroed accumulators: in RAM, or file-backed at `file` when given.
-    pub fn new(layout: FlatLayout, slots: usize, file: Option<&Path>) -> Result<Self> {
+    /// Zeroed accumulators: in RAM, or file-backed in directory `dir` when given (as a new
+    /// generation numbered after every `acc-<N>.bin` already there).
+    pub fn new(layout: FlatLayout, slots: usize, dir: Option<&Path>) -> Result<Self> {
         let elems = layout.pages() * PAGE * slots;
-        let store = match file {
+        let store = match dir {
             None => Store::Ram(vec![A::default(); elems]),
-            Some(path) => {
+            Some(dir) => {
                 let bytes = (elems * std::mem::size_of::<A>()) as u64;
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)
-                    .ctx("create", path)?;
-                if bytes > 0 {
-                    // Reserve every block now: a full disk fails here with ENOSPC instead of
-                    // raising SIGBUS later when a page of the map is first written.
-                    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, bytes)
-                        .map_err(|e| Error::io("fallocate", path, e.into()))?;
-                }
-                // SAFETY: the file was just created (truncated) by this process in pmad's own
-                // state directory and its blocks are allocated, so accesses cannot fault for
-                // lack of space; nothing else is meant to write or truncate it while mapped
-                // (the state directory belongs to one pmad instance).
-                let map = unsafe { MmapOptions::new().len(bytes as usize).map_mut(&f) }
-                    .ctx("mmap", path)?;
-                Store::Mapped {
+                let generation = generations(dir).last().map_or(1, |g| g + 1);
+                let path = generation_path(dir, generation);
+                let map = create_mapped(&path, bytes)?;
+                Store::Files(FileStore {
+                    dir: dir.to_path_buf(),
+                    generation,
+                    path,
                     map,
-                    path: path.to_path_buf(),
-                }
+                    persisted: None,
+                })
             }
         };
         Ok(Accumulators {
@@ -173,36 +227,66 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
         })
     }
 
+    /// File-backed accumulators that adopt an existing generation file (a saved snapshot)
+    /// as their current generation, without copying it. It is never written: the next pass
+    /// writes a new generation. Its size must match.
+    pub fn adopt(layout: FlatLayout, slots: usize, dir: &Path, generation: u64) -> Result<Self> {
+        let bytes = store_bytes(&layout, slots, std::mem::size_of::<A>());
+        let path = generation_path(dir, generation);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .ctx("open", &path)?;
+        let have = f.metadata().ctx("stat", &path)?.len();
+        if have != bytes {
+            return Err(Error::invalid(
+                &path,
+                format!("holds {have} bytes, the accumulators need {bytes}"),
+            ));
+        }
+        // SAFETY: a complete snapshot in pmad's own state directory (under its lock), with
+        // the size just checked; no one else writes or truncates it, and pmad itself never
+        // writes an existing generation (passes write a new file).
+        let map =
+            unsafe { MmapOptions::new().len(bytes as usize).map_mut(&f) }.ctx("mmap", &path)?;
+        Ok(Accumulators {
+            layout,
+            slots,
+            store: Store::Files(FileStore {
+                dir: dir.to_path_buf(),
+                generation,
+                path,
+                map,
+                persisted: Some(generation),
+            }),
+        })
+    }
+
     /// The layout accumulated over.
     pub fn layout(&self) -> &FlatLayout {
         &self.layout
     }
 
-    /// Whether the store is file-backed (and where).
-    pub fn file(&self) -> Option<&Path> {
+    /// Whether the store is file-backed: the current generation and its file.
+    pub fn file(&self) -> Option<(u64, &Path)> {
         match &self.store {
             Store::Ram(_) => None,
-            Store::Mapped { path, .. } => Some(path),
+            Store::Files(f) => Some((f.generation, &f.path)),
         }
     }
 
     fn data(&self) -> &[A] {
         match &self.store {
             Store::Ram(v) => v,
-            Store::Mapped { map, .. } => bytemuck::cast_slice(&map[..]),
-        }
-    }
-
-    fn data_mut(&mut self) -> &mut [A] {
-        match &mut self.store {
-            Store::Ram(v) => v,
-            Store::Mapped { map, .. } => bytemuck::cast_slice_mut(&mut map[..]),
+            Store::Files(f) => bytemuck::cast_slice(&f.map[..]),
         }
     }
 
     /// Apply `ops` to every element, reading `inputs` (all compatible with the layout).
-    /// Each input's files are re-checked before each page is read; on error the slots are
-    /// partially updated and the caller must rebuild them.
+    /// Each input's files are re-checked before each page is read. On error an in-RAM store
+    /// is partially updated and the caller must rebuild it (a file-backed one keeps its
+    /// current generation, but callers rebuild either way).
     pub fn pass(&mut self, inputs: &[&Checkpoint], ops: &[Op]) -> Result<()> {
         // Resolve each input's tensors to (file, absolute byte start) once.
         let mut locs: Vec<Vec<(usize, usize)>> = Vec::with_capacity(inputs.len());
@@ -226,60 +310,92 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
                 )
             })
             .collect();
-        let release = matches!(self.store, Store::Mapped { .. });
-        let data = self.data_mut();
-        data.par_chunks_mut(PAGE * slots)
-            .enumerate()
-            .try_for_each(|(p, region)| -> Result<()> {
-                let lo = p * PAGE;
-                let hi = ((p + 1) * PAGE).min(layout.total);
-                if lo >= hi {
-                    return Ok(());
+        // Update one page's region of every slot in place.
+        let update = |p: usize, region: &mut [A]| -> Result<()> {
+            let lo = p * PAGE;
+            let hi = ((p + 1) * PAGE).min(layout.total);
+            if lo >= hi {
+                return Ok(());
+            }
+            for &i in &used {
+                for f in &inputs[i].files {
+                    f.check_fd()?;
                 }
-                for &i in &used {
-                    for f in &inputs[i].files {
-                        f.check_fd()?;
-                    }
-                }
-                let mut scratch = vec![A::default(); inputs.len() * BLOCK];
-                let mut ti = layout.find(lo);
-                let mut pos = lo;
-                while pos < hi {
-                    let t = &layout.tensors[ti];
-                    let seg_end = (t.start + t.len).min(hi);
-                    let mut b = pos;
-                    while b < seg_end {
-                        let e = (b + BLOCK).min(seg_end);
-                        let len = e - b;
-                        let isz = t.kind.size();
-                        let in_t = b - t.start;
-                        for &i in &used {
-                            let (fi, start) = locs[i][ti];
-                            let r = start + in_t * isz..start + (in_t + len) * isz;
-                            A::decode(
-                                t.kind,
-                                inputs[i].files[fi].slice(r),
-                                &mut scratch[i * BLOCK..i * BLOCK + len],
-                            );
-                        }
-                        let off = b - lo;
-                        apply(region, ops, &scratch, off, len);
-                        b = e;
-                    }
+            }
+            let mut scratch = vec![A::default(); inputs.len() * BLOCK];
+            let mut ti = layout.find(lo);
+            let mut pos = lo;
+            while pos < hi {
+                let t = &layout.tensors[ti];
+                let seg_end = (t.start + t.len).min(hi);
+                let mut b = pos;
+                while b < seg_end {
+                    let e = (b + BLOCK).min(seg_end);
+                    let len = e - b;
+                    let isz = t.kind.size();
+                    let in_t = b - t.start;
                     for &i in &used {
                         let (fi, start) = locs[i][ti];
-                        let isz = t.kind.size();
-                        let r = start + (pos - t.start) * isz..start + (seg_end - t.start) * isz;
-                        inputs[i].files[fi].release(r);
+                        let r = start + in_t * isz..start + (in_t + len) * isz;
+                        A::decode(
+                            t.kind,
+                            inputs[i].files[fi].slice(r),
+                            &mut scratch[i * BLOCK..i * BLOCK + len],
+                        );
                     }
-                    pos = seg_end;
-                    ti += 1;
+                    let off = b - lo;
+                    apply(region, ops, &scratch, off, len);
+                    b = e;
                 }
-                if release {
-                    release_range(region.as_ptr() as usize, std::mem::size_of_val(region));
+                for &i in &used {
+                    let (fi, start) = locs[i][ti];
+                    let isz = t.kind.size();
+                    let r = start + (pos - t.start) * isz..start + (seg_end - t.start) * isz;
+                    inputs[i].files[fi].release(r);
+                }
+                pos = seg_end;
+                ti += 1;
+            }
+            Ok(())
+        };
+        match &mut self.store {
+            Store::Ram(data) => data
+                .par_chunks_mut(PAGE * slots)
+                .enumerate()
+                .try_for_each(|(p, region)| update(p, region)),
+            Store::Files(fs) => {
+                // Out of place: the next generation, region by region, from the current one.
+                let next = fs.generation + 1;
+                let path = generation_path(&fs.dir, next);
+                let mut map = create_mapped(&path, fs.map.len() as u64)?;
+                let src: &[A] = bytemuck::cast_slice(&fs.map[..]);
+                let dst: &mut [A] = bytemuck::cast_slice_mut(&mut map[..]);
+                let r = dst
+                    .par_chunks_mut(PAGE * slots)
+                    .zip(src.par_chunks(PAGE * slots))
+                    .enumerate()
+                    .try_for_each(|(p, (d, s))| {
+                        d.copy_from_slice(s);
+                        let r = update(p, d);
+                        release_range(s.as_ptr() as usize, std::mem::size_of_val(s));
+                        release_range(d.as_ptr() as usize, std::mem::size_of_val(d));
+                        r
+                    });
+                if let Err(e) = r {
+                    drop(map);
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+                let old = std::mem::replace(&mut fs.map, map);
+                drop(old);
+                let old_path = std::mem::replace(&mut fs.path, path);
+                let old_gen = std::mem::replace(&mut fs.generation, next);
+                if fs.persisted != Some(old_gen) {
+                    let _ = std::fs::remove_file(old_path);
                 }
                 Ok(())
-            })
+            }
+        }
     }
 
     /// Write `slot / divisor` for flat elements `range` of tensor `ti`, encoded as `out_kind`.
@@ -291,7 +407,7 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
         out_kind: FloatKind,
         out: &mut [u8],
     ) {
-        let release = matches!(self.store, Store::Mapped { .. });
+        let release = matches!(self.store, Store::Files(_));
         let data = self.data();
         let d = A::from_f64(divisor);
         let one = divisor == 1.0;
@@ -439,17 +555,16 @@ pub trait AccStore: Send + Sync {
     );
     /// The layout.
     fn layout(&self) -> &FlatLayout;
-    /// Backing file, if file-backed.
-    fn file(&self) -> Option<&Path>;
+    /// Current generation and its file, if file-backed.
+    fn file(&self) -> Option<(u64, &Path)>;
+    /// A saved manifest now names generation `generation` of a file-backed store: keep that
+    /// file until a later call names another (no-op in RAM).
+    fn persisted(&mut self, generation: u64);
     /// One slot's values widened to f64 (tests, snapshots).
     fn slot_f64(&self, slot: usize) -> Vec<f64>;
     /// The whole store as bytes (for state snapshots).
     fn raw(&self) -> &[u8];
-    /// The whole store as mutable bytes.
-    fn raw_mut(&mut self) -> &mut [u8];
-    /// Replace the whole store with a snapshot's bytes (its size must match). A file-backed
-    /// store is filled file to file in the kernel, so a store larger than RAM is not faulted
-    /// into this process to be restored.
+    /// Replace an in-RAM store's bytes with a snapshot's (its size must match).
     fn load(&mut self, snapshot: &Path) -> Result<()>;
 }
 
@@ -470,8 +585,13 @@ impl<A: Acc + bytemuck::Pod> AccStore for Accumulators<A> {
     fn layout(&self) -> &FlatLayout {
         &self.layout
     }
-    fn file(&self) -> Option<&Path> {
+    fn file(&self) -> Option<(u64, &Path)> {
         Accumulators::file(self)
+    }
+    fn persisted(&mut self, generation: u64) {
+        if let Store::Files(f) = &mut self.store {
+            f.persisted = Some(generation);
+        }
     }
     fn slot_f64(&self, slot: usize) -> Vec<f64> {
         self.slot_values(slot).into_iter().map(to_f64).collect()
@@ -479,32 +599,13 @@ impl<A: Acc + bytemuck::Pod> AccStore for Accumulators<A> {
     fn raw(&self) -> &[u8] {
         bytemuck::cast_slice(self.data())
     }
-    fn raw_mut(&mut self) -> &mut [u8] {
-        bytemuck::cast_slice_mut(self.data_mut())
-    }
     fn load(&mut self, snapshot: &Path) -> Result<()> {
-        let path = match &self.store {
-            Store::Ram(_) => return crate::state::read_into(snapshot, self.raw_mut()),
-            Store::Mapped { path, .. } => path.clone(),
-        };
-        let mut src = std::fs::File::open(snapshot).ctx("open", snapshot)?;
-        let have = src.metadata().ctx("stat", snapshot)?.len();
-        let want = self.raw().len() as u64;
-        if have != want {
-            return Err(Error::invalid(
-                snapshot,
-                format!("holds {have} bytes, the accumulators need {want}"),
-            ));
+        match &mut self.store {
+            Store::Ram(v) => crate::state::read_into(snapshot, bytemuck::cast_slice_mut(v)),
+            Store::Files(f) => Err(Error::invalid(
+                &f.path,
+                "internal: a file-backed store adopts its snapshot instead of loading it",
+            )),
         }
-        // Writes through the descriptor land in the page cache the shared map reads.
-        let mut dst = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .ctx("open", &path)?;
-        let n = std::io::copy(&mut src, &mut dst).ctx("copy", &path)?;
-        if n != want {
-            return Err(Error::invalid(snapshot, "shrank while being restored"));
-        }
-        Ok(())
     }
 }

@@ -32,7 +32,7 @@ use crate::watch::{self, Scanner, Signature};
 use crate::window::Window;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -197,6 +197,13 @@ impl Core {
         };
         let result = sd.save(m, acc);
         self.acc_unsaved = sums && result.is_err();
+        if result.is_ok() {
+            // A file-backed store must keep the generation the manifest now names.
+            let g = sd.generation();
+            if let Some(a) = self.window.acc.as_mut() {
+                a.persisted(g);
+            }
+        }
         match result {
             Ok(n) => {
                 info!(event = "state.saved", dir = %sd.path().display(), size = %bytes(n), took = %secs(t0.elapsed()), accumulators = sums)
@@ -266,10 +273,12 @@ impl Core {
         if let Some(c) = cut {
             ok.retain(|s, _| *s < c);
         }
+        // acc_path is <state.dir>/acc-<generation>.bin.
+        let state_dir = acc_path.parent().unwrap_or(Path::new("."));
         if let Err(e) = self.window.restore(
             m.layout.clone(),
             acc_kind,
-            &acc_path,
+            (state_dir, m.generation),
             ok.clone(),
             &m.recipes,
         ) {

@@ -153,13 +153,6 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_file(&f, path)
 }
 
-/// Copy all of `src` (from its current offset) to the end of `dst`. On Linux this is an
-/// in-kernel copy (`copy_file_range`), so the bytes never pass through this process's memory.
-pub fn copy_data(src: &mut File, dst: &mut File, dst_path: &Path) -> Result<u64> {
-    gate(Op::Write, dst_path).ctx("write", dst_path)?;
-    io::copy(src, dst).ctx("write", dst_path)
-}
-
 /// Copy a file's bytes into a new file durably.
 pub fn copy_file(src: &Path, dst: &Path) -> Result<u64> {
     let bytes = std::fs::read(src).ctx("read", src)?;

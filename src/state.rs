@@ -7,8 +7,10 @@
 //! a temp file, fsyncs, renames; then the manifest the same way; then fsyncs the directory and
 //! deletes older generations. A crash at any point leaves the previous manifest pointing at a
 //! complete generation, so a restart never sees a torn state. A failed fsync abandons the save.
-//! A file-backed accumulator store is copied file to file in the kernel ([`AccBytes::File`]),
-//! so saving (and restoring, `AccStore::load`) never maps a larger-than-RAM store into pmad.
+//! A file-backed accumulator store already keeps each generation in `acc-<generation>.bin`
+//! and never writes one again (src/accum.rs), so its save is an fsync of the current file plus
+//! the manifest ([`AccBytes::Current`]), and a restore maps the saved file as it is: no copy
+//! of a larger-than-RAM store either way.
 
 use crate::accum::FlatLayout;
 use crate::checkpoint::Fingerprint;
@@ -63,16 +65,22 @@ pub struct Manifest {
 pub enum AccBytes<'a> {
     /// An in-RAM store.
     Memory(&'a [u8]),
-    /// A file-backed store: copied file to file in the kernel, so a store larger than RAM
-    /// is never faulted into this process to be saved.
-    File(&'a Path),
+    /// A file-backed store's current generation file, already in the state directory and
+    /// never written again: the save fsyncs it and points the manifest at it (no copy).
+    Current {
+        /// Its generation.
+        generation: u64,
+        /// `acc-<generation>.bin` in the state directory.
+        path: &'a Path,
+    },
 }
 
 impl<'a> AccBytes<'a> {
-    /// How to snapshot `acc`: from its file when file-backed, else from memory.
+    /// How to snapshot `acc`: its current generation file when file-backed, else a copy of
+    /// its bytes.
     pub fn of(acc: &'a dyn crate::accum::AccStore) -> AccBytes<'a> {
         match acc.file() {
-            Some(path) => AccBytes::File(path),
+            Some((generation, path)) => AccBytes::Current { generation, path },
             None => AccBytes::Memory(acc.raw()),
         }
     }
@@ -128,6 +136,11 @@ impl StateDir {
         &self.dir
     }
 
+    /// Generation of the accumulators the saved manifest names.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Load the manifest and the path of its accumulator file, if a usable state exists.
     /// Returns `Err(reason)` text (not an error) when a state exists but cannot be used.
     pub fn load(&mut self) -> std::result::Result<Option<(Manifest, PathBuf)>, String> {
@@ -155,43 +168,46 @@ impl StateDir {
     }
 
     fn acc_path(&self, generation: u64) -> PathBuf {
-        self.dir.join(format!("acc-{generation}.bin"))
+        crate::accum::generation_path(&self.dir, generation)
     }
 
     /// Save a new generation: accumulator bytes (when `acc` is given; otherwise the current
     /// generation's bytes are still valid) and the manifest. Returns bytes written.
     pub fn save(&mut self, mut m: Manifest, acc: Option<AccBytes<'_>>) -> Result<u64> {
         let mut written = 0u64;
-        if let Some(src) = acc {
-            let next = self.generation + 1;
-            let tmp = self.dir.join(format!("acc-{next}.bin.tmp"));
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = fsio::create(&tmp)?;
-            let r = (|| {
-                let n = match src {
-                    AccBytes::Memory(bytes) => {
-                        for chunk in bytes.chunks(64 << 20) {
-                            fsio::write_all(&mut f, &tmp, chunk)?;
-                        }
-                        bytes.len() as u64
+        match acc {
+            None => {}
+            Some(AccBytes::Current { generation, path }) => {
+                if path.parent() != Some(self.dir.as_path()) {
+                    return Err(Error::invalid(
+                        path,
+                        "internal: accumulator file outside the state directory",
+                    ));
+                }
+                let f = File::open(path).ctx("open", path)?;
+                fsio::sync_file(&f, path)?;
+                written += f.metadata().ctx("stat", path)?.len();
+                self.generation = generation;
+            }
+            Some(AccBytes::Memory(bytes)) => {
+                let next = self.generation + 1;
+                let tmp = self.dir.join(format!("acc-{next}.bin.tmp"));
+                let _ = std::fs::remove_file(&tmp);
+                let mut f = fsio::create(&tmp)?;
+                let r = (|| {
+                    for chunk in bytes.chunks(64 << 20) {
+                        fsio::write_all(&mut f, &tmp, chunk)?;
                     }
-                    AccBytes::File(path) => {
-                        let mut s = File::open(path).ctx("open", path)?;
-                        fsio::copy_data(&mut s, &mut f, &tmp)?
-                    }
-                };
-                fsio::sync_file(&f, &tmp)?;
-                fsio::rename(&tmp, &self.acc_path(next))?;
-                Ok(n)
-            })();
-            match r {
-                Ok(n) => written += n,
-                Err(e) => {
+                    fsio::sync_file(&f, &tmp)?;
+                    fsio::rename(&tmp, &self.acc_path(next))
+                })();
+                if let Err(e) = r {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(e);
                 }
+                written += bytes.len() as u64;
+                self.generation = next;
             }
-            self.generation = next;
         }
         m.generation = self.generation;
         let json = serde_json::to_vec_pretty(&m).unwrap_or_default();
@@ -268,9 +284,14 @@ mod tests {
         assert_eq!(s.load().unwrap(), None);
         s.save(manifest(), Some(AccBytes::Memory(&[1, 2, 3, 4])))
             .unwrap();
-        let src = d.path().join("store");
+        // A file-backed store's own generation file: fsynced and named, not copied.
+        let src = d.path().join("acc-2.bin");
         std::fs::write(&src, [5, 6, 7, 8]).unwrap();
-        s.save(manifest(), Some(AccBytes::File(&src))).unwrap();
+        let cur = AccBytes::Current {
+            generation: 2,
+            path: &src,
+        };
+        s.save(manifest(), Some(cur)).unwrap();
         // Manifest-only save keeps the generation.
         let mut m = manifest();
         m.newest_step = Some(9);

@@ -118,7 +118,8 @@ pub struct Window {
     /// The checkpoint whose names/shapes/dtypes every later one must match.
     pub schema: Option<Schema>,
     accumulator: Accumulator,
-    acc_file: Option<PathBuf>,
+    /// Where file-backed accumulators live (`state.dir`).
+    acc_dir: Option<PathBuf>,
     memory_budget: u64,
 }
 
@@ -182,7 +183,7 @@ impl Window {
             acc: None,
             schema: None,
             accumulator,
-            acc_file: state_dir.map(|d| d.join("accumulators.bin")),
+            acc_dir: state_dir,
             memory_budget,
         }
     }
@@ -264,35 +265,59 @@ impl Window {
         Ok(())
     }
 
-    fn create_acc(&mut self, layout: FlatLayout) -> Result<()> {
-        let slots = self.slot_count();
+    /// Say where the accumulators live and how big they are (operators size memory and
+    /// disk from this line).
+    fn log_placement(&self, layout: &FlatLayout, dir: Option<&std::path::Path>) {
         let size = match self.accumulator {
             Accumulator::F32 => 4,
             Accumulator::F64 => 8,
         };
-        let bytes = accum::store_bytes(&layout, slots, size);
-        let file = if bytes > self.memory_budget {
-            match &self.acc_file {
-                Some(f) => Some(f.clone()),
-                None => {
-                    return Err(Error::Usage(format!(
-                        "accumulators need {} but state.memory_budget is {}; set state.dir so they can live in files, or raise state.memory_budget",
-                        crate::telemetry::bytes(bytes),
-                        crate::telemetry::bytes(self.memory_budget)
-                    )))
-                }
+        let bytes = accum::store_bytes(layout, self.slot_count(), size);
+        tracing::info!(
+            event = "window.accumulator",
+            accumulator = self.accumulator.name(),
+            placement = if dir.is_some() { "file" } else { "ram" },
+            size = %crate::telemetry::bytes(bytes),
+            dir = %dir.map(|d| d.display().to_string()).unwrap_or_else(|| "-".into()),
+            "accumulators {}",
+            if dir.is_some() {
+                "in files under state.dir (above state.memory_budget)"
+            } else {
+                "in RAM"
             }
-        } else {
-            None
+        );
+    }
+
+    /// Where accumulators over `layout` go: None = RAM, Some(dir) = file-backed.
+    fn acc_home(&self, layout: &FlatLayout) -> Result<Option<PathBuf>> {
+        let size = match self.accumulator {
+            Accumulator::F32 => 4,
+            Accumulator::F64 => 8,
         };
-        if let Some(f) = &file {
-            if let Some(d) = f.parent() {
-                std::fs::create_dir_all(d).map_err(|e| Error::io("create directory", d, e))?;
-            }
+        let bytes = accum::store_bytes(layout, self.slot_count(), size);
+        if bytes <= self.memory_budget {
+            return Ok(None);
         }
+        match &self.acc_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).map_err(|e| Error::io("create directory", d, e))?;
+                Ok(Some(d.clone()))
+            }
+            None => Err(Error::Usage(format!(
+                "accumulators need {} but state.memory_budget is {}; set state.dir so they can live in files, or raise state.memory_budget",
+                crate::telemetry::bytes(bytes),
+                crate::telemetry::bytes(self.memory_budget)
+            ))),
+        }
+    }
+
+    fn create_acc(&mut self, layout: FlatLayout) -> Result<()> {
+        let slots = self.slot_count();
+        let dir = self.acc_home(&layout)?;
+        self.log_placement(&layout, dir.as_deref());
         self.acc = Some(match self.accumulator {
-            Accumulator::F32 => Box::new(Accumulators::<f32>::new(layout, slots, file.as_deref())?),
-            Accumulator::F64 => Box::new(Accumulators::<f64>::new(layout, slots, file.as_deref())?),
+            Accumulator::F32 => Box::new(Accumulators::<f32>::new(layout, slots, dir.as_deref())?),
+            Accumulator::F64 => Box::new(Accumulators::<f64>::new(layout, slots, dir.as_deref())?),
         });
         Ok(())
     }
@@ -311,20 +336,45 @@ impl Window {
             .collect()
     }
 
-    /// Restore accumulators and recipe states from a snapshot: `snapshot` holds the saved
-    /// accumulator bytes; `ckpts` are the saved window's checkpoints that are still valid.
+    /// Restore accumulators and recipe states from a snapshot: `dir/acc-<generation>.bin`
+    /// holds the saved accumulator bytes (read into RAM, or adopted as the current generation
+    /// of a file-backed store, without a copy); `ckpts` are the saved window's checkpoints
+    /// that are still valid.
     pub fn restore(
         &mut self,
         layout: FlatLayout,
         accumulator: Accumulator,
-        snapshot: &std::path::Path,
+        (dir, generation): (&std::path::Path, u64),
         ckpts: BTreeMap<u64, Arc<Checkpoint>>,
         saved: &[SavedRecipe],
     ) -> Result<()> {
         self.accumulator = accumulator;
-        self.create_acc(layout)?;
-        if let Some(acc) = self.acc.as_mut() {
-            acc.load(snapshot)?;
+        let slots = self.slot_count();
+        let snapshot = accum::generation_path(dir, generation);
+        match self.acc_home(&layout)? {
+            Some(home) if home == dir => {
+                self.log_placement(&layout, Some(dir));
+                self.acc = Some(match accumulator {
+                    Accumulator::F32 => {
+                        Box::new(Accumulators::<f32>::adopt(layout, slots, dir, generation)?)
+                    }
+                    Accumulator::F64 => {
+                        Box::new(Accumulators::<f64>::adopt(layout, slots, dir, generation)?)
+                    }
+                });
+            }
+            Some(_) => {
+                return Err(Error::invalid(
+                    &snapshot,
+                    "internal: the snapshot is not in the accumulator directory",
+                ))
+            }
+            None => {
+                self.create_acc(layout)?;
+                if let Some(acc) = self.acc.as_mut() {
+                    acc.load(&snapshot)?;
+                }
+            }
         }
         self.schema = ckpts.values().next_back().map(|c| Schema::of(c));
         self.ckpts = ckpts;
@@ -809,8 +859,9 @@ dtype = "{dtype}"
             ram.arrive(k * 10, c.clone()).unwrap();
             file.arrive(k * 10, c).unwrap();
         }
-        assert!(file.acc.as_ref().unwrap().file().is_some());
-        assert!(state.join("accumulators.bin").exists());
+        let (g, path) = file.acc.as_ref().unwrap().file().unwrap();
+        assert_eq!(path, state.join(format!("acc-{g}.bin")));
+        assert_eq!(crate::accum::generations(&state), vec![g]);
         for s in 0..4 {
             assert_eq!(
                 ram.acc.as_ref().unwrap().slot_f64(s),
@@ -874,49 +925,99 @@ dtype = "{dtype}"
             let c = write_ckpt(d.path(), k * 10, FloatKind::BF16, 0);
             w.arrive(k * 10, c).unwrap();
         }
-        let snap = d.path().join("acc-1.bin");
-        std::fs::write(&snap, w.acc.as_ref().unwrap().raw()).unwrap();
         let layout = w.layout().unwrap().clone();
         for budget in [u64::MAX, 1] {
+            let state = d.path().join(format!("state-{budget}"));
+            std::fs::create_dir_all(&state).unwrap();
+            std::fs::write(state.join("acc-7.bin"), w.acc.as_ref().unwrap().raw()).unwrap();
             let mut r = Window::new(
                 &recipes("bf16"),
                 Accumulator::F32,
-                Some(d.path().join(format!("state-{budget}"))),
+                Some(state.clone()),
                 budget,
             );
             r.restore(
                 layout.clone(),
                 Accumulator::F32,
-                &snap,
+                (&state, 7),
                 w.ckpts.clone(),
                 &w.saved_recipes(),
             )
             .unwrap();
             let acc = r.acc.as_ref().unwrap();
-            assert_eq!(acc.file().is_some(), budget == 1);
+            // File-backed: the snapshot itself became the current generation (no copy).
+            assert_eq!(
+                acc.file().map(|(g, p)| (g, p.to_path_buf())),
+                (budget == 1).then(|| (7, state.join("acc-7.bin")))
+            );
             for slot in 0..4 {
                 assert_eq!(acc.slot_f64(slot), w.acc.as_ref().unwrap().slot_f64(slot));
             }
             assert_eq!(r.recipes[2].absorbed, w.recipes[2].absorbed);
+            // The next arrival writes generation 8 and never touches 7 (the saved snapshot).
+            let before = std::fs::read(state.join("acc-7.bin")).unwrap();
+            let c = write_ckpt(d.path(), 60, FloatKind::BF16, 0);
+            r.arrive(60, c).unwrap();
+            assert_eq!(std::fs::read(state.join("acc-7.bin")).unwrap(), before);
+            if budget == 1 {
+                assert_eq!(r.acc.as_ref().unwrap().file().unwrap().0, 8);
+            }
         }
         // A snapshot of the wrong size is refused, naming the file.
-        std::fs::write(&snap, [0u8; 12]).unwrap();
-        let mut r = Window::new(
-            &recipes("bf16"),
-            Accumulator::F32,
-            Some(d.path().join("s")),
-            1,
-        );
-        let e = r
-            .restore(
-                layout,
+        let state = d.path().join("s");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("acc-3.bin"), [0u8; 12]).unwrap();
+        for budget in [u64::MAX, 1] {
+            let mut r = Window::new(
+                &recipes("bf16"),
                 Accumulator::F32,
-                &snap,
-                w.ckpts.clone(),
-                &w.saved_recipes(),
-            )
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("acc-1.bin") && e.contains("12 bytes"), "{e}");
+                Some(state.clone()),
+                budget,
+            );
+            let e = r
+                .restore(
+                    layout.clone(),
+                    Accumulator::F32,
+                    (&state, 3),
+                    w.ckpts.clone(),
+                    &w.saved_recipes(),
+                )
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("acc-3.bin") && e.contains("12 bytes"), "{e}");
+        }
+    }
+
+    #[test]
+    fn file_backed_passes_write_new_generations_and_keep_the_persisted_one() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        let mut w = Window::new(&recipes("bf16"), Accumulator::F32, Some(state.clone()), 1);
+        let gens = || crate::accum::generations(&state);
+        w.arrive(10, write_ckpt(d.path(), 10, FloatKind::BF16, 0))
+            .unwrap();
+        // Created as generation 1, updated out of place into 2; 1 was not persisted: deleted.
+        assert_eq!(gens(), vec![2]);
+        w.acc.as_mut().unwrap().persisted(2);
+        w.arrive(20, write_ckpt(d.path(), 20, FloatKind::BF16, 0))
+            .unwrap();
+        w.arrive(30, write_ckpt(d.path(), 30, FloatKind::BF16, 0))
+            .unwrap();
+        // 2 is what a manifest names: kept; 3 was superseded by 4: deleted.
+        assert_eq!(gens(), vec![2, 4]);
+        // A failed pass (an input truncated under it) leaves no partial generation behind
+        // (the window then rebuilds without it, into a new generation).
+        let c = write_ckpt(d.path(), 40, FloatKind::BF16, 0);
+        let f = c.files[0].path.clone();
+        let len = std::fs::metadata(&f).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        assert!(w.arrive(40, c).is_err());
+        let cur = w.acc.as_ref().unwrap().file().unwrap().0;
+        assert_eq!(gens(), vec![2, cur]);
     }
 }

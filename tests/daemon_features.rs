@@ -380,10 +380,13 @@ fn file_backed_accumulators_resume_bit_identically() {
     let reference = ema_run(&env, "ref", &[&[100, 200, 300, 400, 500]], false, "");
     let budget = "memory_budget = \"4KB\"";
     let resumed = ema_run(&env, "file", &[&[100, 200, 300], &[400, 500]], true, budget);
-    assert!(
-        env.join("file/state/accumulators.bin").exists(),
-        "the accumulators were not file-backed"
-    );
+    for run in ["run0", "run1"] {
+        let log = std::fs::read_to_string(env.join(format!("file/{run}.stdout.log"))).unwrap();
+        assert!(
+            log.contains(r#""placement":"file""#),
+            "{run}: the accumulators were not file-backed:\n{log}"
+        );
+    }
     assert!(
         resumed == reference,
         "file-backed EMA after restart differs from an uninterrupted in-RAM run"
