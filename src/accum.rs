@@ -180,11 +180,16 @@ fn create_mapped(path: &Path, bytes: u64) -> Result<MmapMut> {
         rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, bytes)
             .map_err(|e| Error::io("fallocate", path, e.into()))?;
     }
-    // SAFETY: the file was just created (truncated) by this process in pmad's own state
-    // directory and its blocks are allocated, so accesses cannot fault for lack of space;
-    // nothing else is meant to write or truncate it while mapped (the state directory belongs
-    // to one pmad instance, under its lock).
-    unsafe { MmapOptions::new().len(bytes as usize).map_mut(&f) }.ctx("mmap", path)
+    map_generation(&f, path, bytes)
+}
+
+/// Map a generation file of exactly `bytes` read-write.
+fn map_generation(f: &std::fs::File, path: &Path, bytes: u64) -> Result<MmapMut> {
+    // SAFETY: `f` is an `acc-<N>.bin` in pmad's own state directory (one pmad per directory,
+    // under its lock) whose length is `bytes`: just created with its blocks allocated (so
+    // accesses cannot fault for lack of space), or a saved snapshot whose size was checked.
+    // Nothing else writes or truncates it while mapped.
+    unsafe { MmapOptions::new().len(bytes as usize).map_mut(f) }.ctx("mmap", path)
 }
 
 /// Accumulator slots for all recipes over one model.
@@ -238,18 +243,8 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
             .write(true)
             .open(&path)
             .ctx("open", &path)?;
-        let have = f.metadata().ctx("stat", &path)?.len();
-        if have != bytes {
-            return Err(Error::invalid(
-                &path,
-                format!("holds {have} bytes, the accumulators need {bytes}"),
-            ));
-        }
-        // SAFETY: a complete snapshot in pmad's own state directory (under its lock), with
-        // the size just checked; no one else writes or truncates it, and pmad itself never
-        // writes an existing generation (passes write a new file).
-        let map =
-            unsafe { MmapOptions::new().len(bytes as usize).map_mut(&f) }.ctx("mmap", &path)?;
+        crate::state::check_len(&f, &path, bytes)?;
+        let map = map_generation(&f, &path, bytes)?;
         Ok(Accumulators {
             layout,
             slots,
@@ -386,8 +381,7 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
                     let _ = std::fs::remove_file(&path);
                     return Err(e);
                 }
-                let old = std::mem::replace(&mut fs.map, map);
-                drop(old);
+                fs.map = map;
                 let old_path = std::mem::replace(&mut fs.path, path);
                 let old_gen = std::mem::replace(&mut fs.generation, next);
                 if fs.persisted != Some(old_gen) {

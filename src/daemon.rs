@@ -32,7 +32,7 @@ use crate::watch::{self, Scanner, Signature};
 use crate::window::Window;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -228,7 +228,7 @@ impl Core {
             return;
         };
         let dir = sd.path().display().to_string();
-        let (m, acc_path) = match sd.load() {
+        let m = match sd.load() {
             Ok(Some(x)) => x,
             Ok(None) => return,
             Err(why) => {
@@ -273,12 +273,10 @@ impl Core {
         if let Some(c) = cut {
             ok.retain(|s, _| *s < c);
         }
-        // acc_path is <state.dir>/acc-<generation>.bin.
-        let state_dir = acc_path.parent().unwrap_or(Path::new("."));
         if let Err(e) = self.window.restore(
             m.layout.clone(),
             acc_kind,
-            (state_dir, m.generation),
+            m.generation,
             ok.clone(),
             &m.recipes,
         ) {
@@ -329,22 +327,16 @@ impl Core {
                 continue;
             };
             let out = &r.recipe.out_dir;
-            let latest = publish::read_latest(out)
-                .and_then(|n| n.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()));
-            let dir = out.join(emit::step_dir_name(newest));
-            let published_steps = std::fs::read(dir.join("merge.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<crate::engine::MergeRecord>(&b).ok())
-                .map(|m| m.steps);
-            let same = published_steps
-                .is_some_and(|s| s.iter().copied().eq(r.steps().iter().map(|x| Some(*x))));
+            let latest = emit::latest_step(out);
             if latest.is_some_and(|l| l >= newest) {
                 r.since_emit = 0;
                 r.last_emitted_step = latest;
                 // State is saved after publishing, so a crash in between leaves an output
                 // newer than the restored window (the steps after it are re-processed).
                 self.published_unsaved[ri] = latest.filter(|l| *l > newest);
-            } else if same && publish::write_latest(out, &emit::step_dir_name(newest)).is_ok() {
+            } else if emit::published_as(out, newest, r.steps())
+                && publish::write_latest(out, &emit::step_dir_name(newest)).is_ok()
+            {
                 r.since_emit = 0;
                 r.last_emitted_step = Some(newest);
             }
@@ -723,17 +715,8 @@ impl Core {
             if r.steps().last() != Some(&published) {
                 continue;
             }
-            let dir = r.recipe.out_dir.join(emit::step_dir_name(published));
-            let same = std::fs::read(dir.join("merge.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<crate::engine::MergeRecord>(&b).ok())
-                .is_some_and(|m| {
-                    m.steps
-                        .iter()
-                        .copied()
-                        .eq(r.steps().iter().map(|x| Some(*x)))
-                });
-            if same {
+            if emit::published_as(&r.recipe.out_dir, published, r.steps()) {
+                let dir = r.recipe.out_dir.join(emit::step_dir_name(published));
                 r.since_emit = 0;
                 r.last_emitted_step = Some(published);
                 r.last_emit = Some(Instant::now());

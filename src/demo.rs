@@ -264,19 +264,13 @@ shutdown_grace = "5s"
             }
         }
         for (name, dir) in &recipes {
-            let Some(latest) = crate::publish::read_latest(dir) else {
-                continue;
-            };
-            let Some(step) = latest
-                .strip_prefix("step-")
-                .and_then(|s| s.parse::<u64>().ok())
-            else {
+            let Some(step) = crate::emit::latest_step(dir) else {
                 continue;
             };
             if seen.contains_key(&(name.to_string(), step)) {
                 continue;
             }
-            let merged = problem.loss_of(&dir.join(&latest))?;
+            let merged = problem.loss_of(&dir.join(crate::emit::step_dir_name(step)))?;
             let latest_loss = problem.loss_of(&run_dir.join(format!("checkpoint-{step}")))?;
             println!(
                 "demo: {name:<6} step {step:>5}: loss(latest) = {latest_loss:.5}  loss(merged) = {merged:.5}  ({:+.0}%)",

@@ -39,6 +39,24 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step}")
 }
 
+/// The step of an output directory name (`step-<N>`): the inverse of [`step_dir_name`].
+pub fn step_of(name: &str) -> Option<u64> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+/// The step `<out_dir>/LATEST` names, if any.
+pub fn latest_step(out_dir: &Path) -> Option<u64> {
+    step_of(&publish::read_latest(out_dir)?)
+}
+
+/// Whether `<out_dir>/step-<step>` is an output whose merge.json records exactly `steps`.
+pub fn published_as(out_dir: &Path, step: u64, steps: &[u64]) -> bool {
+    std::fs::read(out_dir.join(step_dir_name(step)).join("merge.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<MergeRecord>(&b).ok())
+        .is_some_and(|m| m.steps.iter().copied().eq(steps.iter().map(|x| Some(*x))))
+}
+
 /// Publish recipe `ri`'s current output. `paths` maps accepted steps to their directories (for
 /// merge.json; EMA inputs may have been rotated away).
 pub fn emit(
@@ -222,7 +240,7 @@ pub fn outputs(out_dir: &Path) -> Vec<(u64, PathBuf)> {
             rd.flatten()
                 .filter_map(|e| {
                     let n = e.file_name();
-                    let s = n.to_str()?.strip_prefix("step-")?.parse::<u64>().ok()?;
+                    let s = step_of(n.to_str()?)?;
                     e.path().is_dir().then(|| (s, e.path()))
                 })
                 .collect()

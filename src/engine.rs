@@ -360,11 +360,10 @@ pub fn merge_into(
                         .iter()
                         .map(|t| t.range.start + e0 * isz..t.range.start + e1 * isz)
                         .collect();
-                    let slices: Vec<&[u8]> = inputs
+                    let slices: Vec<&[u8]> = files
                         .iter()
-                        .zip(srcs)
                         .zip(&ranges)
-                        .map(|((c, t), r)| c.files[t.file].slice(r.clone()))
+                        .map(|(f, r)| f.slice(r.clone()))
                         .collect();
                     let o = &mut out[(e0 - u.elems.start) * osz..(e1 - u.elems.start) * osz];
                     let bad = match spec.accumulator {

@@ -118,6 +118,14 @@ impl Accumulator {
             Accumulator::F64 => "f64",
         }
     }
+
+    /// Bytes per accumulated element.
+    pub fn size(self) -> usize {
+        match self {
+            Accumulator::F32 => 4,
+            Accumulator::F64 => 8,
+        }
+    }
 }
 
 /// Floating-point element encodings pmad can decode and encode.

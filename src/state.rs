@@ -65,14 +65,10 @@ pub struct Manifest {
 pub enum AccBytes<'a> {
     /// An in-RAM store.
     Memory(&'a [u8]),
-    /// A file-backed store's current generation file, already in the state directory and
-    /// never written again: the save fsyncs it and points the manifest at it (no copy).
-    Current {
-        /// Its generation.
-        generation: u64,
-        /// `acc-<generation>.bin` in the state directory.
-        path: &'a Path,
-    },
+    /// A file-backed store's current generation: its file `acc-<generation>.bin` is already
+    /// in the state directory and never written again, so the save fsyncs it and points the
+    /// manifest at it (no copy).
+    Current(u64),
 }
 
 impl<'a> AccBytes<'a> {
@@ -80,7 +76,7 @@ impl<'a> AccBytes<'a> {
     /// its bytes.
     pub fn of(acc: &'a dyn crate::accum::AccStore) -> AccBytes<'a> {
         match acc.file() {
-            Some((generation, path)) => AccBytes::Current { generation, path },
+            Some((generation, _)) => AccBytes::Current(generation),
             None => AccBytes::Memory(acc.raw()),
         }
     }
@@ -141,9 +137,10 @@ impl StateDir {
         self.generation
     }
 
-    /// Load the manifest and the path of its accumulator file, if a usable state exists.
-    /// Returns `Err(reason)` text (not an error) when a state exists but cannot be used.
-    pub fn load(&mut self) -> std::result::Result<Option<(Manifest, PathBuf)>, String> {
+    /// Load the manifest, if a usable state exists (its accumulator file,
+    /// `acc-<generation>.bin` in this directory, is there). Returns `Err(reason)` text (not an
+    /// error) when a state exists but cannot be used.
+    pub fn load(&mut self) -> std::result::Result<Option<Manifest>, String> {
         let p = self.dir.join(MANIFEST);
         let bytes = match std::fs::read(&p) {
             Ok(b) => b,
@@ -164,7 +161,7 @@ impl StateDir {
         if !acc.exists() {
             return Err(format!("{} is missing", acc.display()));
         }
-        Ok(Some((m, acc)))
+        Ok(Some(m))
     }
 
     fn acc_path(&self, generation: u64) -> PathBuf {
@@ -177,16 +174,11 @@ impl StateDir {
         let mut written = 0u64;
         match acc {
             None => {}
-            Some(AccBytes::Current { generation, path }) => {
-                if path.parent() != Some(self.dir.as_path()) {
-                    return Err(Error::invalid(
-                        path,
-                        "internal: accumulator file outside the state directory",
-                    ));
-                }
-                let f = File::open(path).ctx("open", path)?;
-                fsio::sync_file(&f, path)?;
-                written += f.metadata().ctx("stat", path)?.len();
+            Some(AccBytes::Current(generation)) => {
+                let path = self.acc_path(generation);
+                let f = File::open(&path).ctx("open", &path)?;
+                fsio::sync_file(&f, &path)?;
+                written += f.metadata().ctx("stat", &path)?.len();
                 self.generation = generation;
             }
             Some(AccBytes::Memory(bytes)) => {
@@ -222,34 +214,31 @@ impl StateDir {
         }
         written += json.len() as u64;
         // Older generations are unreachable now.
-        if let Ok(rd) = std::fs::read_dir(&self.dir) {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if let Some(g) = n
-                    .strip_prefix("acc-")
-                    .and_then(|x| x.strip_suffix(".bin"))
-                    .and_then(|x| x.parse::<u64>().ok())
-                {
-                    if g != self.generation {
-                        let _ = std::fs::remove_file(e.path());
-                    }
-                }
+        for g in crate::accum::generations(&self.dir) {
+            if g != self.generation {
+                let _ = std::fs::remove_file(self.acc_path(g));
             }
         }
         Ok(written)
     }
 }
 
+/// Check that a saved accumulator file holds exactly the `want` bytes a store needs.
+pub fn check_len(f: &File, path: &Path, want: u64) -> Result<()> {
+    let have = f.metadata().ctx("stat", path)?.len();
+    if have != want {
+        return Err(Error::invalid(
+            path,
+            format!("holds {have} bytes, the accumulators need {want}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Copy an accumulator file into a store's bytes, checking its size.
 pub fn read_into(path: &Path, dst: &mut [u8]) -> Result<()> {
     let mut f = File::open(path).ctx("open", path)?;
-    let len = f.metadata().ctx("stat", path)?.len();
-    if len != dst.len() as u64 {
-        return Err(Error::invalid(
-            path,
-            format!("holds {len} bytes, the accumulators need {}", dst.len()),
-        ));
-    }
+    check_len(&f, path, dst.len() as u64)?;
     for chunk in dst.chunks_mut(64 << 20) {
         f.read_exact(chunk).ctx("read", path)?;
     }
@@ -285,20 +274,16 @@ mod tests {
         s.save(manifest(), Some(AccBytes::Memory(&[1, 2, 3, 4])))
             .unwrap();
         // A file-backed store's own generation file: fsynced and named, not copied.
-        let src = d.path().join("acc-2.bin");
-        std::fs::write(&src, [5, 6, 7, 8]).unwrap();
-        let cur = AccBytes::Current {
-            generation: 2,
-            path: &src,
-        };
-        s.save(manifest(), Some(cur)).unwrap();
+        std::fs::write(d.path().join("acc-2.bin"), [5, 6, 7, 8]).unwrap();
+        s.save(manifest(), Some(AccBytes::Current(2))).unwrap();
         // Manifest-only save keeps the generation.
         let mut m = manifest();
         m.newest_step = Some(9);
         s.save(m, None).unwrap();
         drop(s);
         let mut s = StateDir::open(d.path()).unwrap();
-        let (m, acc) = s.load().unwrap().unwrap();
+        let m = s.load().unwrap().unwrap();
+        let acc = crate::accum::generation_path(d.path(), m.generation);
         assert_eq!(m.generation, 2);
         assert_eq!(m.newest_step, Some(9));
         let mut buf = [0u8; 4];
@@ -330,7 +315,7 @@ mod tests {
         std::fs::write(d.path().join("acc-2.bin.tmp"), b"torn").unwrap();
         std::fs::write(d.path().join("manifest.json.tmp"), b"{\"torn").unwrap();
         let mut s = StateDir::open(d.path()).unwrap();
-        assert_eq!(s.load().unwrap().unwrap().0.generation, 1);
+        assert_eq!(s.load().unwrap().unwrap().generation, 1);
         assert!(!d.path().join("acc-2.bin.tmp").exists());
     }
 }

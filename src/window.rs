@@ -265,14 +265,15 @@ impl Window {
         Ok(())
     }
 
+    /// Bytes of accumulators over `layout`.
+    fn acc_bytes(&self, layout: &FlatLayout) -> u64 {
+        accum::store_bytes(layout, self.slot_count(), self.accumulator.size())
+    }
+
     /// Say where the accumulators live and how big they are (operators size memory and
     /// disk from this line).
     fn log_placement(&self, layout: &FlatLayout, dir: Option<&std::path::Path>) {
-        let size = match self.accumulator {
-            Accumulator::F32 => 4,
-            Accumulator::F64 => 8,
-        };
-        let bytes = accum::store_bytes(layout, self.slot_count(), size);
+        let bytes = self.acc_bytes(layout);
         tracing::info!(
             event = "window.accumulator",
             accumulator = self.accumulator.name(),
@@ -290,11 +291,7 @@ impl Window {
 
     /// Where accumulators over `layout` go: None = RAM, Some(dir) = file-backed.
     fn acc_home(&self, layout: &FlatLayout) -> Result<Option<PathBuf>> {
-        let size = match self.accumulator {
-            Accumulator::F32 => 4,
-            Accumulator::F64 => 8,
-        };
-        let bytes = accum::store_bytes(layout, self.slot_count(), size);
+        let bytes = self.acc_bytes(layout);
         if bytes <= self.memory_budget {
             return Ok(None);
         }
@@ -336,43 +333,39 @@ impl Window {
             .collect()
     }
 
-    /// Restore accumulators and recipe states from a snapshot: `dir/acc-<generation>.bin`
-    /// holds the saved accumulator bytes (read into RAM, or adopted as the current generation
-    /// of a file-backed store, without a copy); `ckpts` are the saved window's checkpoints
-    /// that are still valid.
+    /// Restore accumulators and recipe states from a snapshot: `acc-<generation>.bin` in the
+    /// state directory holds the saved accumulator bytes (read into RAM, or adopted as the
+    /// current generation of a file-backed store, without a copy); `ckpts` are the saved
+    /// window's checkpoints that are still valid.
     pub fn restore(
         &mut self,
         layout: FlatLayout,
         accumulator: Accumulator,
-        (dir, generation): (&std::path::Path, u64),
+        generation: u64,
         ckpts: BTreeMap<u64, Arc<Checkpoint>>,
         saved: &[SavedRecipe],
     ) -> Result<()> {
         self.accumulator = accumulator;
         let slots = self.slot_count();
-        let snapshot = accum::generation_path(dir, generation);
         match self.acc_home(&layout)? {
-            Some(home) if home == dir => {
-                self.log_placement(&layout, Some(dir));
+            Some(dir) => {
+                self.log_placement(&layout, Some(&dir));
                 self.acc = Some(match accumulator {
                     Accumulator::F32 => {
-                        Box::new(Accumulators::<f32>::adopt(layout, slots, dir, generation)?)
+                        Box::new(Accumulators::<f32>::adopt(layout, slots, &dir, generation)?)
                     }
                     Accumulator::F64 => {
-                        Box::new(Accumulators::<f64>::adopt(layout, slots, dir, generation)?)
+                        Box::new(Accumulators::<f64>::adopt(layout, slots, &dir, generation)?)
                     }
                 });
             }
-            Some(_) => {
-                return Err(Error::invalid(
-                    &snapshot,
-                    "internal: the snapshot is not in the accumulator directory",
-                ))
-            }
             None => {
+                let dir = self.acc_dir.clone().ok_or_else(|| {
+                    Error::Usage("internal: restoring without a state directory".into())
+                })?;
                 self.create_acc(layout)?;
                 if let Some(acc) = self.acc.as_mut() {
-                    acc.load(&snapshot)?;
+                    acc.load(&accum::generation_path(&dir, generation))?;
                 }
             }
         }
@@ -741,8 +734,6 @@ dtype = "{dtype}"
             }
             let steps = r.steps();
             let weights = r.weights();
-            let n = steps.len();
-            let _ = n;
             let (slot, div) = match r.recipe.method {
                 Method::Wma => (r.slots.second.unwrap(), 1.0),
                 _ => (r.slots.first.unwrap(), 1.0),
@@ -939,7 +930,7 @@ dtype = "{dtype}"
             r.restore(
                 layout.clone(),
                 Accumulator::F32,
-                (&state, 7),
+                7,
                 w.ckpts.clone(),
                 &w.saved_recipes(),
             )
@@ -978,7 +969,7 @@ dtype = "{dtype}"
                 .restore(
                     layout.clone(),
                     Accumulator::F32,
-                    (&state, 3),
+                    3,
                     w.ckpts.clone(),
                     &w.saved_recipes(),
                 )
