@@ -277,15 +277,38 @@ fn ema_run(
     std::fs::read(out.join(format!("step-{last}/model.safetensors"))).unwrap()
 }
 
+/// With the accumulators in RAM and file-backed (`state.memory_budget` far below their size:
+/// passes writing new generation files with page release, emission read from the file, saves
+/// by fsync and a restore that maps the saved generation), the resumed EMA is bit-identical
+/// to an uninterrupted in-RAM run.
 #[test]
 fn ema_resumes_bit_identically_after_its_checkpoints_were_rotated_away() {
     let env = TestEnv::new();
     let reference = ema_run(&env, "ref", &[&[100, 200, 300, 400, 500]], false, "");
-    let resumed = ema_run(&env, "resumed", &[&[100, 200, 300], &[400, 500]], true, "");
-    assert!(
-        resumed == reference,
-        "EMA after restart differs from an uninterrupted run"
-    );
+    for (name, state_extra, placement) in [
+        ("resumed", "", "ram"),
+        ("file", "memory_budget = \"4KB\"", "file"),
+    ] {
+        let resumed = ema_run(
+            &env,
+            name,
+            &[&[100, 200, 300], &[400, 500]],
+            true,
+            state_extra,
+        );
+        for run in ["run0", "run1"] {
+            let log =
+                std::fs::read_to_string(env.join(format!("{name}/{run}.stdout.log"))).unwrap();
+            assert!(
+                log.contains(&format!(r#""placement":"{placement}""#)),
+                "{name}/{run}: the accumulators were not placed in {placement}:\n{log}"
+            );
+        }
+        assert!(
+            resumed == reference,
+            "EMA after restart ({placement}) differs from an uninterrupted run"
+        );
+    }
 }
 
 /// The state is saved after an update's emissions: a crash between publishing step N and that
@@ -368,27 +391,5 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
     assert!(
         resumed == reference,
         "EMA after the lost save differs from an uninterrupted run"
-    );
-}
-
-/// The same resume with the accumulators file-backed (`state.memory_budget` far below their
-/// size): passes with page release, emission read from the file, snapshots copied file to
-/// file and a restore into the file give outputs bit-identical to an uninterrupted in-RAM run.
-#[test]
-fn file_backed_accumulators_resume_bit_identically() {
-    let env = TestEnv::new();
-    let reference = ema_run(&env, "ref", &[&[100, 200, 300, 400, 500]], false, "");
-    let budget = "memory_budget = \"4KB\"";
-    let resumed = ema_run(&env, "file", &[&[100, 200, 300], &[400, 500]], true, budget);
-    for run in ["run0", "run1"] {
-        let log = std::fs::read_to_string(env.join(format!("file/{run}.stdout.log"))).unwrap();
-        assert!(
-            log.contains(r#""placement":"file""#),
-            "{run}: the accumulators were not file-backed:\n{log}"
-        );
-    }
-    assert!(
-        resumed == reference,
-        "file-backed EMA after restart differs from an uninterrupted in-RAM run"
     );
 }
