@@ -13,7 +13,8 @@
 //!   `--chunk-size 4MiB`), output in the input dtype; 32 MiB read per iteration.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use pmad::merge::{decode_f32, encode_f32, merge_chunk, FloatKind, Method, BLOCK};
+use pmad::math::kernels::{decode_f32, encode_f32, merge_chunk, BLOCK};
+use pmad::math::{FloatKind, Method};
 use std::hint::black_box;
 use std::time::Duration;
 

@@ -22,8 +22,8 @@
 //! Prints the per-arrival table and medians with ratios.
 
 use pmad::config::Config;
-use pmad::engine::Progress;
-use pmad::window::Window;
+use pmad::daemon::window::Window;
+use pmad::output::{OutDir, Progress};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -120,7 +120,7 @@ out_dir = {ema:?}
     );
     for (i, d) in dirs.iter().enumerate() {
         let step = (i as u64 + 1) * 1000;
-        let c = Arc::new(pmad::checkpoint::Checkpoint::open(d)?);
+        let c = Arc::new(pmad::format::Checkpoint::open(d)?);
         paths.insert(step, d.clone());
         let evicted = (i >= window).then(|| dirs[i - window].clone());
         let t0 = Instant::now();
@@ -132,7 +132,7 @@ out_dir = {ema:?}
         // Floor: the same bytes read once, plus one read-modify-write pass over accumulators.
         let mut files = weight_files(d);
         files.extend(weight_files(evicted.as_ref().expect("evicted")));
-        let acc_bytes = w.acc.as_ref().map(|a| a.raw().len()).unwrap_or(0);
+        let acc_bytes = w.acc().map(|a| a.raw().len()).unwrap_or(0);
         if acc.len() != acc_bytes / 4 {
             // Allocate and touch outside the timed region.
             acc = vec![1f32; acc_bytes / 4];
@@ -149,8 +149,17 @@ out_dir = {ema:?}
         let progress = Progress::default();
         let cancel = AtomicBool::new(false);
         let t2 = Instant::now();
-        let e =
-            pool.install(|| pmad::emit::emit(&w, 0, &paths, w.accumulator(), &progress, &cancel))?;
+        let e = pool.install(|| {
+            pmad::daemon::emit::emit(
+                &w,
+                0,
+                &cfg.recipes[0],
+                &OutDir::new(&cfg.recipes[0].out_dir),
+                &paths,
+                &progress,
+                &cancel,
+            )
+        })?;
         let emit = t2.elapsed();
         let wf = out.join("write-floor.bin");
         let t3 = Instant::now();
@@ -196,7 +205,7 @@ out_dir = {ema:?}
         x.as_secs_f64(),
         e.as_secs_f64() / x.as_secs_f64(),
         upd.len(),
-        pmad::telemetry::bytes(w.acc.as_ref().map(|a| a.raw().len() as u64).unwrap_or(0)),
+        pmad::obs::log::bytes(w.acc().map(|a| a.raw().len() as u64).unwrap_or(0)),
     );
     let _ = std::fs::remove_dir_all(&out);
     Ok(())

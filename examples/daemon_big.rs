@@ -27,8 +27,8 @@
 //! kernel writes back and drops under pressure, unlike anonymous memory) and VmHWM.
 
 use pmad::config::Config;
-use pmad::engine::Progress;
-use pmad::window::Window;
+use pmad::daemon::window::Window;
+use pmad::output::{OutDir, Progress};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -138,7 +138,7 @@ keep = 1
         if cold { "cold" } else { "as found" }
     );
     let mut sd = if snapshot {
-        Some(pmad::state::StateDir::open(&state_dir)?)
+        Some(pmad::daemon::state::StateDir::open(&state_dir)?)
     } else {
         None
     };
@@ -157,7 +157,7 @@ keep = 1
         if cold {
             evict(d);
         }
-        let c = Arc::new(pmad::checkpoint::Checkpoint::open(d)?);
+        let c = Arc::new(pmad::format::Checkpoint::open(d)?);
         paths.insert(step, d.clone());
         let t0 = Instant::now();
         let rep = pool.install(|| w.arrive(step, c))?;
@@ -176,12 +176,12 @@ keep = 1
         } else {
             fills.push((dt, rep.bytes_read));
         }
-        let save = match (&mut sd, &mut w.acc) {
+        let save = match (&mut sd, w.acc()) {
             (Some(sd), Some(acc)) => {
-                let m = pmad::state::Manifest {
-                    format: pmad::state::FORMAT,
+                let m = pmad::daemon::state::Manifest {
+                    format: pmad::daemon::state::FORMAT,
                     generation: 0,
-                    accumulator: "f32".into(),
+                    accumulator: w.accumulator(),
                     recipes_signature: String::new(),
                     layout: acc.layout().clone(),
                     window: Vec::new(),
@@ -190,9 +190,9 @@ keep = 1
                     paths: Vec::new(),
                 };
                 let t = Instant::now();
-                sd.save(m, Some(pmad::state::AccBytes::of(acc.as_ref())))?;
+                sd.save(m, Some(pmad::daemon::state::AccBytes::of(acc)))?;
                 // As `pmad run` does: the store keeps the generation the manifest names.
-                acc.persisted(sd.generation());
+                w.persisted(sd.generation());
                 let s = t.elapsed().as_secs_f64();
                 snaps.push(s);
                 s
@@ -223,16 +223,22 @@ keep = 1
             v.len()
         );
     }
-    let acc_file = w
-        .acc
-        .as_ref()
-        .and_then(|a| a.file().map(|(_, p)| p.to_path_buf()));
-    let acc_bytes = w.acc.as_ref().map(|a| a.raw().len() as u64).unwrap_or(0);
+    let acc_file = w.acc().and_then(|a| a.file().map(|(_, p)| p.to_path_buf()));
+    let acc_bytes = w.acc().map(|a| a.raw().len() as u64).unwrap_or(0);
     let progress = Progress::default();
     let cancel = AtomicBool::new(false);
     let t2 = Instant::now();
-    let e =
-        pool.install(|| pmad::emit::emit(&w, 0, &paths, w.accumulator(), &progress, &cancel))?;
+    let e = pool.install(|| {
+        pmad::daemon::emit::emit(
+            &w,
+            0,
+            &cfg.recipes[0],
+            &OutDir::new(&cfg.recipes[0].out_dir),
+            &paths,
+            &progress,
+            &cancel,
+        )
+    })?;
     let emit = t2.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
@@ -287,8 +293,8 @@ keep = 1
         let _ = std::fs::remove_dir_all(&out);
     }
     drop(sd);
-    for g in pmad::accum::generations(&state_dir) {
-        let _ = std::fs::remove_file(pmad::accum::generation_path(&state_dir, g));
+    for g in pmad::math::accum::generations(&state_dir) {
+        let _ = std::fs::remove_file(pmad::math::accum::generation_path(&state_dir, g));
     }
     let _ = std::fs::remove_file(state_dir.join("manifest.json"));
     Ok(())

@@ -11,7 +11,7 @@
 //! file the reference accepts and pmad refuses is a finding.
 #![allow(dead_code)]
 
-use pmad::header::{
+use pmad::format::safetensors::header::{
     build_header, byte_size, check_plain_name, parse_header, parse_index, reference_check, Header,
     HeaderError,
 };
@@ -319,7 +319,7 @@ pub fn check_build_header(bytes: &[u8]) {
     let mut c = Choices(bytes);
     let mut spec = Vec::new();
     for i in 0..c.below(12) {
-        let Some(dtype) = pmad::header::parse_dtype(c.pick(DTYPES)) else {
+        let Some(dtype) = pmad::format::safetensors::header::parse_dtype(c.pick(DTYPES)) else {
             continue;
         };
         let shape: Vec<usize> = (0..c.below(4)).map(|_| DIMS[c.below(DIMS.len())]).collect();
@@ -470,7 +470,7 @@ pub fn gen_header_json(bytes: &[u8]) -> Vec<u8> {
         let name = c.pick(NAMES);
         let dtype = c.pick(DTYPES);
         let shape: Vec<usize> = (0..c.below(4)).map(|_| DIMS[c.below(DIMS.len())]).collect();
-        let size = pmad::header::parse_dtype(dtype)
+        let size = pmad::format::safetensors::header::parse_dtype(dtype)
             .and_then(|d| byte_size(d, &shape))
             .unwrap_or(c.below(9));
         let (mut b, mut e) = (pos, pos.saturating_add(size));

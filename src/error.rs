@@ -1,9 +1,12 @@
-//! Library error type.
+//! The library's one error type.
 //!
-//! Every variant carries the path (and where it applies the tensor) it happened on, so the
-//! message printed at the edge names what the user has to look at. Variants are grouped by what
-//! the caller should do: [`Error::NotReady`] means "not finished yet, look again later";
-//! everything else about an input means "this input is bad, reject it and say why".
+//! Every variant carries the path (and where it applies the tensor or setting) it happened on,
+//! so the message printed at the edge names what the user has to look at; [`Error::reason`]
+//! gives the short stable name logs and metrics carry. Variants are grouped by what the caller
+//! should do: [`Error::NotReady`] means "not finished yet, look again later"; everything else
+//! about an input means "this input is bad, reject it and say why"; [`Error::Usage`] and
+//! [`Error::Config`] are the user's to fix (exit code 2); [`Error::Internal`] is a bug in pmad.
+//! The binary wraps these in `anyhow` only at its edge.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -53,7 +56,7 @@ pub enum Error {
     /// NaN or Inf found in an input (refused unless explicitly allowed).
     #[error(
         "{path}: tensor {tensor}: {count} non-finite value(s) (NaN/Inf) in the inputs{more}; \
-         pass --allow-nonfinite to merge anyway"
+         set {allow} to merge anyway"
     )]
     NonFinite {
         /// The first checkpoint file in which a non-finite value was found.
@@ -64,6 +67,10 @@ pub enum Error {
         count: u64,
         /// Extra text naming the other tensors affected, if any.
         more: String,
+        /// The setting that allows merging them, as spelt where the merge was asked for
+        /// (`--allow-nonfinite` on the command line, `watch.allow_nonfinite = true` in the
+        /// daemon's config).
+        allow: &'static str,
     },
     /// A tensor whose dtype pmad cannot average.
     #[error("{path}: tensor {tensor}: dtype {dtype} cannot be averaged: {hint}")]
@@ -85,9 +92,20 @@ pub enum Error {
         /// Which fingerprint field differs.
         detail: String,
     },
-    /// Invalid usage or configuration; exit code 2.
+    /// Invalid usage of a command; exit code 2.
     #[error("{0}")]
     Usage(String),
+    /// An invalid configuration file; exit code 2.
+    #[error("{}{detail}", file.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default())]
+    Config {
+        /// The config file, when the text came from one.
+        file: Option<PathBuf>,
+        /// What is wrong, starting with the key (`recipe[1].window: must be at least 1`).
+        detail: String,
+    },
+    /// A bug in pmad: an invariant that should hold did not. Never the user's input.
+    #[error("internal error (a bug in pmad): {0}")]
+    Internal(String),
     /// The operation was cancelled (shutdown).
     #[error("cancelled")]
     Cancelled,
@@ -127,6 +145,11 @@ impl Error {
         }
     }
 
+    /// Whether this is the user's to fix in how pmad was called or configured (exit code 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::Usage(_) | Error::Config { .. })
+    }
+
     /// A short stable machine-readable reason, used as the `reason` log field and metric label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -139,6 +162,8 @@ impl Error {
             Error::Unsupported { .. } => "unsupported_dtype",
             Error::SourceChanged { .. } => "source_changed",
             Error::Usage(_) => "usage",
+            Error::Config { .. } => "config",
+            Error::Internal(_) => "internal",
             Error::Cancelled => "cancelled",
         }
     }

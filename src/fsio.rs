@@ -5,13 +5,14 @@
 //! dirty pages and cleared the error; retrying would report success for lost data), so callers
 //! abandon the output instead.
 //!
-//! Fault injection for the fault tests (reliability.md T2): when the environment variable
+//! Fault injection for the fault tests (docs/reliability.md, T2): when the environment variable
 //! `PMAD_FAULT` is set to `OP:N` (OP one of `create`, `write`, `fsync`, `rename`, `mkdir`), the
 //! N-th call (1-based) of that operation in this process fails with EIO; `OP:N:TEXT` counts
 //! only calls on paths containing TEXT (e.g. `create:1:acc-` fails the first accumulator
 //! snapshot). It is read once at start; unset in production, the cost is one check per call.
 
 use crate::error::{Error, IoContext, Result};
+use crate::names::named_enum;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,30 +20,23 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-/// The kinds of operation a fault can be injected into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// Creating a file.
-    Create,
-    /// Writing bytes.
-    Write,
-    /// fsync of a file or directory.
-    Fsync,
-    /// rename.
-    Rename,
-    /// Creating a directory.
-    Mkdir,
+named_enum! {
+    /// The kinds of operation a fault can be injected into.
+    pub enum Op {
+        /// Creating a file.
+        Create = "create",
+        /// Writing bytes.
+        Write = "write",
+        /// fsync of a file or directory.
+        Fsync = "fsync",
+        /// rename.
+        Rename = "rename",
+        /// Creating a directory.
+        Mkdir = "mkdir",
+    }
 }
 
-const OPS: [(&str, Op); 5] = [
-    ("create", Op::Create),
-    ("write", Op::Write),
-    ("fsync", Op::Fsync),
-    ("rename", Op::Rename),
-    ("mkdir", Op::Mkdir),
-];
-
-static COUNTERS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static COUNTERS: [AtomicU64; Op::ALL.len()] = [const { AtomicU64::new(0) }; Op::ALL.len()];
 
 struct Plan {
     op: Op,
@@ -57,7 +51,7 @@ fn plan() -> Option<&'static Plan> {
         let v = std::env::var("PMAD_FAULT").ok()?;
         let mut it = v.splitn(3, ':');
         let op = it.next()?;
-        let op = OPS.iter().find(|(name, _)| *name == op)?.1;
+        let op = Op::from_name(op)?;
         let n = it.next()?.parse().ok()?;
         let filter = it.next().unwrap_or_default().to_string();
         Some(Plan { op, n, filter })
@@ -71,7 +65,7 @@ fn gate(op: Op, path: &Path) -> io::Result<()> {
     if p.op != op || !path.to_string_lossy().contains(p.filter.as_str()) {
         return Ok(());
     }
-    let i = OPS.iter().position(|(_, o)| *o == op).unwrap_or(0);
+    let i = Op::ALL.iter().position(|(o, _)| *o == op).unwrap_or(0);
     let n = COUNTERS[i].fetch_add(1, Ordering::Relaxed) + 1;
     if n == p.n {
         return Err(io::Error::from_raw_os_error(5));

@@ -1,35 +1,31 @@
 //! pmad: Pre-trained Model Averaging as a daemon.
 //!
-//! The library holds all logic; `src/main.rs` only parses arguments, sets up logging and
-//! signals, and calls in. Pipeline stages, one module each:
-//! - [`header`]: safetensors header and HF index validation over plain bytes (fuzzable).
-//! - [`checkpoint`]: open a checkpoint: validated, pinned, mapped files and a tensor catalog.
-//! - [`merge`]: the math: weights per method and the decode/accumulate/encode kernels.
-//! - [`engine`]: the chunked parallel pipeline with bounded memory, and one-shot merges.
-//! - [`publish`]: output plan, streaming safetensors writer, durable atomic publish.
-//! - [`fsio`]: every durable filesystem step (and the fault-injection hook for tests).
-//! - [`inspect`]: the `pmad inspect` report.
+//! The library holds all logic; the `pmad` binary (`src/main.rs`, `src/cmd/`) only parses
+//! arguments, sets up logging and signals, and calls in. The layers, in pipeline order (each
+//! depends only on the ones before it; docs/architecture.md is the map):
+//!
+//! ```text
+//! format ─▶ math ─▶ output ─▶ daemon
+//!  read      average  write     watch, decide, keep up to date, publish on schedule
+//! ```
+//! - [`format`]: checkpoint formats on disk → validated, pinned checkpoints.
+//! - [`math`]: kinds, weights, kernels, running sums.
+//! - [`output`]: output plan, the streaming writer, atomic publish, output directories.
+//! - [`daemon`]: `pmad run`: discovery, gate, selection, window, schedule, state, resume.
+//! - [`obs`]: logs, metrics, the HTTP endpoints.
+//! - [`config`]: the daemon's TOML configuration, resolved and validated.
+//! - [`error`], [`fsio`] (every durable file-system step, with fault injection), [`sys`]
+//!   (facts about the machine), [`names`] (one name table per closed set of names).
 
-pub mod accum;
-pub mod checkpoint;
 pub mod config;
 pub mod daemon;
-pub mod demo;
-pub mod emit;
-pub mod engine;
 pub mod error;
+pub mod format;
 pub mod fsio;
-pub mod header;
-pub mod inspect;
-pub mod merge;
-pub mod metrics;
-pub mod publish;
-pub mod select;
-pub mod server;
-pub mod sigbus;
-pub mod state;
-pub mod telemetry;
-pub mod watch;
-pub mod window;
+pub mod math;
+pub mod names;
+pub mod obs;
+pub mod output;
+pub mod sys;
 
 pub use error::{Error, Result};

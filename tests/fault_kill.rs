@@ -821,7 +821,7 @@ fn kill_loop(state_extra: &str, want_kills: u32) {
             .or_default() += 1;
         // In a save: a snapshot .tmp (RAM store), or a generation being written (file-backed:
         // more generation files than the persisted one and the current one).
-        if !state_tmps(&state).is_empty() || pmad::accum::generations(&state).len() > 2 {
+        if !state_tmps(&state).is_empty() || pmad::math::accum::generations(&state).len() > 2 {
             in_save += 1;
         }
         let started = evs.iter().any(|e| is(e, "daemon.started"));

@@ -9,7 +9,7 @@
 #[path = "../fuzz/checks.rs"]
 mod checks;
 
-use pmad::header::build_header;
+use pmad::format::safetensors::header::build_header;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Fuzz target `header`: safetensors header validation (`pmad::header::parse_header`) against
+//! Fuzz target `header`: safetensors header validation (`pmad::format::safetensors::header::parse_header`) against
 //! the reference crate. The checks live in `fuzz/checks.rs`, shared with `tests/fuzz_corpus.rs`.
 #![no_main]
 

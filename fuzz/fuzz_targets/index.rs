@@ -1,4 +1,4 @@
-//! Fuzz target `index`: HF index parsing (`pmad::header::parse_index`) and shard-name
+//! Fuzz target `index`: HF index parsing (`pmad::format::safetensors::header::parse_index`) and shard-name
 //! confinement. The checks live in `fuzz/checks.rs`, shared with `tests/fuzz_corpus.rs`.
 #![no_main]
 

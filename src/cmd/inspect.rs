@@ -1,0 +1,162 @@
+//! `pmad inspect`: a checkpoint's tensor table, totals and validity verdict.
+
+use pmad::format::safetensors::header::dtype_name;
+use pmad::format::Checkpoint;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// `pmad inspect` arguments.
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// Checkpoint directory or .safetensors file.
+    checkpoint: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Print the report; returns whether the checkpoint is valid.
+pub fn run(args: InspectArgs) -> anyhow::Result<bool> {
+    let i = inspect(&args.checkpoint);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&i)?);
+    } else {
+        print!("{}", render(&i));
+    }
+    Ok(i.valid)
+}
+
+/// Result of inspecting a checkpoint.
+#[derive(Debug, serde::Serialize)]
+pub struct Inspection {
+    /// The path inspected.
+    pub path: String,
+    /// Whether every check passed.
+    pub valid: bool,
+    /// The first problem found (file, tensor and offset where known).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Step parsed from the name, if any.
+    pub step: Option<u64>,
+    /// Weight files.
+    pub files: Vec<String>,
+    /// Tensors, sorted by name.
+    pub tensors: Vec<TensorRow>,
+    /// Number of tensors.
+    pub total_tensors: usize,
+    /// Number of elements.
+    pub total_elements: u64,
+    /// Tensor data bytes.
+    pub total_bytes: u64,
+}
+
+/// One row of the table.
+#[derive(Debug, serde::Serialize)]
+pub struct TensorRow {
+    /// Name.
+    pub name: String,
+    /// Dtype as in the header.
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Data bytes.
+    pub bytes: u64,
+    /// File holding it.
+    pub file: String,
+}
+
+/// Inspect `path`.
+pub fn inspect(path: &Path) -> Inspection {
+    match Checkpoint::open(path) {
+        Ok(c) => {
+            let tensors: Vec<TensorRow> = c
+                .tensors
+                .iter()
+                .map(|t| TensorRow {
+                    name: t.name.clone(),
+                    dtype: dtype_name(t.dtype),
+                    shape: t.shape.clone(),
+                    bytes: t.range.len() as u64,
+                    file: c.files[t.file]
+                        .path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            Inspection {
+                path: path.display().to_string(),
+                valid: true,
+                error: None,
+                step: c.step,
+                files: c
+                    .files
+                    .iter()
+                    .map(|f| f.path.display().to_string())
+                    .collect(),
+                total_tensors: tensors.len(),
+                total_elements: c.tensors.iter().map(|t| t.elements() as u64).sum(),
+                total_bytes: c.data_bytes(),
+                tensors,
+            }
+        }
+        Err(e) => Inspection {
+            path: path.display().to_string(),
+            valid: false,
+            error: Some(e.to_string()),
+            step: None,
+            files: Vec::new(),
+            tensors: Vec::new(),
+            total_tensors: 0,
+            total_elements: 0,
+            total_bytes: 0,
+        },
+    }
+}
+
+/// Render as a text table for people.
+pub fn render(i: &Inspection) -> String {
+    let mut s = String::new();
+    if !i.tensors.is_empty() {
+        let w = i
+            .tensors
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            s,
+            "{:<w$}  {:<8}  {:<20}  {:>14}",
+            "name", "dtype", "shape", "bytes"
+        );
+        for t in &i.tensors {
+            let _ = writeln!(
+                s,
+                "{:<w$}  {:<8}  {:<20}  {:>14}",
+                t.name,
+                t.dtype,
+                format!("{:?}", t.shape),
+                t.bytes
+            );
+        }
+        let _ = writeln!(
+            s,
+            "total: {} tensors, {} elements, {} bytes ({}) in {} file(s)",
+            i.total_tensors,
+            i.total_elements,
+            i.total_bytes,
+            bytesize::ByteSize(i.total_bytes).display().si(),
+            i.files.len()
+        );
+    }
+    match &i.error {
+        None => {
+            let _ = writeln!(s, "verdict: valid");
+        }
+        Some(e) => {
+            let _ = writeln!(s, "verdict: INVALID: {e}");
+        }
+    }
+    s
+}

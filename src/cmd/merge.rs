@@ -1,0 +1,167 @@
+//! `pmad merge`: a one-shot merge of checkpoints given oldest first, with a progress bar on a
+//! terminal.
+
+use anyhow::Context;
+use pmad::math::{Accumulator, Method, MethodKind, OutDtype};
+use pmad::output::oneshot::{self, MergeSpec};
+use pmad::output::Progress;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `pmad merge` arguments.
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    /// Averaging method.
+    #[arg(long, value_enum)]
+    method: MethodKind,
+    /// EMA weight of the newest checkpoint (method ema), in (0, 1].
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Comma-separated weights, oldest first (method weights); renormalised to sum to 1.
+    #[arg(long, value_delimiter = ',')]
+    weights: Option<Vec<f64>>,
+    /// Output dtype of float tensors.
+    #[arg(long, value_enum, default_value_t = OutDtype::Source)]
+    dtype: OutDtype,
+    /// Accumulator precision.
+    #[arg(long, value_enum, default_value_t = Accumulator::F32)]
+    accumulator: Accumulator,
+    /// Maximum size of one output shard (e.g. 5GB, 500MiB).
+    #[arg(long, default_value = "5GB")]
+    shard_size: String,
+    /// Output directory (must not exist unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an existing output directory (atomically).
+    #[arg(long)]
+    force: bool,
+    /// Merge even if inputs contain NaN or Inf.
+    #[arg(long)]
+    allow_nonfinite: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Output bytes per unit of work (peak RSS is about threads x this x (inputs + 4)).
+    #[arg(long, default_value = "4MiB", hide = true)]
+    chunk_size: String,
+    /// Checkpoints (directories or .safetensors files), oldest first.
+    #[arg(required = true, num_args = 1..)]
+    checkpoints: Vec<PathBuf>,
+}
+
+/// A size like `5GB` or `512MiB` given for option `key`.
+fn parse_size(key: &str, s: &str) -> Result<u64, pmad::Error> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .ok()
+        .filter(|b| *b > 0)
+        .ok_or_else(|| pmad::Error::Usage(format!("{key}: {s:?} is not a size like 5GB or 512MiB")))
+}
+
+/// Merge the checkpoints and print a one-line summary.
+pub fn run(args: MergeArgs) -> anyhow::Result<()> {
+    let method = match args.method {
+        MethodKind::Sma => Method::Sma,
+        MethodKind::Wma => Method::Wma,
+        MethodKind::Ema => Method::Ema {
+            alpha: args
+                .alpha
+                .ok_or_else(|| pmad::Error::Usage("--method ema needs --alpha".into()))?,
+        },
+        MethodKind::Weights => Method::Weights(
+            args.weights
+                .clone()
+                .ok_or_else(|| pmad::Error::Usage("--method weights needs --weights".into()))?,
+        ),
+    };
+    if args.alpha.is_some() && !matches!(method, Method::Ema { .. }) {
+        return Err(pmad::Error::Usage("--alpha is only used with --method ema".into()).into());
+    }
+    if args.weights.is_some() && !matches!(method, Method::Weights(_)) {
+        return Err(
+            pmad::Error::Usage("--weights is only used with --method weights".into()).into(),
+        );
+    }
+    let spec = MergeSpec {
+        method,
+        dtype: args.dtype,
+        accumulator: args.accumulator,
+        shard_size: parse_size("--shard-size", &args.shard_size)?,
+        allow_nonfinite: args.allow_nonfinite,
+        chunk_bytes: parse_size("--chunk-size", &args.chunk_size)? as usize,
+    };
+    let mut pool = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = args.threads {
+        if t == 0 {
+            return Err(pmad::Error::Usage("--threads must be at least 1".into()).into());
+        }
+        pool = pool.num_threads(t);
+    }
+    let pool = pool.build().context("cannot start worker threads")?;
+    let progress = Arc::new(Progress::default());
+    let cancel = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let (p, d) = (progress.clone(), done.clone());
+        std::thread::spawn(move || draw_progress(&p, &d))
+    });
+    let result = pool.install(|| {
+        oneshot::merge_checkpoints(
+            &args.checkpoints,
+            &spec,
+            &args.out,
+            args.force,
+            &progress,
+            &cancel,
+        )
+    });
+    done.store(true, Ordering::Relaxed);
+    if let Some(b) = bar {
+        let _ = b.join();
+    }
+    let s = result?;
+    let secs = s.duration.as_secs_f64().max(1e-9);
+    println!(
+        "merged {} checkpoints ({}) -> {}: {} tensors, {} shard(s), {} in {:.2}s ({}/s read){}",
+        args.checkpoints.len(),
+        spec.method.name(),
+        s.out.display(),
+        s.tensors,
+        s.shards,
+        bytesize::ByteSize(s.bytes_written).display().si(),
+        secs,
+        bytesize::ByteSize((s.bytes_read as f64 / secs) as u64)
+            .display()
+            .si(),
+        if s.nonfinite > 0 {
+            format!(
+                "; {} non-finite input values merged (--allow-nonfinite)",
+                s.nonfinite
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// Progress bar on stderr (only started when stderr is a terminal).
+fn draw_progress(p: &Progress, done: &AtomicBool) {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    while !done.load(Ordering::Relaxed) {
+        bar.set_length(p.total.load(Ordering::Relaxed));
+        bar.set_position(p.written.load(Ordering::Relaxed));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bar.finish_and_clear();
+}

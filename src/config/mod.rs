@@ -1,0 +1,356 @@
+//! The daemon's configuration: a TOML file resolved into a validated [`Config`] that the rest
+//! of the daemon trusts.
+//!
+//! - this module: the resolved types and their loading;
+//! - [`raw`]: the serde structs (unknown keys refused) and the resolution rules, the single
+//!   source of every default and check;
+//! - [`describe`]: the resolved settings as `pmad check-config` prints them.
+//!
+//! Every error names the key (`recipe[1].window`) and the bad value. Durations are human units
+//! ("10s", "30m"), sizes too ("5GB", "512MiB"). Names (layouts, methods, dtypes, ...) are
+//! parsed here, once, through their kinds' name tables. The documented example is
+//! `config/pmad.toml`; the reference is docs/configuration.md.
+
+mod describe;
+mod raw;
+
+use crate::error::{Error, Result};
+use crate::math::kinds::{Accumulator, OutDtype};
+use crate::math::Method;
+use crate::names::named_enum;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+named_enum! {
+    /// Checkpoint directory naming and completion conventions.
+    pub enum Layout {
+        /// HF Trainer: `checkpoint-N/`, complete when `trainer_state.json` exists.
+        Hf = "hf",
+        /// Megatron-LM: `iter_NNNNNNN/`, complete when `latest_checkpointed_iteration.txt` in
+        /// the watched directory names N or later.
+        Megatron = "megatron",
+        /// DeepSpeed: `global_stepN/`, complete when the `latest` file names it or a later
+        /// step.
+        Deepspeed = "deepspeed",
+        /// Pattern and marker given explicitly.
+        Custom = "custom",
+    }
+}
+
+/// How a checkpoint signals that it is complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Marker {
+    /// No marker: validation and quiescence alone.
+    None,
+    /// A file inside the checkpoint directory that must exist and be non-empty (and parse, if
+    /// it is JSON).
+    InDir(String),
+    /// A tracker file in the watched directory naming the newest complete step (or a tag that
+    /// ends in it); checkpoints at or below that step are complete.
+    Tracker(String),
+}
+
+/// Where the step number sits in a checkpoint directory name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    /// Text before `{step}`.
+    pub prefix: String,
+    /// Text after `{step}`.
+    pub suffix: String,
+}
+
+impl Pattern {
+    /// Parse `prefix{step}suffix`.
+    pub fn parse(s: &str) -> Result<Pattern, String> {
+        let (prefix, suffix) = s
+            .split_once("{step}")
+            .ok_or_else(|| format!("{s:?} must contain {{step}}"))?;
+        if suffix.contains("{step}") || s.contains('/') {
+            return Err(format!(
+                "{s:?} must contain {{step}} once and name a directory directly inside watch.dir"
+            ));
+        }
+        Ok(Pattern {
+            prefix: prefix.into(),
+            suffix: suffix.into(),
+        })
+    }
+
+    /// The step of a directory name matching the pattern.
+    pub fn step(&self, name: &str) -> Option<u64> {
+        let mid = name
+            .strip_prefix(&self.prefix)?
+            .strip_suffix(&self.suffix)?;
+        if mid.is_empty() || !mid.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        mid.parse().ok()
+    }
+}
+
+named_enum! {
+    /// How checkpoints are discovered.
+    pub enum WatchMode {
+        /// inotify plus periodic scans, except on network filesystems where it only polls.
+        Auto = "auto",
+        /// inotify plus periodic scans.
+        Inotify = "inotify",
+        /// Periodic scans only.
+        Poll = "poll",
+    }
+}
+
+/// `[watch]`, resolved.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// The training output directory.
+    pub dir: PathBuf,
+    /// Naming convention.
+    pub layout: Layout,
+    /// Directory name pattern.
+    pub pattern: Pattern,
+    /// Completion marker.
+    pub marker: Marker,
+    /// Discovery mode.
+    pub mode: WatchMode,
+    /// Full scan period (always on).
+    pub poll_interval: Duration,
+    /// Files must be unchanged this long.
+    pub settle: Duration,
+    /// Accept checkpoints with NaN/Inf values.
+    pub allow_nonfinite: bool,
+}
+
+/// `[phase]`, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PhaseConfig {
+    /// First step that counts.
+    pub start_step: u64,
+    /// Last step that counts (0 = open-ended).
+    pub end_step: u64,
+    /// Accept only checkpoints on the LR plateau (HF trainer_state.json).
+    pub lr_from_trainer_state: bool,
+    /// Relative tolerance for "on the plateau".
+    pub lr_tolerance: f64,
+    /// Minimum steps between accepted checkpoints.
+    pub interval_steps: u64,
+}
+
+/// `[state]`, resolved.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// Persistent state directory (None = no persistence).
+    pub dir: Option<PathBuf>,
+    /// Accumulator precision.
+    pub accumulator: Accumulator,
+    /// Bytes of accumulators kept in RAM; beyond it they live in files under `dir`.
+    pub memory_budget: u64,
+    /// Whether `memory_budget` was derived automatically.
+    pub memory_budget_auto: bool,
+}
+
+/// One `[[recipe]]`, resolved.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// Unique name (used in logs, metrics and paths).
+    pub name: String,
+    /// Weighting.
+    pub method: Method,
+    /// N (1 for ema, which runs over every accepted checkpoint).
+    pub window: usize,
+    /// Publish after every k-th accepted checkpoint (0 = only by interval).
+    pub emit_every: u64,
+    /// Publish at most this often (None = no time limit).
+    pub emit_interval: Option<Duration>,
+    /// Where outputs go.
+    pub out_dir: PathBuf,
+    /// Output dtype.
+    pub dtype: OutDtype,
+    /// Maximum shard size in bytes.
+    pub shard_size: u64,
+    /// Outputs retained (0 = all).
+    pub keep: usize,
+    /// Command run after publishing, with {path} {step} {recipe} substituted.
+    pub on_emit: Vec<String>,
+    /// Time limit for `on_emit`.
+    pub on_emit_timeout: Duration,
+}
+
+named_enum! {
+    /// Log output format.
+    pub enum LogFormat {
+        /// One readable line per event.
+        Text = "text",
+        /// JSON lines.
+        Json = "json",
+    }
+}
+
+/// The whole resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[watch]`.
+    pub watch: WatchConfig,
+    /// `[phase]`.
+    pub phase: PhaseConfig,
+    /// `[state]`.
+    pub state: StateConfig,
+    /// `[[recipe]]`s.
+    pub recipes: Vec<Recipe>,
+    /// `[server] listen` (None = off).
+    pub listen: Option<SocketAddr>,
+    /// `[log] format`.
+    pub log_format: LogFormat,
+    /// `[log] level` (an EnvFilter directive).
+    pub log_level: String,
+    /// `[daemon] shutdown_grace`: how long an in-flight emission may finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// `[daemon] progress_interval`: how often long emissions log progress.
+    pub progress_interval: Duration,
+}
+
+impl Config {
+    /// Read and resolve a config file; errors name the file and the key.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            file: Some(path.to_path_buf()),
+            detail: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            Error::Config { detail, .. } => Error::Config {
+                file: Some(path.to_path_buf()),
+                detail,
+            },
+            other => other,
+        })
+    }
+
+    /// Parse and resolve config text.
+    pub fn parse(text: &str) -> Result<Config> {
+        raw::parse(text).map_err(|detail| Error::Config { file: None, detail })
+    }
+
+    /// The largest window over recipes (how many checkpoints stay pinned).
+    pub fn window_capacity(&self) -> usize {
+        self.recipes.iter().map(|r| r.window).max().unwrap_or(1)
+    }
+
+    /// The directories pmad itself writes (outputs, state): never scanned as checkpoints.
+    pub fn own_dirs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.recipes.iter().map(|r| r.out_dir.clone()).collect();
+        v.extend(self.state.dir.clone());
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+        [watch]
+        dir = "/ckpt"
+        [[recipe]]
+        name = "sma10"
+        method = "sma"
+        out_dir = "/out/sma10"
+    "#;
+
+    #[test]
+    fn defaults_resolve() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.watch.layout, Layout::Hf);
+        assert_eq!(c.watch.pattern.step("checkpoint-1200"), Some(1200));
+        assert_eq!(c.watch.pattern.step("checkpoint-12a"), None);
+        assert_eq!(c.watch.pattern.step("tmp-checkpoint-12"), None);
+        assert_eq!(c.watch.marker, Marker::InDir("trainer_state.json".into()));
+        assert_eq!(c.watch.poll_interval, Duration::from_secs(10));
+        assert_eq!(c.recipes[0].window, 10);
+        assert_eq!(c.recipes[0].keep, 3);
+        assert_eq!(c.recipes[0].shard_size, 5_000_000_000);
+        assert_eq!(c.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(c.describe().contains("sma10"));
+    }
+
+    #[test]
+    fn layouts_set_pattern_and_marker() {
+        let c =
+            Config::parse(&MIN.replace("dir = \"/ckpt\"", "dir = \"/c\"\nlayout = \"megatron\""))
+                .unwrap();
+        assert_eq!(c.watch.pattern.step("iter_0001000"), Some(1000));
+        assert_eq!(
+            c.watch.marker,
+            Marker::Tracker("latest_checkpointed_iteration.txt".into())
+        );
+        let c =
+            Config::parse(&MIN.replace("dir = \"/ckpt\"", "dir = \"/c\"\nlayout = \"deepspeed\""))
+                .unwrap();
+        assert_eq!(c.watch.pattern.step("global_step300"), Some(300));
+    }
+
+    fn bad(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_key_and_value() {
+        let e = bad(&format!("{MIN}\n[log]\nformat = \"xml\""));
+        assert!(e.contains("log.format") && e.contains("xml"), "{e}");
+        let e = bad(&MIN.replace("method = \"sma\"", "method = \"sma\"\nwindow = 0"));
+        assert!(e.contains("recipe[0].window"), "{e}");
+        let e = bad(&MIN.replace("[watch]", "[watch]\nsettle = \"5 parsecs\""));
+        assert!(e.contains("watch.settle") && e.contains("parsecs"), "{e}");
+        let e = bad(&MIN.replace("[watch]", "[watch]\nbogus = 1"));
+        assert!(e.contains("bogus"), "{e}");
+        let e = bad(&MIN.replace("method = \"sma\"", "method = \"ema\""));
+        assert!(e.contains("recipe[0].alpha"), "{e}");
+        let e = bad(&MIN.replace("method = \"sma\"", "method = \"ema\"\nalpha = 1.5"));
+        assert!(e.contains("recipe[0].alpha") && e.contains("1.5"), "{e}");
+        let e = bad(&MIN.replace(
+            "method = \"sma\"",
+            "method = \"sma\"\nshard_size = \"lots\"",
+        ));
+        assert!(
+            e.contains("recipe[0].shard_size") && e.contains("lots"),
+            "{e}"
+        );
+        let e = bad(&format!("{MIN}\n[server]\nlisten = \"nowhere\""));
+        assert!(e.contains("server.listen") && e.contains("nowhere"), "{e}");
+        let e = bad(&format!("{MIN}\n[state]\nmemory_budget = \"-1\""));
+        assert!(e.contains("state.memory_budget"), "{e}");
+        let e = bad(&MIN.replace("/out/sma10", "/ckpt"));
+        assert!(e.contains("recipe[0].out_dir"), "{e}");
+        let e = bad("[watch]\ndir = \"/c\"\n");
+        assert!(e.contains("recipe"), "{e}");
+        let e = bad(&MIN.replace("[watch]", "[watch]\nlayout = \"custom\""));
+        assert!(e.contains("watch.pattern"), "{e}");
+    }
+
+    #[test]
+    fn recipes_resolve_methods() {
+        let text = format!(
+            "{MIN}\n[[recipe]]\nname = \"ema\"\nmethod = \"ema\"\nalpha = 0.2\nout_dir = \"/out/ema\"\nemit_interval = \"30m\"\n\
+             [[recipe]]\nname = \"w\"\nmethod = \"weights\"\nweights = [1, 2, 3]\nout_dir = \"/out/w\"\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.recipes[1].window, 1);
+        assert_eq!(c.recipes[1].emit_interval, Some(Duration::from_secs(1800)));
+        assert_eq!(c.recipes[2].window, 3);
+        assert_eq!(c.window_capacity(), 10);
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().and_then(|x| x.to_str()) == Some("toml") {
+                Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 3);
+    }
+}

@@ -1,0 +1,495 @@
+//! The config file as written (serde structs; unknown keys refused) and its resolution into
+//! the validated types of [`super`]. Every default and every check lives here, once.
+
+use super::{
+    Config, Layout, LogFormat, Marker, Pattern, PhaseConfig, Recipe, StateConfig, WatchConfig,
+    WatchMode,
+};
+use crate::math::kinds::{Accumulator, OutDtype};
+use crate::math::{Method, MethodKind};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// `key: message`, the form of every config error.
+fn err(key: &str, msg: impl std::fmt::Display) -> String {
+    format!("{key}: {msg}")
+}
+
+/// Parse a name through its kind's table; the error names the key and the accepted names.
+fn named<T: FromStr<Err = String>>(key: &str, s: &str) -> Result<T, String> {
+    s.parse().map_err(|e| err(key, e))
+}
+
+/// Parse and resolve config text.
+pub(super) fn parse(text: &str) -> Result<Config, String> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    resolve(raw)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    watch: RawWatch,
+    #[serde(default)]
+    phase: RawPhase,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default, rename = "recipe")]
+    recipes: Vec<RawRecipe>,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    daemon: RawDaemon,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    dir: PathBuf,
+    #[serde(default = "d_layout")]
+    layout: String,
+    pattern: Option<String>,
+    marker: Option<String>,
+    #[serde(default = "d_mode")]
+    mode: String,
+    #[serde(default = "d_poll")]
+    poll_interval: String,
+    #[serde(default = "d_settle")]
+    settle: String,
+    #[serde(default)]
+    allow_nonfinite: bool,
+}
+fn d_layout() -> String {
+    "hf".into()
+}
+fn d_mode() -> String {
+    "auto".into()
+}
+fn d_poll() -> String {
+    "10s".into()
+}
+fn d_settle() -> String {
+    "5s".into()
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPhase {
+    #[serde(default)]
+    start_step: u64,
+    #[serde(default)]
+    end_step: u64,
+    #[serde(default)]
+    lr_from_trainer_state: bool,
+    #[serde(default = "d_tol")]
+    lr_tolerance: f64,
+    #[serde(default)]
+    interval_steps: u64,
+}
+fn d_tol() -> f64 {
+    0.01
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    #[serde(default)]
+    dir: String,
+    #[serde(default = "d_acc")]
+    accumulator: String,
+    #[serde(default = "d_budget")]
+    memory_budget: String,
+}
+impl Default for RawState {
+    fn default() -> Self {
+        RawState {
+            dir: String::new(),
+            accumulator: d_acc(),
+            memory_budget: d_budget(),
+        }
+    }
+}
+fn d_acc() -> String {
+    "f32".into()
+}
+fn d_budget() -> String {
+    "auto".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipe {
+    name: String,
+    method: String,
+    #[serde(default = "d_window")]
+    window: usize,
+    alpha: Option<f64>,
+    #[serde(default)]
+    weights: Vec<f64>,
+    #[serde(default = "d_every")]
+    emit_every: u64,
+    #[serde(default)]
+    emit_interval: String,
+    out_dir: PathBuf,
+    #[serde(default = "d_dtype")]
+    dtype: String,
+    #[serde(default = "d_shard")]
+    shard_size: String,
+    #[serde(default = "d_keep")]
+    keep: usize,
+    #[serde(default)]
+    on_emit: Vec<String>,
+    #[serde(default = "d_on_emit_timeout")]
+    on_emit_timeout: String,
+}
+fn d_window() -> usize {
+    10
+}
+fn d_every() -> u64 {
+    1
+}
+fn d_dtype() -> String {
+    "source".into()
+}
+fn d_shard() -> String {
+    "5GB".into()
+}
+fn d_keep() -> usize {
+    3
+}
+fn d_on_emit_timeout() -> String {
+    "10m".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "d_listen")]
+    listen: String,
+}
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer { listen: d_listen() }
+    }
+}
+fn d_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default = "d_format")]
+    format: String,
+    #[serde(default = "d_level")]
+    level: String,
+}
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: d_format(),
+            level: d_level(),
+        }
+    }
+}
+fn d_format() -> String {
+    "text".into()
+}
+fn d_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    #[serde(default = "d_grace")]
+    shutdown_grace: String,
+    #[serde(default = "d_progress")]
+    progress_interval: String,
+}
+impl Default for RawDaemon {
+    fn default() -> Self {
+        RawDaemon {
+            shutdown_grace: d_grace(),
+            progress_interval: d_progress(),
+        }
+    }
+}
+fn d_grace() -> String {
+    "20s".into()
+}
+fn d_progress() -> String {
+    "10s".into()
+}
+
+fn duration(key: &str, s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        err(
+            key,
+            format!("{s:?} is not a duration like \"10s\" or \"30m\" ({e})"),
+        )
+    })
+}
+
+fn size(key: &str, s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .ok()
+        .filter(|b| *b > 0)
+        .ok_or_else(|| {
+            err(
+                key,
+                format!("{s:?} is not a size like \"5GB\" or \"512MiB\""),
+            )
+        })
+}
+
+fn resolve(raw: RawConfig) -> Result<Config, String> {
+    let w = raw.watch;
+    if w.dir.as_os_str().is_empty() {
+        return Err(err("watch.dir", "must not be empty"));
+    }
+    let layout: Layout = named("watch.layout", &w.layout)?;
+    let (def_pattern, def_marker) = match layout {
+        Layout::Hf => ("checkpoint-{step}", "trainer_state.json"),
+        Layout::Megatron => ("iter_{step}", "latest_checkpointed_iteration.txt"),
+        Layout::Deepspeed => ("global_step{step}", "latest"),
+        Layout::Custom => ("", ""),
+    };
+    let pattern_text = match (&w.pattern, layout) {
+        (Some(p), _) => p.clone(),
+        (None, Layout::Custom) => {
+            return Err(err("watch.pattern", "is required with layout = \"custom\""))
+        }
+        (None, _) => def_pattern.to_string(),
+    };
+    let pattern = Pattern::parse(&pattern_text).map_err(|e| err("watch.pattern", e))?;
+    let marker_text = w.marker.clone().unwrap_or_else(|| def_marker.to_string());
+    let marker = if marker_text.is_empty() {
+        Marker::None
+    } else if marker_text.contains('/') || marker_text == ".." {
+        return Err(err(
+            "watch.marker",
+            format!("{marker_text:?} must be a plain file name"),
+        ));
+    } else {
+        match layout {
+            Layout::Megatron | Layout::Deepspeed => Marker::Tracker(marker_text),
+            _ => Marker::InDir(marker_text),
+        }
+    };
+    let mode: WatchMode = named("watch.mode", &w.mode)?;
+    let poll_interval = duration("watch.poll_interval", &w.poll_interval)?;
+    if poll_interval < Duration::from_millis(10) {
+        return Err(err("watch.poll_interval", "must be at least 10ms"));
+    }
+    let watch = WatchConfig {
+        dir: w.dir,
+        layout,
+        pattern,
+        marker,
+        mode,
+        poll_interval,
+        settle: duration("watch.settle", &w.settle)?,
+        allow_nonfinite: w.allow_nonfinite,
+    };
+
+    let p = raw.phase;
+    if p.end_step != 0 && p.end_step < p.start_step {
+        return Err(err(
+            "phase.end_step",
+            format!("{} is before phase.start_step {}", p.end_step, p.start_step),
+        ));
+    }
+    if !(p.lr_tolerance >= 0.0 && p.lr_tolerance < 1.0) {
+        return Err(err(
+            "phase.lr_tolerance",
+            format!("{} must be in [0, 1)", p.lr_tolerance),
+        ));
+    }
+    if p.lr_from_trainer_state && layout != Layout::Hf && layout != Layout::Custom {
+        return Err(err(
+            "phase.lr_from_trainer_state",
+            "needs HF trainer_state.json (layout = \"hf\" or \"custom\")",
+        ));
+    }
+    let phase = PhaseConfig {
+        start_step: p.start_step,
+        end_step: p.end_step,
+        lr_from_trainer_state: p.lr_from_trainer_state,
+        lr_tolerance: p.lr_tolerance,
+        interval_steps: p.interval_steps,
+    };
+
+    let s = raw.state;
+    let accumulator: Accumulator = named("state.accumulator", &s.accumulator)?;
+    let (memory_budget, memory_budget_auto) = if s.memory_budget.trim() == "auto" {
+        (crate::sys::available_memory() / 2, true)
+    } else {
+        (size("state.memory_budget", &s.memory_budget)?, false)
+    };
+    let state = StateConfig {
+        dir: (!s.dir.is_empty()).then(|| PathBuf::from(&s.dir)),
+        accumulator,
+        memory_budget,
+        memory_budget_auto,
+    };
+
+    if raw.recipes.is_empty() {
+        return Err(err("recipe", "at least one [[recipe]] is required"));
+    }
+    let mut recipes = Vec::new();
+    for (i, r) in raw.recipes.into_iter().enumerate() {
+        let key = |k: &str| format!("recipe[{i}].{k}");
+        if r.name.is_empty()
+            || !r
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(err(
+                &key("name"),
+                format!("{:?} must be non-empty letters, digits, - _ .", r.name),
+            ));
+        }
+        if recipes.iter().any(|x: &Recipe| x.name == r.name) {
+            return Err(err(&key("name"), format!("{:?} is used twice", r.name)));
+        }
+        let kind: MethodKind = named(&key("method"), &r.method)?;
+        let method = match kind {
+            MethodKind::Sma => Method::Sma,
+            MethodKind::Wma => Method::Wma,
+            MethodKind::Ema => Method::Ema {
+                alpha: r
+                    .alpha
+                    .ok_or_else(|| err(&key("alpha"), "is required with method = \"ema\""))?,
+            },
+            MethodKind::Weights => Method::Weights(r.weights.clone()),
+        };
+        if r.alpha.is_some() && kind != MethodKind::Ema {
+            return Err(err(&key("alpha"), "is only used with method = \"ema\""));
+        }
+        if !r.weights.is_empty() && kind != MethodKind::Weights {
+            return Err(err(
+                &key("weights"),
+                "is only used with method = \"weights\"",
+            ));
+        }
+        let window = match &method {
+            Method::Ema { .. } => 1,
+            Method::Weights(w) => {
+                if w.is_empty() {
+                    return Err(err(
+                        &key("weights"),
+                        "is required with method = \"weights\"",
+                    ));
+                }
+                w.len()
+            }
+            _ => r.window,
+        };
+        if window == 0 {
+            return Err(err(&key("window"), "must be at least 1"));
+        }
+        method.weights(window).map_err(|e| {
+            err(
+                &key(if kind == MethodKind::Ema {
+                    "alpha"
+                } else {
+                    "weights"
+                }),
+                e,
+            )
+        })?;
+        let emit_interval = if r.emit_interval.trim().is_empty() {
+            None
+        } else {
+            Some(duration(&key("emit_interval"), &r.emit_interval)?)
+        };
+        if r.emit_every == 0 && emit_interval.is_none() {
+            return Err(err(
+                &key("emit_every"),
+                "is 0 and emit_interval is empty: this recipe would never publish",
+            ));
+        }
+        let dtype: OutDtype = named(&key("dtype"), &r.dtype)?;
+        if r.out_dir.as_os_str().is_empty() {
+            return Err(err(&key("out_dir"), "must not be empty"));
+        }
+        if r.out_dir == watch.dir {
+            return Err(err(
+                &key("out_dir"),
+                format!(
+                    "{} is watch.dir itself; give pmad its own directory",
+                    r.out_dir.display()
+                ),
+            ));
+        }
+        if recipes.iter().any(|x: &Recipe| x.out_dir == r.out_dir) {
+            return Err(err(
+                &key("out_dir"),
+                format!("{} is used by another recipe", r.out_dir.display()),
+            ));
+        }
+        recipes.push(Recipe {
+            name: r.name,
+            method,
+            window,
+            emit_every: r.emit_every,
+            emit_interval,
+            out_dir: r.out_dir,
+            dtype,
+            shard_size: size(&key("shard_size"), &r.shard_size)?,
+            keep: r.keep,
+            on_emit: r.on_emit,
+            on_emit_timeout: duration(&key("on_emit_timeout"), &r.on_emit_timeout)?,
+        });
+    }
+
+    let listen = if raw.server.listen.trim().is_empty() {
+        None
+    } else {
+        Some(
+            raw.server
+                .listen
+                .trim()
+                .parse::<SocketAddr>()
+                .map_err(|_| {
+                    err(
+                        "server.listen",
+                        format!(
+                            "{:?} is not an address like \"127.0.0.1:9464\"",
+                            raw.server.listen
+                        ),
+                    )
+                })?,
+        )
+    };
+    let log_format: LogFormat = named("log.format", &raw.log.format)?;
+    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+        return Err(err(
+            "log.level",
+            format!(
+                "{:?} is not a level (error, warn, info, debug, trace)",
+                raw.log.level
+            ),
+        ));
+    }
+    Ok(Config {
+        watch,
+        phase,
+        state,
+        recipes,
+        listen,
+        log_format,
+        log_level: raw.log.level,
+        shutdown_grace: duration("daemon.shutdown_grace", &raw.daemon.shutdown_grace)?,
+        progress_interval: duration("daemon.progress_interval", &raw.daemon.progress_interval)?,
+    })
+}

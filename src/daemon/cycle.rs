@@ -1,0 +1,811 @@
+//! One cycle of the daemon: the composition of its parts, driven synchronously on the
+//! blocking pool.
+//!
+//! ```text
+//! scan ─▶ tracker ─▶ gate ─▶ select ─▶ window ─▶ schedule ─▶ emit ─▶ state save
+//! ```
+//!
+//! The parts own their state and return decisions ([`Tracker`], [`gate::Verdict`],
+//! [`select::Decision`], the [`Window`]'s reports, [`Schedule`]'s [`Due`], [`resume`]'s plan);
+//! this module turns decisions into actions, log lines and metrics. It also holds what no
+//! single part owns: the accepted steps' directories (for `merge.json`, rollback detection and
+//! the manifest), and the restart bookkeeping of which steps were already handled.
+//!
+//! The state is saved after an arrival's emissions, so it never delays an output: a crash
+//! before the save re-processes that checkpoint, and an output already on disk for exactly
+//! those steps is counted as published (`merge.skipped`), never published twice.
+
+use super::gate::{self, Verdict};
+use super::hooks::HookJob;
+use super::resume::{self, Found, Reconciled};
+use super::schedule::{Due, Schedule};
+use super::select::{self, Decision};
+use super::state::{recipes_signature, AccBytes, Manifest, SavedCheckpoint, SavedRecipe, StateDir};
+use super::tracker::{Phase, Ready, Seen, Tracker};
+use super::watch::Scanner;
+use super::window::{Recovery, Snapshot, Window};
+use super::{emit, status};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::format::{Checkpoint, SourceState};
+use crate::obs::log::{bytes, fmt_list, fmt_steps, rate, secs};
+use crate::obs::Shared;
+use crate::output::{OutDir, Progress};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tracing::{debug, error, info, warn};
+
+/// What the async side hands a cycle, and reads back.
+#[derive(Clone)]
+pub struct Ctx {
+    /// Commands to run after emissions.
+    pub hooks: tokio::sync::mpsc::UnboundedSender<HookJob>,
+    /// Set when the shutdown grace is over: the in-flight emission aborts.
+    pub cancel: Arc<AtomicBool>,
+    /// Set at SIGTERM: no new checkpoint or emission is started (the in-flight one goes on
+    /// until `cancel`).
+    pub stopping: Arc<AtomicBool>,
+    /// Health, metrics and status, shared with the HTTP endpoints.
+    pub shared: Arc<Shared>,
+}
+
+/// What a cycle found out for the async side.
+#[derive(Debug, Clone, Copy)]
+pub struct Cycled {
+    /// When the next cycle is due at the latest.
+    pub next: Instant,
+    /// Whether `watch.dir` exists (inotify can only watch it once it does).
+    pub watch_dir_present: bool,
+}
+
+/// Restart bookkeeping: which steps were handled, before and since the restart.
+#[derive(Debug, Default)]
+struct Intake {
+    /// Checkpoints at or below this step were handled before a restart: not re-processed.
+    restored_upto: Option<u64>,
+    /// Newest step considered (accepted, skipped or rejected), saved in the manifest.
+    considered_upto: Option<u64>,
+    /// `watch.waiting` was logged (watch.dir missing); logged again only after it appeared.
+    waiting_logged: bool,
+}
+
+/// The state directory and whether the sums changed since they were last saved.
+struct Persist {
+    dir: StateDir,
+    /// The sums changed since they were last saved (or that save failed): the next save must
+    /// include them (a manifest must never describe sums that are not on disk).
+    acc_unsaved: bool,
+}
+
+/// The daemon's state, driven one cycle at a time.
+pub struct Daemon {
+    cfg: Config,
+    scanner: Arc<Scanner>,
+    tracker: Tracker,
+    window: Window,
+    schedule: Schedule,
+    /// Per recipe, in config order.
+    outputs: Vec<OutDir>,
+    /// Accepted step → its directory.
+    accepted: BTreeMap<u64, PathBuf>,
+    /// Pinned steps whose directory vanished (logged once).
+    vanished: BTreeSet<u64>,
+    intake: Intake,
+    persist: Option<Persist>,
+    pool: rayon::ThreadPool,
+    ctx: Ctx,
+}
+
+/// An empty window for the configured recipes.
+fn fresh_window(cfg: &Config) -> Window {
+    Window::new(
+        &cfg.recipes,
+        cfg.state.accumulator,
+        cfg.state.dir.clone(),
+        cfg.state.memory_budget,
+    )
+}
+
+impl Daemon {
+    /// Build the daemon state from a validated config (takes the state directory's lock).
+    pub fn new(cfg: Config, ctx: Ctx) -> Result<Daemon> {
+        let scanner = Arc::new(Scanner::new(cfg.watch.clone(), &cfg.own_dirs()));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("pmad-worker-{i}"))
+            .build()
+            .map_err(|e| {
+                Error::io(
+                    "start worker threads",
+                    "pmad",
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+        let persist = match &cfg.state.dir {
+            Some(d) => Some(Persist {
+                dir: StateDir::open(d)?,
+                acc_unsaved: false,
+            }),
+            None => None,
+        };
+        Ok(Daemon {
+            window: fresh_window(&cfg),
+            schedule: Schedule::new(&cfg.recipes),
+            outputs: cfg
+                .recipes
+                .iter()
+                .map(|r| OutDir::new(&r.out_dir))
+                .collect(),
+            tracker: Tracker::new(),
+            accepted: BTreeMap::new(),
+            vanished: BTreeSet::new(),
+            intake: Intake::default(),
+            scanner,
+            persist,
+            pool,
+            ctx,
+            cfg,
+        })
+    }
+
+    /// The scanner (shared with the inotify callback).
+    pub fn scanner(&self) -> Arc<Scanner> {
+        self.scanner.clone()
+    }
+
+    /// Resume from `state.dir` if a usable state is there.
+    pub fn restore(&mut self) {
+        let Some(p) = self.persist.as_mut() else {
+            return;
+        };
+        let dir = p.dir.path().display().to_string();
+        let m = match p.dir.load() {
+            Ok(Some(x)) => x,
+            Ok(None) => return,
+            Err(why) => {
+                warn!(event = "state.restored", restored = false, dir = %dir, reason = %why, "starting fresh");
+                return;
+            }
+        };
+        // Which saved checkpoints are still exactly what was accepted?
+        let mut opened = BTreeMap::new();
+        let mut found = BTreeMap::new();
+        for e in &m.window {
+            let f = match Checkpoint::open(&e.path) {
+                Ok(c) => {
+                    let now: Vec<_> = c
+                        .files
+                        .iter()
+                        .map(|f| (f.path.clone(), f.fingerprint))
+                        .collect();
+                    if now == e.files {
+                        opened.insert(e.step, Arc::new(c));
+                        Found::Same
+                    } else {
+                        Found::Changed
+                    }
+                }
+                Err(_) if !e.path.exists() => Found::Vanished,
+                Err(_) => Found::Changed,
+            };
+            found.insert(e.step, f);
+        }
+        let recipes = &self.cfg.recipes;
+        let plan = match resume::plan(&m, &found, recipes, &recipes_signature(recipes)) {
+            Ok(p) => p,
+            Err(why) => {
+                warn!(event = "state.restored", restored = false, dir = %dir, reason = %why, "starting fresh");
+                return;
+            }
+        };
+        let snapshot = Snapshot {
+            layout: m.layout.clone(),
+            accumulator: m.accumulator,
+            generation: m.generation,
+            pinned: plan
+                .keep
+                .iter()
+                .filter_map(|s| opened.remove(s).map(|c| (*s, c)))
+                .collect(),
+            held: plan.held.clone(),
+            rebuild: plan.rebuild.clone(),
+        };
+        let (pool, window) = (&self.pool, &mut self.window);
+        if let Err(e) = pool.install(|| window.restore(snapshot)) {
+            warn!(event = "state.restored", restored = false, dir = %dir, reason = %e, "starting fresh");
+            self.window = fresh_window(&self.cfg);
+            return;
+        }
+        for (ri, (since, last)) in plan.counters.iter().enumerate() {
+            self.schedule.restore(ri, *since, *last);
+        }
+        self.accepted = plan.paths.iter().cloned().collect();
+        self.intake.restored_upto = plan.restored_upto;
+        self.intake.considered_upto = plan.restored_upto;
+        // Outputs published just before a crash, after the last save: not published again;
+        // one renamed into place without its LATEST update gets it now.
+        for (ri, out) in self.outputs.iter().enumerate() {
+            let held = self.window.held(ri);
+            let newest = held.last().copied();
+            let published = || newest.is_some_and(|n| out.published_as(n, held));
+            match resume::reconcile(newest, out.latest(), published) {
+                Reconciled::Nothing => {}
+                Reconciled::Published { last, expect } => {
+                    self.schedule.published_before(ri, last);
+                    if let Some(x) = expect {
+                        self.schedule.expect(ri, x);
+                    }
+                }
+                Reconciled::FinishLatest(step) => {
+                    if out.set_latest(step).is_ok() {
+                        self.schedule.published_before(ri, step);
+                    }
+                }
+            }
+        }
+        let steps = self.window.steps();
+        let rebuilt: Vec<&str> = plan
+            .rebuild
+            .iter()
+            .map(|i| self.cfg.recipes[*i].name.as_str())
+            .collect();
+        info!(
+            event = "state.restored",
+            restored = true,
+            dir = %dir,
+            generation = m.generation,
+            window = %fmt_steps(&steps),
+            n = steps.len(),
+            vanished = %fmt_list(&plan.vanished),
+            changed = %fmt_list(&plan.changed),
+            rebuilt = %if rebuilt.is_empty() { "-".to_string() } else { rebuilt.join(",") },
+            "resuming; checkpoints up to step {} are not processed again",
+            plan.restored_upto.map(|s| s.to_string()).unwrap_or_else(|| "-".into())
+        );
+        if !plan.rebuild.is_empty() || !plan.changed.is_empty() {
+            self.save(true);
+        }
+    }
+
+    /// One cycle.
+    pub fn cycle(&mut self) -> Cycled {
+        let shared = self.ctx.shared.clone();
+        shared.beat();
+        shared.metrics.scans.inc();
+        let next = self.cycle_inner();
+        shared.scanned.store(true, Ordering::Relaxed);
+        status::publish(
+            &shared,
+            &self.cfg,
+            &self.window,
+            &self.schedule,
+            &self.tracker,
+            &self.outputs,
+        );
+        shared.beat();
+        Cycled {
+            next,
+            watch_dir_present: self.cfg.watch.dir.is_dir(),
+        }
+    }
+
+    fn cycle_inner(&mut self) -> Instant {
+        let now = Instant::now();
+        let mut next = now + self.cfg.watch.poll_interval;
+        let cands = match self.scanner.scan() {
+            Ok(c) => {
+                self.intake.waiting_logged = false;
+                c
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A sidecar usually starts before the trainer creates its output directory.
+                if !self.intake.waiting_logged {
+                    info!(event = "watch.waiting", dir = %self.cfg.watch.dir.display(), "watch.dir does not exist yet; waiting for the trainer to create it");
+                    self.intake.waiting_logged = true;
+                }
+                return next;
+            }
+            Err(e) => {
+                warn!(event = "watch.error", dir = %self.cfg.watch.dir.display(), error = %e, "cannot list the watched directory");
+                return next;
+            }
+        };
+        let seen: Vec<Seen> = cands
+            .into_iter()
+            .map(|c| Seen {
+                sig: self.scanner.signature(&c.path).ok(),
+                step: c.step,
+                path: c.path,
+            })
+            .collect();
+        let (window, scanner) = (&self.window, &self.scanner);
+        let obs = self.tracker.observe(
+            &seen,
+            now,
+            self.cfg.watch.settle,
+            self.intake.restored_upto,
+            |s| window.pinned(s).is_some(),
+            |p, s| scanner.marker_ok(p, s),
+        );
+        for (step, path) in &obs.gone {
+            debug!(event = "checkpoint.gone", step, path = %path.display());
+        }
+        for (step, path) in &obs.discovered {
+            info!(event = "checkpoint.discovered", step, path = %path.display());
+            self.ctx.shared.metrics.discovered.inc();
+        }
+        if let Some(step) = obs.rewritten {
+            self.rewritten(step);
+        }
+        if let Some(t) = obs.next_settle {
+            next = next.min(t);
+        }
+        for r in obs.ready {
+            if self.stopping() {
+                break;
+            }
+            self.consider(r);
+        }
+        // Emissions may also become due by time alone.
+        for ri in 0..self.window.recipe_count() {
+            if self.stopping() {
+                break;
+            }
+            match self.due(ri, Instant::now()) {
+                Due::Now => self.emit(ri),
+                Due::At(t) => next = next.min(t),
+                Due::No => {}
+            }
+        }
+        next
+    }
+
+    fn stopping(&self) -> bool {
+        self.ctx.stopping.load(Ordering::Relaxed)
+    }
+
+    /// A complete-looking checkpoint: gate, select, update the window, publish what is due.
+    fn consider(&mut self, ready: Ready) {
+        let Ready {
+            step,
+            path,
+            lookback,
+        } = ready;
+        let before = self.tracker.signature(&path).cloned();
+        let (pool, scanner, window) = (&self.pool, &self.scanner, &self.window);
+        let allow = self.cfg.watch.allow_nonfinite;
+        let verdict = pool.install(|| gate::check(&path, before.as_ref(), scanner, window, allow));
+        let ckpt = match verdict {
+            Verdict::Unsettled(sig) => {
+                debug!(event = "checkpoint.unsettled", step, path = %path.display());
+                self.tracker.unsettled(&path, sig, Instant::now());
+                return;
+            }
+            Verdict::Gone => {
+                debug!(event = "checkpoint.gone", step, path = %path.display());
+                self.tracker.forget(&path);
+                return;
+            }
+            Verdict::Reject { reason, error } => {
+                // A decision (reject) was made: remembered across restarts.
+                self.considered(step);
+                warn!(event = "checkpoint.rejected", step, path = %path.display(), reason, error = %error);
+                self.ctx.shared.metrics.reject(reason);
+                self.tracker.set(&path, Phase::Rejected);
+                return;
+            }
+            Verdict::Pass(c) => {
+                self.considered(step);
+                c
+            }
+        };
+        let lr = if self.cfg.phase.lr_from_trainer_state {
+            std::fs::read(path.join("trainer_state.json"))
+                .ok()
+                .and_then(|b| select::lr_history(&b).ok())
+        } else {
+            None
+        };
+        let decision = select::decide(
+            &self.cfg.phase,
+            step,
+            self.window.newest(),
+            lookback,
+            lr.as_deref(),
+        );
+        if let Decision::Skip(why) = decision {
+            match lr.as_deref().and_then(|h| select::lr_at(h, step)) {
+                Some(l) => info!(event = "checkpoint.skipped", step, lr = l, reason = %why),
+                None => info!(event = "checkpoint.skipped", step, reason = %why),
+            }
+            self.tracker.set(&path, Phase::Skipped);
+            self.ctx.shared.metrics.skipped.inc();
+            return;
+        }
+        self.verify_window();
+        if self.accepted.contains_key(&step) {
+            // Accepted before, and complete again with other files: the directory was
+            // deleted and written anew (a restart from an earlier step).
+            self.rewritten(step);
+        }
+        info!(event = "checkpoint.accepted", step, path = %path.display(), size = %bytes(ckpt.data_bytes()), tensors = ckpt.tensors.len());
+        self.tracker.set(&path, Phase::Accepted);
+        self.ctx.shared.metrics.accepted.inc();
+        self.accepted.insert(step, path.clone());
+        let t0 = Instant::now();
+        let (pool, window) = (&self.pool, &mut self.window);
+        let result = with_heartbeat(&self.ctx.shared, || {
+            pool.install(|| window.arrive(step, Arc::new(ckpt)))
+        });
+        match result {
+            Ok(rep) => {
+                let took = t0.elapsed();
+                self.ctx.shared.metrics.read_bytes.inc_by(rep.bytes_read);
+                let steps = self.window.steps();
+                info!(
+                    event = "window.updated",
+                    step,
+                    window = %fmt_steps(&steps),
+                    n = steps.len(),
+                    evicted = %if rep.evicted.is_empty() {
+                        "-".to_string()
+                    } else {
+                        rep.evicted
+                            .iter()
+                            .map(|(r, s)| format!("{r}:{s}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
+                    read = %bytes(rep.bytes_read),
+                    took = %secs(took),
+                    rate = %rate(rep.bytes_read, took),
+                    rebuilt = rep.rebuilt,
+                );
+                for ri in rep.absorbed {
+                    self.schedule.absorbed(ri);
+                }
+                // Saved after the emissions below: publishing is not delayed by the copy of
+                // the sums, and a crash before the save only re-processes this step.
+                self.sums_changed();
+                self.skip_republish(step);
+            }
+            Err(f) => {
+                let window_now = match &f.recovery {
+                    Recovery::Unchanged => "window unchanged".to_string(),
+                    Recovery::Rebuilt { dropped } => format!(
+                        "window sums recomputed without it{}",
+                        if dropped.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" and without changed step(s) {}", fmt_list(dropped))
+                        }
+                    ),
+                    Recovery::Cleared => "window cleared".to_string(),
+                };
+                error!(event = "checkpoint.rejected", step, path = %path.display(), reason = f.error.reason(), error = %f.error, "update failed; {window_now}");
+                self.ctx.shared.metrics.reject(f.error.reason());
+                self.tracker.set(&path, Phase::Rejected);
+                // It never entered the window.
+                self.accepted.remove(&step);
+                if f.recovery != Recovery::Unchanged {
+                    self.sums_changed();
+                }
+                return;
+            }
+        }
+        for ri in 0..self.window.recipe_count() {
+            if self.stopping() {
+                break;
+            }
+            if self.due(ri, Instant::now()) == Due::Now {
+                self.emit(ri);
+            }
+        }
+        if self.persist.as_ref().is_some_and(|p| p.acc_unsaved) {
+            self.save(true);
+        }
+    }
+
+    /// A decision (accept, skip or reject) about `step` was made: remembered across restarts.
+    fn considered(&mut self, step: u64) {
+        self.intake.considered_upto = self.intake.considered_upto.max(Some(step));
+    }
+
+    /// The sums changed: the next state save must include them.
+    fn sums_changed(&mut self) {
+        if let Some(p) = self.persist.as_mut() {
+            p.acc_unsaved = true;
+        }
+    }
+
+    /// After a restart, re-processing reached `step`: a recipe whose output for exactly these
+    /// steps was published before the crash (and after the last state save) counts it as
+    /// published instead of publishing it again.
+    fn skip_republish(&mut self, step: u64) {
+        for ri in 0..self.window.recipe_count() {
+            let Some(published) = self.schedule.reached(ri, step) else {
+                continue;
+            };
+            let held = self.window.held(ri);
+            if held.last() != Some(&published) {
+                continue;
+            }
+            let out = &self.outputs[ri];
+            if out.published_as(published, held) {
+                self.schedule.emitted(ri, published, Instant::now());
+                info!(event = "merge.skipped", recipe = %self.cfg.recipes[ri].name, step = published, out = %out.step_path(published).display(), "published before the restart; not published again");
+            }
+        }
+    }
+
+    /// Re-check every pinned source; drop the ones that changed and rebuild.
+    fn verify_window(&mut self) {
+        let mut changed = Vec::new();
+        for (step, c) in self.window.pinned_all() {
+            match c.verify() {
+                Ok(SourceState::Same) => {}
+                Ok(SourceState::Unlinked) => {
+                    if self.vanished.insert(step) {
+                        info!(event = "source.vanished", step, path = %c.path.display(), "deleted on disk; still pinned, so the window keeps it until it slides out");
+                    }
+                }
+                Err(e) => {
+                    warn!(event = "source.changed", step, path = %c.path.display(), error = %e, "dropped from the window");
+                    changed.push(step);
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.drop_steps(&changed, "source changed");
+        }
+        let window = &self.window;
+        self.vanished.retain(|s| window.pinned(*s).is_some());
+    }
+
+    fn drop_steps(&mut self, steps: &[u64], why: &str) {
+        let (pool, window) = (&self.pool, &mut self.window);
+        match pool.install(|| window.remove(steps)) {
+            Ok(removed) => {
+                let w = self.window.steps();
+                info!(event = "window.updated", removed = %fmt_list(&removed), window = %fmt_steps(&w), n = w.len(), rebuilt = true, reason = why);
+                self.save(true);
+            }
+            Err(f) => {
+                let w = self.window.steps();
+                let how = match &f.recovery {
+                    Recovery::Cleared => "rebuild failed; window cleared".to_string(),
+                    Recovery::Rebuilt { dropped } if !dropped.is_empty() => format!(
+                        "rebuild failed; recomputed without changed step(s) {}",
+                        fmt_list(dropped)
+                    ),
+                    _ => "rebuild failed; recomputed from the checkpoints still pinned".into(),
+                };
+                error!(event = "window.updated", error = %f.error, reason = why, window = %fmt_steps(&w), n = w.len(), "{how}");
+                self.sums_changed();
+            }
+        }
+    }
+
+    /// An accepted checkpoint's files changed: the run restarted from an earlier step (or the
+    /// files were rewritten). Every step at or after it is abandoned.
+    fn rewritten(&mut self, step: u64) {
+        let abandoned: Vec<u64> = self
+            .window
+            .steps()
+            .into_iter()
+            .filter(|s| *s >= step)
+            .collect();
+        warn!(event = "source.changed", step, abandoned = %fmt_list(&abandoned), "checkpoint rewritten: the run went back to an earlier step; dropping it and every later step");
+        self.tracker.abandon_after(step);
+        for s in &abandoned {
+            self.accepted.remove(s);
+        }
+        self.schedule.forget_expected();
+        self.drop_steps(&abandoned, "rollback");
+    }
+
+    fn due(&self, ri: usize, now: Instant) -> Due {
+        self.schedule.due(ri, self.window.ready(ri), now)
+    }
+
+    /// Publish recipe `ri`'s current average, with progress lines and a heartbeat tied to
+    /// byte progress; then run its hook and save the state.
+    fn emit(&mut self, ri: usize) {
+        let recipe = &self.cfg.recipes[ri];
+        let name = recipe.name.clone();
+        let held = self.window.held(ri);
+        let step = held.last().copied().unwrap_or(0);
+        info!(event = "merge.started", recipe = %name, step, n = held.len());
+        let progress = Progress::default();
+        let done = AtomicBool::new(false);
+        let interval = self.cfg.progress_interval;
+        let started = Instant::now();
+        let shared = &self.ctx.shared;
+        let result = std::thread::scope(|s| {
+            let ticker = s.spawn(|| {
+                let mut last = Instant::now();
+                let mut seen = 0;
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(Duration::from_millis(200));
+                    // Liveness follows progress: a stuck write stops the heartbeat.
+                    let w = progress.written.load(Ordering::Relaxed);
+                    if w != seen {
+                        seen = w;
+                        shared.beat();
+                    }
+                    if last.elapsed() >= interval && !done.load(Ordering::Relaxed) {
+                        last = Instant::now();
+                        let w = progress.written.load(Ordering::Relaxed);
+                        let t = progress.total.load(Ordering::Relaxed).max(1);
+                        info!(event = "merge.progress", recipe = %name, step, done = %format!("{:.0}%", 100.0 * w as f64 / t as f64), written = %bytes(w), rate = %rate(w, started.elapsed()));
+                    }
+                }
+            });
+            let r = self.pool.install(|| {
+                emit::emit(
+                    &self.window,
+                    ri,
+                    recipe,
+                    &self.outputs[ri],
+                    &self.accepted,
+                    &progress,
+                    &self.ctx.cancel,
+                )
+            });
+            done.store(true, Ordering::Relaxed);
+            ticker.thread().unpark();
+            r
+        });
+        let m = &self.ctx.shared.metrics;
+        match result {
+            Ok(e) => {
+                m.merge(&name, "ok", Some(e.duration.as_secs_f64()));
+                m.emitted(&name, e.step, e.bytes);
+                self.schedule.emitted(ri, e.step, Instant::now());
+                // Lag: from the newest averaged checkpoint's weights being written to its
+                // average being published.
+                let written_ns = self
+                    .window
+                    .pinned(e.step)
+                    .and_then(|c| c.files.iter().map(|f| f.fingerprint.mtime_ns).max());
+                let lag = written_ns
+                    .and_then(|ns| u64::try_from(ns).ok())
+                    .map(|ns| SystemTime::UNIX_EPOCH + Duration::from_nanos(ns))
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    .unwrap_or_default();
+                m.lag.set(lag.as_secs_f64());
+                info!(
+                    event = "merge.emitted",
+                    recipe = %name,
+                    steps = %fmt_steps(&e.steps),
+                    n = e.steps.len(),
+                    out = %e.path.display(),
+                    size = %bytes(e.bytes),
+                    took = %secs(e.duration),
+                    rate = %rate(e.bytes, e.duration),
+                    lag = %secs(lag),
+                );
+                for p in &e.removed {
+                    debug!(event = "merge.retired", recipe = %name, path = %p.display());
+                }
+                if let Some(job) = HookJob::after_emission(recipe, e.step, &e.path) {
+                    let _ = self.ctx.hooks.send(job);
+                }
+                self.save(false);
+            }
+            Err(Error::Cancelled) => {
+                m.merge(&name, "cancelled", None);
+                warn!(event = "merge.failed", recipe = %name, step, reason = "cancelled", "shutdown: emission aborted, temp dir removed");
+            }
+            Err(e) => {
+                m.merge(&name, "failed", Some(started.elapsed().as_secs_f64()));
+                match e.errno() {
+                    Some(errno) => {
+                        error!(event = "merge.failed", recipe = %name, step, reason = e.reason(), errno, error = %e)
+                    }
+                    None => {
+                        error!(event = "merge.failed", recipe = %name, step, reason = e.reason(), error = %e)
+                    }
+                }
+                // Try again with the next arrival (or interval), not in a tight loop.
+                self.schedule.failed(ri, Instant::now());
+            }
+        }
+    }
+
+    /// The manifest describing the current state (`None` before the first checkpoint).
+    fn manifest(&self) -> Option<Manifest> {
+        let layout = self.window.layout()?.clone();
+        Some(Manifest {
+            format: super::state::FORMAT,
+            generation: 0,
+            accumulator: self.window.accumulator(),
+            recipes_signature: recipes_signature(&self.cfg.recipes),
+            layout,
+            window: self
+                .window
+                .pinned_all()
+                .map(|(step, c)| SavedCheckpoint {
+                    step,
+                    path: c.path.clone(),
+                    files: c
+                        .files
+                        .iter()
+                        .map(|f| (f.path.clone(), f.fingerprint))
+                        .collect(),
+                })
+                .collect(),
+            recipes: (0..self.window.recipe_count())
+                .map(|ri| {
+                    let (since_emit, last_emitted_step) = self.schedule.saved(ri);
+                    let held = self.window.held(ri).to_vec();
+                    let running = self.window.is_running(ri);
+                    SavedRecipe {
+                        name: self.cfg.recipes[ri].name.clone(),
+                        members: if running { Vec::new() } else { held.clone() },
+                        absorbed: if running { held } else { Vec::new() },
+                        since_emit,
+                        last_emitted_step,
+                    }
+                })
+                .collect(),
+            newest_step: self.intake.considered_upto.max(self.intake.restored_upto),
+            paths: self.accepted.iter().map(|(s, p)| (*s, p.clone())).collect(),
+        })
+    }
+
+    /// Persist the state (with the accumulators when `sums` is set or they are unsaved).
+    fn save(&mut self, sums: bool) {
+        let Some(m) = self.manifest() else { return };
+        let Some(p) = self.persist.as_mut() else {
+            return;
+        };
+        let t0 = Instant::now();
+        let sums = sums || p.acc_unsaved;
+        let acc = if sums {
+            self.window.acc().map(AccBytes::of)
+        } else {
+            None
+        };
+        let result = p.dir.save(m, acc);
+        p.acc_unsaved = sums && result.is_err();
+        let dir = p.dir.path().display().to_string();
+        match result {
+            Ok(n) => {
+                // A file-backed store must keep the generation the manifest now names.
+                let g = p.dir.generation();
+                self.window.persisted(g);
+                info!(event = "state.saved", dir = %dir, size = %bytes(n), took = %secs(t0.elapsed()), accumulators = sums)
+            }
+            // Keep running: the previous generation stays valid on disk.
+            Err(e) => match e.errno() {
+                Some(errno) => {
+                    error!(event = "state.saved", ok = false, reason = e.reason(), errno, error = %e)
+                }
+                None => {
+                    error!(event = "state.saved", ok = false, reason = e.reason(), error = %e)
+                }
+            },
+        }
+    }
+}
+
+/// Run `f` while a ticker keeps the heartbeat fresh: a long pass over a big checkpoint is
+/// work, not a hang. (Emissions tie the heartbeat to byte progress instead.)
+fn with_heartbeat<T>(shared: &Arc<Shared>, f: impl FnOnce() -> T) -> T {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let ticker = s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                shared.beat();
+                std::thread::park_timeout(Duration::from_millis(500));
+            }
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        ticker.thread().unpark();
+        r
+    })
+}

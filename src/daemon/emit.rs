@@ -1,0 +1,180 @@
+//! Publishing a recipe's current average: plan the output, stream it from the running sums
+//! (or, for `weights`, from the pinned members), add the aux files and `merge.json`, and hand
+//! it to the recipe's [`OutDir`] to publish atomically.
+//!
+//! Invariant: the bytes read must still be the validated ones when the output is published
+//! (the newest checkpoint's descriptors, or every member's for `weights`, are re-checked after
+//! the write); otherwise nothing is published.
+
+use super::window::{Source, Window};
+use crate::config::Recipe;
+use crate::error::{Error, Result};
+use crate::math::kinds::FloatKind;
+use crate::output::average::{write_average, Averaging};
+use crate::output::record::{unix_now, MergeRecord};
+use crate::output::write::{self, ChunkStat, Progress, Unit, DEFAULT_CHUNK_BYTES};
+use crate::output::{plan, OutDir};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+/// A published output.
+#[derive(Debug, Clone)]
+pub struct Emitted {
+    /// Final path (`<out_dir>/step-<N>`).
+    pub path: PathBuf,
+    /// Newest step in it.
+    pub step: u64,
+    /// Steps averaged, oldest first.
+    pub steps: Vec<u64>,
+    /// Tensor data bytes written.
+    pub bytes: u64,
+    /// Wall time.
+    pub duration: Duration,
+    /// Old outputs removed by retention.
+    pub removed: Vec<PathBuf>,
+}
+
+/// Publish recipe `ri` (configured as `recipe`, publishing into `out`). `paths` maps accepted
+/// steps to their directories (for merge.json; an EMA's inputs may have been rotated away).
+/// Runs on the current rayon pool.
+pub fn emit(
+    window: &Window,
+    ri: usize,
+    recipe: &Recipe,
+    out: &OutDir,
+    paths: &BTreeMap<u64, PathBuf>,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Emitted> {
+    let started = Instant::now();
+    let held = window.held(ri);
+    let step = *held.last().ok_or_else(|| {
+        Error::Internal(format!(
+            "recipe {}: emission with nothing held",
+            recipe.name
+        ))
+    })?;
+    let o = window.output(ri).ok_or_else(|| Error::SourceChanged {
+        path: paths
+            .get(&step)
+            .cloned()
+            .unwrap_or_else(|| out.path().into()),
+        detail: format!(
+            "checkpoint of step {step} was deleted before its average was published; \
+             publishing resumes with the next checkpoint"
+        ),
+    })?;
+    let newest = o.newest.clone();
+    newest.verify()?;
+    let tensors = plan::output_tensors(&newest, recipe.dtype)?;
+    let opt_steps: Vec<Option<u64>> = o.steps.iter().map(|s| Some(*s)).collect();
+    let mut meta = plan::header_metadata(&recipe.method, &opt_steps);
+    meta.insert("pmad_recipe".into(), recipe.name.clone());
+    let shards = plan::plan_shards(tensors, recipe.shard_size, &meta)?;
+    let staging = out.stage(step)?;
+    let accumulator = window.accumulator();
+    let nf = match &o.source {
+        Source::Members(members) => {
+            let how = Averaging {
+                weights: &o.weights,
+                accumulator,
+                fix_nonfinite: true,
+                chunk_bytes: DEFAULT_CHUNK_BYTES,
+            };
+            write_average(members, &how, staging.path(), &shards, progress, cancel)?
+        }
+        Source::Sums { acc, slot } => {
+            // The sums are kept pre-scaled: they are the output.
+            let (acc, slot) = (*acc, *slot);
+            let layout = acc.layout();
+            let produce = |u: &Unit, buf: &mut [u8]| -> Result<ChunkStat> {
+                let t = &shards[u.shard].tensors[u.tensor];
+                match FloatKind::of(t.dtype) {
+                    Some(kind) => {
+                        let i = layout
+                            .tensors
+                            .binary_search_by(|x| x.name.as_str().cmp(&t.name))
+                            .map_err(|_| {
+                                Error::Internal(format!("tensor {} is not accumulated", t.name))
+                            })?;
+                        let ft = &layout.tensors[i];
+                        acc.emit_into(
+                            slot,
+                            1.0,
+                            ft.start + u.elems.start..ft.start + u.elems.end,
+                            kind,
+                            buf,
+                        );
+                    }
+                    None => {
+                        let src = newest.tensor(&t.name).ok_or_else(|| {
+                            Error::Internal(format!("tensor {} is not in the newest input", t.name))
+                        })?;
+                        let sz = buf.len() / u.elems.len().max(1);
+                        let r = src.range.start + u.elems.start * sz
+                            ..src.range.start + u.elems.end * sz;
+                        buf.copy_from_slice(newest.files[src.file].slice(r));
+                    }
+                }
+                Ok(ChunkStat::default())
+            };
+            let check = || newest.files.iter().try_for_each(|f| f.check_fd());
+            write::write_output(
+                staging.path(),
+                &shards,
+                DEFAULT_CHUNK_BYTES,
+                produce,
+                check,
+                progress,
+                cancel,
+            )?
+        }
+    };
+    plan::write_index(staging.path(), &shards)?;
+    plan::write_aux(&newest, staging.path())?;
+    // The bytes we read must still be what was validated (a truncation while reading shows
+    // up here as a poisoned map or a changed descriptor). Sums-based outputs read only the
+    // newest checkpoint (non-float tensors); `weights` outputs read every member.
+    match &o.source {
+        Source::Members(members) => members.iter().try_for_each(|c| c.check_fds())?,
+        Source::Sums { .. } => newest.check_fds()?,
+    }
+    let bytes: u64 = shards.iter().map(|s| s.data_len as u64).sum();
+    let record = MergeRecord {
+        pmad_version: env!("CARGO_PKG_VERSION").into(),
+        recipe: Some(recipe.name.clone()),
+        method: recipe.method.kind(),
+        alpha: recipe.method.alpha(),
+        weights: o.weights.clone(),
+        steps: opt_steps,
+        inputs: o
+            .steps
+            .iter()
+            .map(|s| {
+                paths
+                    .get(s)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            })
+            .collect(),
+        dtype: recipe.dtype,
+        accumulator,
+        tensors: newest.tensors.len(),
+        bytes,
+        nonfinite: nf.count,
+        created_unix: unix_now(),
+    };
+    record.write(staging.path())?;
+    let steps = o.steps.to_vec();
+    let published = out.publish(staging, step, recipe.keep)?;
+    Ok(Emitted {
+        path: published.path,
+        step,
+        steps,
+        bytes,
+        duration: started.elapsed(),
+        removed: published.removed,
+    })
+}

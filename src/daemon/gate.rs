@@ -1,0 +1,108 @@
+//! The gate: may a complete-looking checkpoint be used?
+//!
+//! The tracker offers a directory once its marker is there and its files were quiet for
+//! `settle`; the gate then opens it (full validation by its format), checks it against the
+//! window's tensor names, shapes and dtypes, scans it for NaN/Inf (unless
+//! `watch.allow_nonfinite`), and finally checks that the directory still looks exactly as it
+//! did when it was offered: otherwise it is being deleted (rotation) or rewritten, and what was
+//! read (weights, config files) may not belong together.
+
+use super::watch::{Scanner, Signature};
+use super::window::Window;
+use crate::error::Error;
+use crate::format::Checkpoint;
+use crate::math::kernels;
+use crate::math::kinds::FloatKind;
+use rayon::prelude::*;
+use std::path::Path;
+
+/// The setting that lets the daemon accept NaN/Inf, as its errors name it.
+const ALLOW_NONFINITE: &str = "watch.allow_nonfinite = true";
+
+/// The gate's decision on one directory.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Complete, valid and compatible with the window.
+    Pass(Checkpoint),
+    /// Its files changed while it was checked: pending again (with its files as they are now,
+    /// when they could be read).
+    Unsettled(Option<Signature>),
+    /// Deleted while it was checked: not bad input, just gone.
+    Gone,
+    /// Corrupt or incompatible; `reason` is the log and metric label.
+    Reject {
+        /// Stable reason label.
+        reason: &'static str,
+        /// What is wrong, naming the file and tensor.
+        error: Error,
+    },
+}
+
+/// Check the directory at `path`, whose files looked like `before` when the tracker offered
+/// it. Runs its scans on the current rayon pool.
+pub fn check(
+    path: &Path,
+    before: Option<&Signature>,
+    scanner: &Scanner,
+    window: &Window,
+    allow_nonfinite: bool,
+) -> Verdict {
+    let opened = Checkpoint::open(path).and_then(|c| {
+        window.check_schema(&c)?;
+        if !allow_nonfinite {
+            nonfinite(&c)?;
+            // The scan read every byte: make sure they were the validated ones.
+            c.check_fds()?;
+        }
+        Ok(c)
+    });
+    let after = scanner.signature(path).ok();
+    if opened.is_ok() && (after.is_none() || after.as_ref() != before) {
+        return Verdict::Unsettled(after);
+    }
+    match opened {
+        Ok(c) => Verdict::Pass(c),
+        Err(_) if !path.exists() => Verdict::Gone,
+        Err(error) => Verdict::Reject {
+            reason: match &error {
+                // Marker present and files quiet for `settle`, yet still short: the writer
+                // died or the file is corrupt. Retried if its files change.
+                Error::NotReady { .. } => "incomplete",
+                other => other.reason(),
+            },
+            error,
+        },
+    }
+}
+
+/// Refuse checkpoints holding NaN/Inf, naming the first tensor and the count.
+fn nonfinite(c: &Checkpoint) -> crate::Result<()> {
+    let counts: Vec<(usize, u64)> = c
+        .tensors
+        .par_iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let kind = FloatKind::of(t.dtype)?;
+            let f = &c.files[t.file];
+            let n = kernels::count_nonfinite(kind, f.slice(t.range.clone()));
+            f.release(t.range.clone());
+            (n > 0).then_some((i, n))
+        })
+        .collect();
+    if let Some(&(first, _)) = counts.first() {
+        let total: u64 = counts.iter().map(|x| x.1).sum();
+        let t = &c.tensors[first];
+        return Err(Error::NonFinite {
+            path: c.files[t.file].path.clone(),
+            tensor: t.name.clone(),
+            count: total,
+            more: if counts.len() > 1 {
+                format!(" (in {} tensors)", counts.len())
+            } else {
+                String::new()
+            },
+            allow: ALLOW_NONFINITE,
+        });
+    }
+    Ok(())
+}

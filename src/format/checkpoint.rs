@@ -1,0 +1,171 @@
+//! A checkpoint as the rest of pmad sees it, whatever its format on disk: pinned files and a
+//! catalog of tensors (name, dtype, shape, file, byte range), sorted by name.
+//!
+//! Invariant: once you hold a [`Checkpoint`], every file passed its format's validation and
+//! is pinned ([`SourceFile`]), every tensor's byte range lies inside its file's data, and tensor
+//! names are unique. [`Schema`] is the part two checkpoints of one run must share.
+
+use super::source::{SourceFile, SourceState};
+use crate::error::{Error, Result};
+use crate::format::safetensors::header::dtype_name;
+use safetensors::Dtype;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// A tensor in a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Index into [`Checkpoint::files`].
+    pub file: usize,
+    /// Absolute byte range in that file.
+    pub range: Range<usize>,
+}
+
+impl Tensor {
+    /// Number of elements.
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The tensor names, shapes and dtypes every checkpoint of a run must share. Holds no file
+/// handles or maps (keeping a schema must not pin a checkpoint the trainer deleted).
+#[derive(Debug, Clone)]
+pub struct Schema {
+    /// Where it was taken from (for messages).
+    pub path: PathBuf,
+    /// (name, dtype, shape), sorted by name.
+    pub tensors: Vec<(String, Dtype, Vec<usize>)>,
+}
+
+impl Schema {
+    /// The schema of a checkpoint.
+    pub fn of(c: &Checkpoint) -> Schema {
+        Schema {
+            path: c.path.clone(),
+            tensors: c
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                .collect(),
+        }
+    }
+
+    /// Refuse `other` unless names, shapes and dtypes all agree; the error names the first
+    /// difference and is reported against `other`.
+    pub fn check(&self, other: &Checkpoint) -> Result<()> {
+        let mismatch = |detail: String| Error::Mismatch {
+            path: other.path.clone(),
+            detail,
+        };
+        let here = self.path.display();
+        let mut a = self.tensors.iter().peekable();
+        let mut b = other.tensors.iter().peekable();
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => return Ok(()),
+                (Some(x), y) if y.is_none_or(|y| x.0 < y.name) => {
+                    return Err(mismatch(format!(
+                        "tensor {} is missing (present in {here})",
+                        x.0
+                    )))
+                }
+                (x, Some(y)) if x.is_none_or(|x| y.name < x.0) => {
+                    return Err(mismatch(format!(
+                        "has tensor {} that {here} does not have",
+                        y.name
+                    )))
+                }
+                (Some(x), Some(y)) => {
+                    if x.2 != y.shape {
+                        return Err(mismatch(format!(
+                            "tensor {}: shape {:?} differs from {:?} in {here}",
+                            y.name, y.shape, x.2
+                        )));
+                    }
+                    if x.1 != y.dtype {
+                        return Err(mismatch(format!(
+                            "tensor {}: dtype {} differs from {} in {here}",
+                            y.name,
+                            dtype_name(y.dtype),
+                            dtype_name(x.1)
+                        )));
+                    }
+                    a.next();
+                    b.next();
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
+/// A validated, pinned checkpoint: its files and their tensor catalog.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The path it was opened from (directory or bare file).
+    pub path: PathBuf,
+    /// Training step, parsed from the name when it ends in digits.
+    pub step: Option<u64>,
+    /// The weight files, in shard order.
+    pub files: Vec<SourceFile>,
+    /// Tensors sorted by name.
+    pub tensors: Vec<Tensor>,
+    /// Config and tokenizer files (see the format's list), read when the checkpoint was opened so
+    /// an output always carries the files of the weights it was made from, even if the
+    /// directory is rotated away or rewritten before the emission.
+    pub aux: Vec<(String, Vec<u8>)>,
+}
+
+impl Checkpoint {
+    /// Open and validate a checkpoint, whatever its format (see [`crate::format::open`]).
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        super::open(path)
+    }
+
+    /// Look a tensor up by name.
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors
+            .binary_search_by(|t| t.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.tensors[i])
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.range.len() as u64).sum()
+    }
+
+    /// Total bytes of the weight files.
+    pub fn file_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.fingerprint.size).sum()
+    }
+
+    /// Re-check every file (path and descriptor) before a pass.
+    pub fn verify(&self) -> Result<SourceState> {
+        let mut state = SourceState::Same;
+        for f in &self.files {
+            if f.verify()? == SourceState::Unlinked {
+                state = SourceState::Unlinked;
+            }
+        }
+        Ok(state)
+    }
+
+    /// Cheap re-check of every file's descriptor (and SIGBUS poisoning) after reading.
+    pub fn check_fds(&self) -> Result<()> {
+        self.files.iter().try_for_each(|f| f.check_fd())
+    }
+
+    /// Refuse to merge with `other` unless names, shapes and dtypes all agree; the error
+    /// names the first difference and is reported against `other`.
+    pub fn check_compatible(&self, other: &Checkpoint) -> Result<()> {
+        Schema::of(self).check(other)
+    }
+}

@@ -1,0 +1,279 @@
+//! The Hugging Face layout: a checkpoint directory holding `model.safetensors`, or shards
+//! named by `model.safetensors.index.json`, plus config and tokenizer files; or a bare
+//! `.safetensors` file.
+//!
+//! Owns the layout's rules: the index names only plain files inside the directory (links that
+//! leave it are refused) and agrees exactly with the shard headers; no tensor appears twice;
+//! the aux files an output must carry are read when the checkpoint is opened. A directory
+//! without safetensors weights gets an error that says what the trainer wrote instead.
+
+use super::checkpoint::{Checkpoint, Tensor};
+use super::safetensors::{self, header};
+use super::source::SourceFile;
+use crate::error::{Error, IoContext, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Single-file weights name in an HF checkpoint directory.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Shard index name in an HF checkpoint directory.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Files copied from the newest input into a merged output (docs/formats.md). Optimizer,
+/// scheduler, RNG and trainer state are never copied.
+pub const AUX_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+];
+
+/// Whether `name` is a weights file of this layout: a shard or the index.
+pub fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name == INDEX_FILE
+}
+
+/// Open and validate a checkpoint directory or bare `.safetensors` file.
+pub fn open(path: &Path) -> Result<Checkpoint> {
+    let meta = std::fs::metadata(path).ctx("stat", path)?;
+    let step = step_from_name(path);
+    if meta.is_file() {
+        let (tensors, files) = catalog(vec![safetensors::open_file(path)?], None)?;
+        return Ok(Checkpoint {
+            path: path.to_path_buf(),
+            step,
+            files,
+            tensors,
+            aux: Vec::new(),
+        });
+    }
+    if !meta.is_dir() {
+        return Err(Error::invalid(
+            path,
+            "neither a directory nor a regular file",
+        ));
+    }
+    let index_path = path.join(INDEX_FILE);
+    let single = path.join(SINGLE_FILE);
+    let (files, index) = if index_path.exists() {
+        let bytes = std::fs::read(&index_path).ctx("read", &index_path)?;
+        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            return Err(Error::not_ready(&index_path, "index file is empty"));
+        }
+        let index = header::parse_index(&bytes).map_err(|d| Error::invalid(&index_path, d))?;
+        let canon_dir = std::fs::canonicalize(path).ctx("canonicalize", path)?;
+        let mut files = Vec::new();
+        for name in index.shards() {
+            let shard = path.join(&name);
+            confine(&canon_dir, &shard, &index_path)?;
+            files.push(safetensors::open_file(&shard)?);
+        }
+        (files, Some((index_path, index)))
+    } else if single.exists() {
+        (vec![safetensors::open_file(&single)?], None)
+    } else {
+        return Err(no_weights(path));
+    };
+    let (tensors, files) = catalog(files, index)?;
+    let mut aux = Vec::new();
+    for name in AUX_FILES {
+        let p = path.join(name);
+        if p.symlink_metadata().map(|m| m.is_file()).unwrap_or(false) {
+            aux.push((name.to_string(), std::fs::read(&p).ctx("read", &p)?));
+        }
+    }
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        step,
+        files,
+        tensors,
+        aux,
+    })
+}
+
+/// A shard path must be a regular file inside the checkpoint directory after resolving links.
+fn confine(canon_dir: &Path, shard: &Path, index: &Path) -> Result<()> {
+    let meta = match shard.symlink_metadata() {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::not_ready(
+                index,
+                format!("names shard {} which does not exist (yet)", shard.display()),
+            ))
+        }
+        Err(e) => return Err(Error::io("stat", shard, e)),
+    };
+    if meta.file_type().is_symlink() {
+        let target = std::fs::canonicalize(shard).ctx("resolve link", shard)?;
+        if target.parent() != Some(canon_dir) {
+            return Err(Error::invalid(
+                index,
+                format!(
+                    "shard {} is a link to {}, outside the checkpoint directory",
+                    shard.display(),
+                    target.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Build the sorted tensor catalog over opened files and their validated headers, checking
+/// the index (if any) against the shard headers.
+fn catalog(
+    opened: Vec<(SourceFile, header::Header)>,
+    index: Option<(PathBuf, header::Index)>,
+) -> Result<(Vec<Tensor>, Vec<SourceFile>)> {
+    let mut tensors = Vec::new();
+    let mut owner: BTreeMap<String, usize> = BTreeMap::new();
+    let mut files: Vec<SourceFile> = Vec::with_capacity(opened.len());
+    for (fi, (f, h)) in opened.into_iter().enumerate() {
+        for t in h.tensors {
+            if let Some(prev) = owner.insert(t.name.clone(), fi) {
+                return Err(Error::invalid(
+                    &f.path,
+                    format!(
+                        "tensor {} also appears in {}",
+                        t.name,
+                        // `prev` < `fi`: its file was pushed already.
+                        files[prev].path.display()
+                    ),
+                ));
+            }
+            tensors.push(Tensor {
+                range: h.data_start + t.begin..h.data_start + t.end,
+                name: t.name,
+                dtype: t.dtype,
+                shape: t.shape,
+                file: fi,
+            });
+        }
+        files.push(f);
+    }
+    if let Some((index_path, index)) = &index {
+        for (name, file) in &index.weight_map {
+            match owner.get(name) {
+                None => {
+                    return Err(Error::invalid(
+                        index_path,
+                        format!("maps tensor {name} to {file}, which does not contain it"),
+                    ))
+                }
+                Some(fi) if files[*fi].path.file_name().and_then(|s| s.to_str()) != Some(file) => {
+                    return Err(Error::invalid(
+                        index_path,
+                        format!(
+                            "maps tensor {name} to {file} but it is in {}",
+                            files[*fi].path.display()
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if let Some(extra) = owner.keys().find(|n| !index.weight_map.contains_key(*n)) {
+            return Err(Error::invalid(
+                index_path,
+                format!(
+                    "does not list tensor {extra}, which is in {}",
+                    files[owner[extra]].path.display()
+                ),
+            ));
+        }
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((tensors, files))
+}
+
+/// The error for a directory without safetensors weights, saying what to do about it.
+fn no_weights(dir: &Path) -> Error {
+    let has = |pred: &dyn Fn(&str) -> bool| {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .any(|e| e.file_name().to_str().map(pred).unwrap_or(false))
+            })
+            .unwrap_or(false)
+    };
+    let hint = if has(&|n| n == "pytorch_model.bin" || n.starts_with("pytorch_model-")) {
+        "weights are in pytorch_model*.bin (pickle); save with safetensors (Trainer: save_safetensors=True)"
+    } else if has(&|n| n.ends_with(".distcp") || n == ".metadata") {
+        "this is a torch.distributed (DCP/torch_dist) checkpoint; convert it to HF safetensors first"
+    } else if has(&|n| n.starts_with("zero_pp_rank_") || n.starts_with("mp_rank_")) {
+        "this is a DeepSpeed checkpoint without gathered weights; enable stage3_gather_16bit_weights_on_model_save or run zero_to_fp32.py --safe_serialization"
+    } else if has(&|n| n.ends_with(".safetensors")) {
+        "it has .safetensors files but neither model.safetensors nor model.safetensors.index.json"
+    } else {
+        "no model.safetensors or model.safetensors.index.json found"
+    };
+    Error::invalid(dir, format!("no safetensors weights: {hint}"))
+}
+
+/// Training step of a checkpoint: `global_step` from its `trainer_state.json` when present,
+/// else the number in a known directory name (`checkpoint-N`, `iter_N`, `global_stepN`,
+/// `step-N`, `step_N`, `stepN`), else unknown.
+pub fn step_from_name(path: &Path) -> Option<u64> {
+    if path.is_dir() {
+        if let Ok(bytes) = std::fs::read(path.join("trainer_state.json")) {
+            if let Some(s) = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("global_step").and_then(|g| g.as_u64()))
+            {
+                return Some(s);
+            }
+        }
+    }
+    let name = if path.is_file() {
+        path.file_stem()?.to_str()?
+    } else {
+        path.file_name()?.to_str()?
+    };
+    [
+        "checkpoint-",
+        "iter_",
+        "global_step",
+        "step-",
+        "step_",
+        "step",
+    ]
+    .iter()
+    .find_map(|p| name.strip_prefix(p))
+    .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+    .and_then(|d| d.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_come_from_trainer_state_or_known_names() {
+        let d = tempfile::tempdir().unwrap();
+        for (name, step) in [
+            ("checkpoint-1200", Some(1200)),
+            ("iter_0001000", Some(1000)),
+            ("global_step300", Some(300)),
+            ("step-7", Some(7)),
+            ("bf1", None),
+            ("checkpoint-12a", None),
+        ] {
+            let p = d.path().join(name);
+            std::fs::create_dir(&p).unwrap();
+            assert_eq!(step_from_name(&p), step, "{name}");
+        }
+        let p = d.path().join("run");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join("trainer_state.json"), br#"{"global_step": 42}"#).unwrap();
+        assert_eq!(step_from_name(&p), Some(42));
+    }
+}

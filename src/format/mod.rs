@@ -1,0 +1,38 @@
+//! Checkpoint formats: everything that turns files on disk into a validated, pinned
+//! [`Checkpoint`] — and nothing after that.
+//!
+//! - [`checkpoint`]: the format-agnostic result (tensor catalog, schema).
+//! - [`source`]: a pinned, fingerprinted, read-only mapped file; [`sigbus`] guards its map.
+//! - [`safetensors`]: the safetensors file format; its pure parsers in
+//!   [`safetensors::header`] are the fuzz targets.
+//! - [`hf`]: the Hugging Face directory layout (single file or index + shards, aux files).
+//!
+//! Architecture invariant: this layer depends only on [`crate::error`] (and the OS); it knows
+//! nothing of averaging, outputs or the daemon. A new checkpoint format is a new module here
+//! whose opener returns a [`Checkpoint`]; [`open`] recognises it by the files it finds.
+
+pub mod checkpoint;
+pub mod hf;
+pub mod safetensors;
+pub mod sigbus;
+pub mod source;
+
+pub use checkpoint::{Checkpoint, Schema, Tensor};
+pub use source::{Fingerprint, SourceFile, SourceState};
+
+use crate::error::Result;
+use std::path::Path;
+
+/// Whether a file of a checkpoint directory holds weights (rather than a marker, config or
+/// optimizer state): files that must not change while the checkpoint is in use.
+pub fn is_weight_file(name: &str) -> bool {
+    hf::is_weight_file(name)
+}
+
+/// Open and validate the checkpoint at `path` (a directory or a single weights file),
+/// recognising its format from its files.
+pub fn open(path: &Path) -> Result<Checkpoint> {
+    // Today every readable format is safetensors in the HF layout (a directory of shards or a
+    // bare file); `hf::open` also names the other formats it recognises but cannot read.
+    hf::open(path)
+}

@@ -1,0 +1,219 @@
+//! A recipe's output directory: the one owner of its layout.
+//!
+//! ```text
+//! <out_dir>/step-<N>/          one published output (shards, index, aux files, merge.json)
+//! <out_dir>/LATEST             the name of the newest complete output, replaced atomically
+//! <out_dir>/.pmad-tmp-*        an output being written (removed at start if left by a crash)
+//! ```
+//!
+//! Invariants: `step-<N>/` appears only complete (written in a [`Staging`] dir, renamed into
+//! place); `LATEST` is replaced only after that and always names a complete output; if
+//! `LATEST` cannot be updated the new output is removed again, so nothing newer than `LATEST`
+//! stays behind; retention deletes old outputs only after the new one is published and never
+//! the one `LATEST` names.
+
+use super::record::MergeRecord;
+use super::staging::{self, Staging};
+use crate::error::{IoContext, Result};
+use crate::fsio;
+use std::path::{Path, PathBuf};
+
+/// Name of the pointer file to the newest complete output.
+pub const LATEST: &str = "LATEST";
+/// The temp name `LATEST` is written under before its rename.
+pub(crate) const LATEST_TMP: &str = "LATEST.tmp";
+
+/// A recipe's output directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutDir {
+    path: PathBuf,
+}
+
+/// An output that was published.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// `<out_dir>/step-<N>`.
+    pub path: PathBuf,
+    /// Older outputs deleted by retention.
+    pub removed: Vec<PathBuf>,
+}
+
+impl OutDir {
+    /// The output directory at `path` (nothing is created yet).
+    pub fn new(path: impl Into<PathBuf>) -> OutDir {
+        OutDir { path: path.into() }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory name of the output for `step`.
+    pub fn step_name(step: u64) -> String {
+        format!("step-{step}")
+    }
+
+    /// The step of an output directory name: the inverse of [`OutDir::step_name`].
+    pub fn step_of(name: &str) -> Option<u64> {
+        name.strip_prefix("step-")?.parse().ok()
+    }
+
+    /// Where the output for `step` is (or would be) published.
+    pub fn step_path(&self, step: u64) -> PathBuf {
+        self.path.join(Self::step_name(step))
+    }
+
+    /// Create the directory if needed and remove temp dirs left by a crash; returns how many
+    /// were removed.
+    pub fn prepare(&self) -> Result<usize> {
+        std::fs::create_dir_all(&self.path).ctx("create directory", &self.path)?;
+        staging::sweep_temps(&self.path)
+    }
+
+    /// The step `LATEST` names, if any.
+    pub fn latest(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(self.path.join(LATEST)).ok()?;
+        Self::step_of(s.trim())
+    }
+
+    /// Point `LATEST` at the output for `step`: write `LATEST.tmp`, fsync, rename, fsync the
+    /// directory.
+    pub fn set_latest(&self, step: u64) -> Result<()> {
+        let tmp = self.path.join(LATEST_TMP);
+        let _ = std::fs::remove_file(&tmp);
+        fsio::write_file(&tmp, format!("{}\n", Self::step_name(step)).as_bytes())?;
+        fsio::rename(&tmp, &self.path.join(LATEST))?;
+        fsio::sync_dir(&self.path)
+    }
+
+    /// Whether the output for `step` exists and its `merge.json` records exactly `steps`.
+    pub fn published_as(&self, step: u64, steps: &[u64]) -> bool {
+        matches!(
+            MergeRecord::read(&self.step_path(step)),
+            Ok(Some(m)) if m.steps.iter().copied().eq(steps.iter().map(|x| Some(*x)))
+        )
+    }
+
+    /// Published outputs, oldest step first.
+    pub fn outputs(&self) -> Vec<(u64, PathBuf)> {
+        let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.path)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name();
+                        let s = Self::step_of(n.to_str()?)?;
+                        e.path().is_dir().then(|| (s, e.path()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// A temp dir to write the output for `step` into.
+    pub fn stage(&self, step: u64) -> Result<Staging> {
+        Staging::new(&self.path, &step.to_string())
+    }
+
+    /// Publish a complete staged output as `step-<step>` (replacing one of that name
+    /// atomically), point `LATEST` at it, then delete the oldest outputs beyond `keep`
+    /// (0 = keep all).
+    pub fn publish(&self, staged: Staging, step: u64, keep: usize) -> Result<Published> {
+        let name = Self::step_name(step);
+        let path = staged.commit(&name, true)?;
+        if let Err(e) = self.set_latest(step) {
+            // LATEST still names the previous complete output. Do not leave a newer output
+            // that nothing points at: abandon it, so a retry publishes it properly.
+            let _ = std::fs::remove_dir_all(&path);
+            let _ = fsio::sync_dir(&self.path);
+            return Err(e);
+        }
+        let removed = self.retain(keep, &name);
+        Ok(Published { path, removed })
+    }
+
+    /// Delete the oldest outputs beyond `keep` (0 = keep all), never `latest`.
+    fn retain(&self, keep: usize, latest: &str) -> Vec<PathBuf> {
+        if keep == 0 {
+            return Vec::new();
+        }
+        let all = self.outputs();
+        let excess = all.len().saturating_sub(keep);
+        let mut removed = Vec::new();
+        for (_, p) in all.into_iter().take(excess) {
+            if p.file_name().and_then(|n| n.to_str()) == Some(latest) {
+                continue;
+            }
+            if std::fs::remove_dir_all(&p).is_ok() {
+                removed.push(p);
+            }
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(out: &OutDir, step: u64, byte: u8) -> Staging {
+        let s = out.stage(step).unwrap();
+        fsio::write_file(&s.path().join("f"), &[byte]).unwrap();
+        s
+    }
+
+    #[test]
+    fn publish_names_latest_and_retains() {
+        let d = tempfile::tempdir().unwrap();
+        let out = OutDir::new(d.path().join("sma"));
+        assert_eq!(out.prepare().unwrap(), 0);
+        assert_eq!(out.latest(), None);
+        for step in [100, 200, 300] {
+            let p = out
+                .publish(staged(&out, step, step as u8), step, 2)
+                .unwrap();
+            assert_eq!(p.path, out.step_path(step));
+            assert_eq!(out.latest(), Some(step));
+        }
+        let steps: Vec<u64> = out.outputs().iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, [200, 300]);
+        // Publishing the same step again replaces it atomically.
+        out.publish(staged(&out, 300, 7), 300, 2).unwrap();
+        assert_eq!(std::fs::read(out.step_path(300).join("f")).unwrap(), [7]);
+        assert_eq!(OutDir::step_of("step-42"), Some(42));
+        assert_eq!(OutDir::step_of("step-x"), None);
+        // No temp dirs or LATEST.tmp are left; a crash's leftovers are swept.
+        std::fs::create_dir(out.path().join(format!("{}9-abc", staging::TMP_PREFIX))).unwrap();
+        std::fs::write(out.path().join(LATEST_TMP), b"x").unwrap();
+        assert_eq!(out.prepare().unwrap(), 2);
+    }
+
+    #[test]
+    fn published_as_reads_the_record() {
+        let d = tempfile::tempdir().unwrap();
+        let out = OutDir::new(d.path());
+        let s = out.stage(20).unwrap();
+        let rec = MergeRecord {
+            pmad_version: "t".into(),
+            recipe: Some("r".into()),
+            method: crate::math::MethodKind::Sma,
+            alpha: None,
+            weights: vec![0.5, 0.5],
+            steps: vec![Some(10), Some(20)],
+            inputs: vec![],
+            dtype: crate::math::OutDtype::Source,
+            accumulator: crate::math::Accumulator::F32,
+            tensors: 0,
+            bytes: 0,
+            nonfinite: 0,
+            created_unix: 0,
+        };
+        rec.write(s.path()).unwrap();
+        out.publish(s, 20, 0).unwrap();
+        assert!(out.published_as(20, &[10, 20]));
+        assert!(!out.published_as(20, &[20]));
+        assert!(!out.published_as(30, &[10, 20]));
+    }
+}
