@@ -509,11 +509,11 @@ fi
 
 # --- summary ---------------------------------------------------------------------------------
 echo
-printf '%-48s %6s  %s\n' case files identical
+printf '%-52s %6s  %s\n' case files identical
 ndiff=0
 for row in "${ROWS[@]}"; do
   IFS=$'\t' read -r c n v <<<"$row"
-  printf '%-48s %6s  %s\n' "$c" "$n" "$v"
+  printf '%-52s %6s  %s\n' "$c" "$n" "$v"
   [[ $v == yes ]] || ndiff=$((ndiff + 1))
 done
 echo
