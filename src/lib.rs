@@ -28,4 +28,7 @@ pub mod obs;
 pub mod output;
 pub mod sys;
 
+#[cfg(test)]
+mod layers;
+
 pub use error::{Error, Result};

@@ -193,12 +193,9 @@ impl Daemon {
             found.insert(e.step, f);
         }
         let recipes = &self.cfg.recipes;
-        let plan = match resume::plan(&m, &found, recipes, &recipes_signature(recipes)) {
-            Ok(p) => p,
-            Err(why) => {
-                warn!(event = "state.restored", restored = false, dir = %dir, reason = %why, "starting fresh");
-                return;
-            }
+        let Some(plan) = resume::plan(&m, &found, recipes, &recipes_signature(recipes)) else {
+            warn!(event = "state.restored", restored = false, dir = %dir, reason = "the recipes in the config changed", "starting fresh");
+            return;
         };
         let snapshot = Snapshot {
             layout: m.layout.clone(),

@@ -7,12 +7,14 @@
 //! - a recipe's sums hold exactly its held steps, oldest first: the newest min(N, pinned)
 //!   pinned steps for a window recipe, every absorbed step for an EMA. Held steps and sums
 //!   change together, only when a pass succeeded;
-//! - a failed pass leaves held steps and sums as they were. With file-backed sums this is
-//!   exact, bit for bit: a pass writes the next generation and a failed one is discarded. Sums
-//!   in RAM are updated in place, so after a failed pass they are recomputed from the pinned
-//!   checkpoints (dropping any whose files changed): window recipes come back with the same
-//!   steps, and an EMA restarts from the pinned checkpoints, because its older history only
-//!   existed in the damaged sums. [`Failure::recovery`] says which happened;
+//! - a failed pass leaves held steps and sums as they were, bit for bit, whenever the sums
+//!   were not touched: always with file-backed sums (a pass writes the next generation and a
+//!   failed one is discarded), and in RAM when the failure was found before the first page
+//!   was updated (each page re-checks its sources first; a source that changed since the gate
+//!   fails there). Sums in RAM that a pass did change before failing are recomputed from the
+//!   pinned checkpoints (dropping any whose files changed): window recipes come back with the
+//!   same steps, and an EMA restarts from the pinned checkpoints, because its older history
+//!   only existed in the damaged sums. [`Failure::recovery`] says which happened;
 //! - if no recomputation can succeed, the window is cleared (nothing pinned, nothing held),
 //!   which needs no pass and cannot fail.
 //!
@@ -629,12 +631,13 @@ impl Window {
     }
 
     /// After a failed pass that was to leave the window as it is (plus a new checkpoint):
-    /// file-backed sums are untouched; sums in RAM are recomputed.
+    /// sums the pass did not change (file-backed, or in RAM when it failed before its first
+    /// page) are as they were; damaged ones are recomputed.
     fn after_failed_pass(&mut self, error: Error, exclude: &[u64]) -> Failure {
-        let recovery = if self.acc.as_ref().is_some_and(|a| a.file().is_some()) {
-            Recovery::Unchanged
-        } else {
+        let recovery = if self.acc.as_ref().is_some_and(|a| a.damaged()) {
             self.recover(exclude)
+        } else {
+            Recovery::Unchanged
         };
         Failure { error, recovery }
     }
@@ -838,6 +841,165 @@ dtype = "{dtype}"
             held: (0..w.recipe_count()).map(|i| w.held(i).to_vec()).collect(),
             rebuild: Vec::new(),
         }
+    }
+
+    /// Every slot's values, every recipe's held steps and the pinned steps: all a failed pass
+    /// may not change.
+    fn state_of(w: &Window) -> (Vec<Vec<f64>>, Vec<Vec<u64>>, Vec<u64>) {
+        let acc = w.acc().unwrap();
+        (
+            (0..w.slot_count()).map(|s| acc.slot_f64(s)).collect(),
+            (0..w.recipe_count()).map(|i| w.held(i).to_vec()).collect(),
+            w.steps(),
+        )
+    }
+
+    /// Shapes spanning several accumulator pages, so a pass can fail in its middle.
+    const PAGES: [(&str, usize); 2] = [("big", 3 * accum::PAGE + 5), ("small", 77)];
+
+    /// Make the next `times` passes reading checkpoints under `dir` fail at `page` (after
+    /// the pages before it were applied); whatever is left is withdrawn when dropped.
+    struct FailAt(PathBuf, usize);
+    impl FailAt {
+        fn new(dir: &std::path::Path, page: usize, times: usize) -> FailAt {
+            for _ in 0..times {
+                accum::FAIL_AT_PAGE
+                    .lock()
+                    .unwrap()
+                    .push((dir.to_path_buf(), page));
+            }
+            FailAt(dir.to_path_buf(), page)
+        }
+    }
+    impl Drop for FailAt {
+        fn drop(&mut self) {
+            accum::FAIL_AT_PAGE
+                .lock()
+                .unwrap()
+                .retain(|(d, p)| !(*d == self.0 && *p == self.1));
+        }
+    }
+
+    fn truncate(c: &Checkpoint) {
+        let f = &c.files[0].path;
+        let len = std::fs::metadata(f).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+    }
+
+    /// A window over five checkpoints of multi-page shapes, in RAM or file-backed, with the
+    /// checkpoints of the run under `root/run`.
+    fn five(root: &std::path::Path, file_backed: bool) -> (Window, BTreeMap<u64, Arc<Checkpoint>>) {
+        let run = root.join("run");
+        let (dir, budget) = if file_backed {
+            (Some(root.join("state")), 1)
+        } else {
+            (None, u64::MAX)
+        };
+        let mut w = Window::new(&recipes("bf16"), Accumulator::F32, dir, budget);
+        let mut all = BTreeMap::new();
+        for k in 1..=5u64 {
+            let c = write_ckpt_shaped(&run, k * 10, FloatKind::BF16, 0, &PAGES);
+            all.insert(k * 10, c.clone());
+            w.arrive(k * 10, c).unwrap();
+        }
+        (w, all)
+    }
+
+    #[test]
+    fn a_failed_pass_leaves_held_steps_and_sums_exactly_as_they_were() {
+        for file_backed in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let (mut w, _) = five(d.path(), file_backed);
+            let before = state_of(&w);
+            // The new checkpoint changes between the gate and the pass: the first page's
+            // check finds it, before any sum is touched.
+            let late = d.path().join("late");
+            let c = write_ckpt_shaped(&late, 60, FloatKind::BF16, 0, &PAGES);
+            truncate(&c);
+            let f = w.arrive(60, c).unwrap_err();
+            assert_eq!(f.recovery, Recovery::Unchanged, "file-backed {file_backed}");
+            assert_eq!(f.error.reason(), "source_changed");
+            assert!(state_of(&w) == before, "file-backed {file_backed}");
+        }
+        // File-backed sums also survive a failure in the middle of a pass: it wrote a new
+        // generation, which is discarded.
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, _) = five(d.path(), true);
+        let before = state_of(&w);
+        let late = d.path().join("late");
+        let _fail = FailAt::new(&late, 2, 1);
+        let c = write_ckpt_shaped(&late, 60, FloatKind::BF16, 0, &PAGES);
+        let f = w.arrive(60, c).unwrap_err();
+        assert_eq!(f.recovery, Recovery::Unchanged);
+        assert!(state_of(&w) == before);
+    }
+
+    #[test]
+    fn a_pass_failing_midway_in_ram_is_repaired_from_the_pinned_checkpoints() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, all) = five(d.path(), false);
+        let (_, held_before, pinned_before) = state_of(&w);
+        let late = d.path().join("late");
+        let _fail = FailAt::new(&late, 2, 1);
+        let c = write_ckpt_shaped(&late, 60, FloatKind::BF16, 0, &PAGES);
+        let f = w.arrive(60, c).unwrap_err();
+        assert_eq!(f.recovery, Recovery::Rebuilt { dropped: vec![] });
+        let (_, held, pinned) = state_of(&w);
+        assert_eq!(pinned, pinned_before);
+        // Window recipes hold the same steps as before; the EMA restarted from the pinned
+        // checkpoints (its older history was only in the damaged sums).
+        assert_eq!(held[0], held_before[0]);
+        assert_eq!(held[1], held_before[1]);
+        assert_eq!(held[2], pinned);
+        check(&w, &all, FloatKind::BF16);
+    }
+
+    #[test]
+    fn a_failed_rebuild_never_leaves_a_recipe_holding_an_unpinned_step() {
+        for file_backed in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let (mut w, all) = five(d.path(), file_backed);
+            // A rollback abandons 50; the rebuild without it fails midway, and so does the
+            // recomputation that follows although every pinned source verifies: nothing can
+            // be recomputed, so the window is cleared rather than left inconsistent.
+            let fail = FailAt::new(&d.path().join("run"), 1, 2);
+            let f = w.remove(&[50]).unwrap_err();
+            assert_eq!(f.recovery, Recovery::Cleared, "file-backed {file_backed}");
+            assert!(w.steps().is_empty());
+            for i in 0..w.recipe_count() {
+                assert!(w.held(i).is_empty(), "file-backed {file_backed}");
+            }
+            drop(fail);
+            // It fills again from the next arrivals, and its outputs are right.
+            let mut all = all;
+            for k in 6..=9u64 {
+                let c =
+                    write_ckpt_shaped(&d.path().join("run"), k * 10, FloatKind::BF16, 0, &PAGES);
+                all.insert(k * 10, c.clone());
+                w.arrive(k * 10, c).unwrap();
+            }
+            assert_eq!(w.held(0), [60, 70, 80, 90]);
+            check(&w, &all, FloatKind::BF16);
+        }
+        // With one source really changed under the rebuild, the recomputation drops it and
+        // keeps the rest.
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, all) = five(d.path(), false);
+        let fail = FailAt::new(&d.path().join("run"), 1, 1);
+        truncate(&all[&30]);
+        let f = w.remove(&[50]).unwrap_err();
+        drop(fail);
+        assert_eq!(f.recovery, Recovery::Rebuilt { dropped: vec![30] });
+        assert_eq!(w.steps(), [20, 40]);
+        for i in 0..w.recipe_count() {
+            assert!(w.held(i).iter().all(|s| w.pinned(*s).is_some()), "{i}");
+        }
+        assert_eq!(w.held(2), [20, 40]);
     }
 
     #[test]

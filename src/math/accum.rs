@@ -221,7 +221,16 @@ pub struct Accumulators<A: Acc> {
     layout: FlatLayout,
     slots: usize,
     store: Store<A>,
+    /// The last pass failed after changing sums in place (RAM only).
+    damaged: bool,
 }
+
+/// Test hook: the next pass reading an input under this directory fails at this page (once
+/// per entry), after the pages before it were applied, as if a source changed in the middle
+/// of the pass.
+#[cfg(test)]
+pub(crate) static FAIL_AT_PAGE: std::sync::Mutex<Vec<(PathBuf, usize)>> =
+    std::sync::Mutex::new(Vec::new());
 
 /// Bytes a store for `slots` slots over `layout` needs.
 pub fn store_bytes(layout: &FlatLayout, slots: usize, acc_size: usize) -> u64 {
@@ -253,6 +262,7 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
             layout,
             slots,
             store,
+            damaged: false,
         })
     }
 
@@ -279,6 +289,7 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
                 map,
                 persisted: Some(generation),
             }),
+            damaged: false,
         })
     }
 
@@ -303,9 +314,9 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
     }
 
     /// Apply `ops` to every element, reading `inputs` (all compatible with the layout).
-    /// Each input's files are re-checked before each page is read. On error an in-RAM store
-    /// is partially updated and the caller must rebuild it (a file-backed one keeps its
-    /// current generation, but callers rebuild either way).
+    /// Each input's files are re-checked before each page is read. On error a file-backed
+    /// store keeps its current generation, exactly; an in-RAM store may be partially updated,
+    /// which [`AccStore::damaged`] tells.
     pub fn pass(&mut self, inputs: &[&Checkpoint], ops: &[Op]) -> Result<()> {
         // Resolve each input's tensors to (file, absolute byte start) once.
         let mut locs: Vec<Vec<(usize, usize)>> = Vec::with_capacity(inputs.len());
@@ -329,6 +340,8 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
                 )
             })
             .collect();
+        // Set once a page's sums are about to change: a failure before that leaves them intact.
+        let touched = std::sync::atomic::AtomicBool::new(false);
         // Update one page's region of every slot in place.
         let update = |p: usize, region: &mut [A]| -> Result<()> {
             let lo = p * PAGE;
@@ -341,6 +354,19 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
                     f.check_fd()?;
                 }
             }
+            #[cfg(test)]
+            if let Some((dir, _)) = FAIL_AT_PAGE.lock().ok().and_then(|mut v| {
+                let i = v.iter().position(|(d, page)| {
+                    *page == p && inputs.iter().any(|c| c.path.starts_with(d))
+                })?;
+                Some(v.remove(i))
+            }) {
+                return Err(Error::SourceChanged {
+                    path: dir,
+                    detail: format!("injected at page {p}"),
+                });
+            }
+            touched.store(true, std::sync::atomic::Ordering::Relaxed);
             let mut scratch = vec![A::default(); inputs.len() * BLOCK];
             let mut ti = layout.find(lo);
             let mut pos = lo;
@@ -377,11 +403,16 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
             }
             Ok(())
         };
+        self.damaged = false;
         match &mut self.store {
-            Store::Ram(data) => data
-                .par_chunks_mut(PAGE * slots)
-                .enumerate()
-                .try_for_each(|(p, region)| update(p, region)),
+            Store::Ram(data) => {
+                let r = data
+                    .par_chunks_mut(PAGE * slots)
+                    .enumerate()
+                    .try_for_each(|(p, region)| update(p, region));
+                self.damaged = r.is_err() && touched.load(std::sync::atomic::Ordering::Relaxed);
+                r
+            }
             Store::Files(fs) => {
                 // Out of place: the next generation, region by region, from the current one.
                 let next = fs.generation + 1;
@@ -563,6 +594,11 @@ fn apply<A: Acc>(region: &mut [A], ops: &[Op], scratch: &[A], off: usize, len: u
 pub trait AccStore: Send + Sync {
     /// See [`Accumulators::pass`].
     fn pass(&mut self, inputs: &[&Checkpoint], ops: &[Op]) -> Result<()>;
+    /// Whether the last pass failed after changing sums in place (an in-RAM store whose
+    /// failure came after some pages were updated): they hold nothing meaningful until
+    /// recomputed. Always false for a file-backed store, which a failed pass leaves exactly
+    /// as it was.
+    fn damaged(&self) -> bool;
     /// See [`Accumulators::emit_into`].
     fn emit_into(
         &self,
@@ -590,6 +626,9 @@ pub trait AccStore: Send + Sync {
 impl<A: Acc + bytemuck::Pod> AccStore for Accumulators<A> {
     fn pass(&mut self, inputs: &[&Checkpoint], ops: &[Op]) -> Result<()> {
         Accumulators::pass(self, inputs, ops)
+    }
+    fn damaged(&self) -> bool {
+        self.damaged
     }
     fn emit_into(
         &self,

@@ -94,12 +94,17 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    // Rendering reads the process metrics from /proc: off the async runtime.
+    let shared = s.shared.clone();
+    let text = tokio::task::spawn_blocking(move || shared.metrics.render())
+        .await
+        .unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.shared.metrics.render(),
+        text,
     )
 }
 

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 /// Name of the pointer file to the newest complete output.
 pub const LATEST: &str = "LATEST";
 /// The temp name `LATEST` is written under before its rename.
-pub(crate) const LATEST_TMP: &str = "LATEST.tmp";
+const LATEST_TMP: &str = "LATEST.tmp";
 
 /// A recipe's output directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,11 +64,17 @@ impl OutDir {
         self.path.join(Self::step_name(step))
     }
 
-    /// Create the directory if needed and remove temp dirs left by a crash; returns how many
-    /// were removed.
+    /// Create the directory if needed and remove what a crash left: temp dirs and a
+    /// `LATEST.tmp`; returns how many were removed.
     pub fn prepare(&self) -> Result<usize> {
         std::fs::create_dir_all(&self.path).ctx("create directory", &self.path)?;
-        staging::sweep_temps(&self.path)
+        let tmp = self.path.join(LATEST_TMP);
+        let latest_tmp = match std::fs::remove_file(&tmp) {
+            Ok(()) => 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(crate::Error::io("remove", &tmp, e)),
+        };
+        Ok(staging::sweep_temps(&self.path)? + latest_tmp)
     }
 
     /// The step `LATEST` names, if any.

@@ -105,7 +105,7 @@ pub fn sweep_temps(dir: &Path) -> Result<usize> {
     for e in rd.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(TMP_PREFIX) || name == super::outdir::LATEST_TMP {
+        if name.starts_with(TMP_PREFIX) {
             let p = e.path();
             let r = if p.is_dir() {
                 std::fs::remove_dir_all(&p)
