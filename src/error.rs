@@ -179,3 +179,64 @@ impl<T> IoContext<T> for io::Result<T> {
         self.map_err(|e| Error::io(op, path, e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_variant_names_what_to_look_at_and_has_its_own_reason() {
+        let p = Path::new("/ckpt/checkpoint-100/model.safetensors");
+        let all = [
+            Error::io("fsync", p, io::Error::from_raw_os_error(5)),
+            Error::io("write", p, io::Error::from_raw_os_error(28)),
+            Error::invalid(p, "tensor a: offsets overlap"),
+            Error::not_ready(p, "file is shorter than its header says"),
+            Error::Mismatch {
+                path: p.into(),
+                detail: "tensor a: shape [2] differs".into(),
+            },
+            Error::NonFinite {
+                path: p.into(),
+                tensor: "a".into(),
+                count: 3,
+                more: String::new(),
+                allow: "watch.allow_nonfinite = true",
+            },
+            Error::Unsupported {
+                path: p.into(),
+                tensor: "a".into(),
+                dtype: "F4".into(),
+                hint: "dequantize",
+            },
+            Error::SourceChanged {
+                path: p.into(),
+                detail: "modified".into(),
+            },
+            Error::Usage("--threads must be at least 1".into()),
+            Error::Config {
+                file: Some("/etc/pmad/pmad.toml".into()),
+                detail: "recipe[0].window: must be at least 1".into(),
+            },
+            Error::Internal("a pass before the accumulators exist".into()),
+            Error::Cancelled,
+        ];
+        let reasons: std::collections::BTreeSet<&str> = all.iter().map(|e| e.reason()).collect();
+        assert_eq!(reasons.len(), all.len(), "{reasons:?}");
+        for e in &all[..8] {
+            assert!(e.to_string().starts_with("/ckpt/checkpoint-100/"), "{e}");
+        }
+        assert_eq!(all[1].reason(), "no_space");
+        assert_eq!(all[0].errno(), Some(5));
+        // The non-finite error says which setting allows it, as spelt where it was asked.
+        assert!(all[5]
+            .to_string()
+            .contains("set watch.allow_nonfinite = true"));
+        assert!(all[8].is_usage() && all[9].is_usage() && !all[10].is_usage());
+        assert_eq!(
+            all[9].to_string(),
+            "/etc/pmad/pmad.toml: recipe[0].window: must be at least 1"
+        );
+        assert!(all[10].to_string().contains("a bug in pmad"));
+    }
+}

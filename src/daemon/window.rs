@@ -345,11 +345,14 @@ impl Window {
                 std::fs::create_dir_all(d).map_err(|e| Error::io("create directory", d, e))?;
                 Ok(Some(d.clone()))
             }
-            None => Err(Error::Usage(format!(
-                "accumulators need {} but state.memory_budget is {}; set state.dir so they can live in files, or raise state.memory_budget",
-                crate::obs::log::bytes(bytes),
-                crate::obs::log::bytes(self.memory_budget)
-            ))),
+            None => Err(Error::Config {
+                file: None,
+                detail: format!(
+                    "state.memory_budget: accumulators need {} but state.memory_budget is {}; set state.dir so they can live in files, or raise state.memory_budget",
+                    crate::obs::log::bytes(bytes),
+                    crate::obs::log::bytes(self.memory_budget)
+                ),
+            }),
         }
     }
 
