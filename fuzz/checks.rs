@@ -5,7 +5,7 @@
 //! - [`check_header_input`]: one input of the `header` target.
 //! - [`check_index_input`]: one input of the `index` target.
 //!
-//! The reference `safetensors` crate is the authority (see shared docs/formats.md). pmad may
+//! The reference `safetensors` crate is the authority (see docs/formats.md). pmad may
 //! refuse more than the reference in exactly two documented ways ([`documented_exception`]):
 //! a header that does not start with `{` and a header that names a tensor twice. Any other
 //! file the reference accepts and pmad refuses is a finding.
@@ -578,7 +578,7 @@ impl<'de> Deserialize<'de> for TopKeys {
 // ---------------------------------------------------------------------------------------------
 
 /// A shard name pmad may open: one plain file name inside the checkpoint directory. Written
-/// independently of `check_plain_name`, from the rule in formats.md.
+/// independently of `check_plain_name`, from the rule in docs/formats.md.
 pub fn is_plain_name(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\', '\0'])
 }

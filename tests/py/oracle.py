@@ -68,7 +68,7 @@ REL_TOL = 1e-6
 WEIGHT_TOL = 1e-12
 TINY = float(np.finfo(np.float32).tiny)
 
-# formats.md: files a merged output copies from the newest input, and files it never copies.
+# docs/formats.md: files a merged output copies from the newest input, and files it never copies.
 COPIED = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "tokenizer.model", "special_tokens_map.json", "vocab.json", "vocab.txt",
           "merges.txt", "chat_template.jinja", "added_tokens.json", "preprocessor_config.json"]
