@@ -623,7 +623,7 @@ pub fn check_index_input(data: &[u8]) {
         assert_eq!(
             r.is_ok(),
             index_model_accepts(data),
-            "parse_index disagrees with the model of formats.md: {r:?}"
+            "parse_index disagrees with the model of docs/formats.md: {r:?}"
         );
     } else if r.is_ok() {
         // serde_json's `from_slice` skips ignored values (`metadata`, unknown keys) without

@@ -57,7 +57,7 @@ pub enum Decision {
 /// of the previous checkpoint seen in the directory, if any (for the plateau test); `lr` the
 /// parsed `trainer_state.json` log history when `lr_from_trainer_state` is on.
 ///
-/// Plateau rule (documented in README): the LR at `step` must be within `lr_tolerance`
+/// Plateau rule (docs/daemon.md, "Selection"): the LR at `step` must be within `lr_tolerance`
 /// (relative) of the highest LR logged so far — so decay is excluded — and of the LR at the
 /// previous checkpoint's step — so a still-rising warmup is excluded. With no previous
 /// checkpoint, the LR at step/2 stands in for it.
