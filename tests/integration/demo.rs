@@ -1,9 +1,7 @@
 //! `pmad demo` runs end to end: a simulated run, the real daemon, a summary in which the
 //! merged models beat the latest checkpoint.
 
-mod common;
-
-use common::pmad_bin;
+use crate::harness::pmad_bin;
 use std::process::Command;
 
 #[test]

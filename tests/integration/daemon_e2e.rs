@@ -10,9 +10,9 @@
 //!
 //! Set `PMAD_TEST_KEEP=1` to keep a failing test's temp directory.
 
-mod common;
+use crate::harness;
 
-use common::{list_dir, pmad_bin, py_script_batch_parallel, TestEnv};
+use crate::harness::{list_dir, pmad_bin, py_script_batch_parallel, TestEnv};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -545,11 +545,11 @@ fn write_config(env: &TestEnv, watch: &Path, out_root: &Path) -> PathBuf {
         s(watch)
     );
     for r in &RECIPES {
-        t.push_str(&common::recipe_toml(
+        t.push_str(&harness::recipe_toml(
             r.name, r.method, r.window, EMA_ALPHA, out_root,
         ));
     }
-    t.push_str(&common::daemon_tail_toml("info", "5s"));
+    t.push_str(&harness::daemon_tail_toml("info", "5s"));
     let p = env.join("pmad.toml");
     std::fs::write(&p, t).expect("write config");
     p
@@ -738,7 +738,7 @@ fn oracle_artefact(line: &str) -> bool {
 /// the merge.json check necessarily says "method 'ema', expected 'weights'"; and element
 /// mismatches that are oracle rounding artefacts ([`oracle_artefact`], counted in
 /// `artefacts`). A run whose mismatches were cut short ("... more", "in all") never passes.
-fn oracle_passed(kind: &str, r: &common::Run, artefacts: &mut Vec<String>) -> bool {
+fn oracle_passed(kind: &str, r: &harness::Run, artefacts: &mut Vec<String>) -> bool {
     if r.code == 0 {
         return true;
     }
@@ -1626,7 +1626,7 @@ fn daemon_bf16_slow_rotation() {
 #[test]
 fn check_config_prints_resolved_settings() {
     let env = TestEnv::new();
-    let example = common::repo_root().join("config/pmad.toml");
+    let example = harness::repo_root().join("config/pmad.toml");
     let r = env.pmad([std::ffi::OsStr::new("check-config"), example.as_os_str()]);
     r.expect_ok();
     for want in [
@@ -1729,7 +1729,7 @@ fn run_waits_for_a_missing_watch_dir() {
         ),
     )
     .unwrap();
-    let mut d = common::PmadDaemon::start(env.path(), &cfg, "pmad");
+    let mut d = harness::PmadDaemon::start(env.path(), &cfg, "pmad");
     let w = d.expect("watch.waiting", Duration::from_secs(10), |e| {
         e.event() == "watch.waiting"
     });

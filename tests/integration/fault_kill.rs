@@ -19,9 +19,9 @@
 //! `PMAD_TEST_KEEP=1` keeps a failing test's temp directory; `PMAD_KILL_SEED=N` changes the
 //! kill loop's seed.
 
-mod common;
+use crate::harness;
 
-use common::{list_dir, pmad_bin, TestEnv};
+use crate::harness::{list_dir, pmad_bin, TestEnv};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -225,11 +225,11 @@ fn write_config_ex(
         ));
     }
     for r in recipes {
-        t.push_str(&common::recipe_toml(
+        t.push_str(&harness::recipe_toml(
             r.name, r.method, r.window, r.alpha, out_root,
         ));
     }
-    t.push_str(&common::daemon_tail_toml("info,pmad=debug", grace));
+    t.push_str(&harness::daemon_tail_toml("info,pmad=debug", grace));
     std::fs::write(path, t).expect("write config");
 }
 
@@ -1327,7 +1327,7 @@ fn merge_cli_faults(env: &TestEnv, stage: &Path) -> (Vec<String>, String) {
         if let Some(f) = fault {
             cmd.env("PMAD_FAULT", f);
         }
-        common::run(&mut cmd)
+        harness::run(&mut cmd)
     };
     let clean_parent = env.mkdir("t2m/clean");
     merge(&clean_parent, None).expect_ok();

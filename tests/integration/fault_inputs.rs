@@ -17,9 +17,9 @@
 //!
 //! Set `PMAD_TEST_KEEP=1` to keep a failing test's temp directory.
 
-mod common;
+use crate::harness;
 
-use common::{
+use crate::harness::{
     diff_snapshots, list_dir, load_tensors, maps_contain, path_state, py_script_batch_parallel,
     read_json, tree_snapshot, LogLine, PmadDaemon, TestEnv,
 };
@@ -75,11 +75,11 @@ fn write_config(
         t.push_str(&format!("[state]\ndir = {:?}\n\n", s(st)));
     }
     for r in recipes {
-        t.push_str(&common::recipe_toml(
+        t.push_str(&harness::recipe_toml(
             r.name, r.method, r.window, EMA_ALPHA, out_root,
         ));
     }
-    t.push_str(&common::daemon_tail_toml("info", "5s"));
+    t.push_str(&harness::daemon_tail_toml("info", "5s"));
     let p = env.join("pmad.toml");
     std::fs::write(&p, t).expect("write config");
     p
@@ -1473,7 +1473,7 @@ impl Snapshotter {
                 // Read the flag first: one more pass after it is set catches the last lines.
                 let last = stop2.load(Ordering::Relaxed);
                 let text = std::fs::read_to_string(&stdout).unwrap_or_default();
-                let emitted: Vec<LogLine> = common::parse_log(&text)
+                let emitted: Vec<LogLine> = harness::parse_log(&text)
                     .0
                     .into_iter()
                     .filter(|e| e.event() == "merge.emitted")

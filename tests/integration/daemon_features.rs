@@ -3,9 +3,9 @@
 //! `state.dir` after the checkpoints it absorbed were rotated away (accumulators in RAM and
 //! file-backed), and a state save lost after an output was published.
 
-mod common;
+use crate::harness;
 
-use common::{PmadDaemon, TestEnv};
+use crate::harness::{PmadDaemon, TestEnv};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ format = "json"
 }
 
 fn steps_published(out: &Path) -> Vec<u64> {
-    let mut v: Vec<u64> = common::list_dir(out)
+    let mut v: Vec<u64> = harness::list_dir(out)
         .iter()
         .filter_map(|n| n.strip_prefix("step-")?.parse().ok())
         .collect();
@@ -354,7 +354,7 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
     assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
     let step400 = out.join("step-400/model.safetensors");
     let before = (
-        common::path_state(&step400).unwrap(),
+        harness::path_state(&step400).unwrap(),
         std::fs::read(&step400).unwrap(),
     );
     // Crash between publishing step-400 and saving the state: the save never happened.
@@ -383,7 +383,7 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
         "step-400 published again: {republished:?}"
     );
     let after = (
-        common::path_state(&step400).unwrap(),
+        harness::path_state(&step400).unwrap(),
         std::fs::read(&step400).unwrap(),
     );
     assert!(after == before, "step-400 changed on disk");

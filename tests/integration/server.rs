@@ -1,8 +1,6 @@
 //! The HTTP endpoints of `pmad run`, scraped from a real daemon.
 
-mod common;
-
-use common::{pmad_bin, TestEnv};
+use crate::harness::{pmad_bin, TestEnv};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};

@@ -4,9 +4,7 @@
 //!
 //! Set `PMAD_TEST_KEEP=1` to keep a failing test's temp directory.
 
-mod common;
-
-use common::{file_metadata, list_dir, load_tensors, read_json, Run, TestEnv};
+use crate::harness::{file_metadata, list_dir, load_tensors, read_json, Run, TestEnv};
 use std::path::{Path, PathBuf};
 
 /// Tensors every fixture checkpoint holds (fixtures.py FLOAT_TENSORS + integer/bool ones).
