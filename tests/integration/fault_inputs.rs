@@ -17,11 +17,11 @@
 //!
 //! Set `PMAD_TEST_KEEP=1` to keep a failing test's temp directory.
 
-use crate::harness;
-
+use crate::harness::log::LogFollower;
+use crate::harness::tree::{diff_snapshots, maps_contain, path_state, tree_snapshot};
 use crate::harness::{
-    diff_snapshots, list_dir, load_tensors, maps_contain, path_state, py_script_batch_parallel,
-    read_json, tree_snapshot, LogLine, PmadDaemon, TestEnv,
+    copy_tree, list_dir, load_tensors, ms_since, outputs, py_script_batch_parallel, read_json, s,
+    step_span, Config, Daemon, Event, Recipe, TestEnv,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -37,10 +37,6 @@ const EMA_ALPHA: f64 = 0.3;
 const WAIT: Duration = Duration::from_secs(15);
 
 // ------------------------------------------------------------------------------- helpers
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 /// A recipe of the daemon under test.
 #[derive(Debug, Clone, Copy)]
@@ -64,25 +60,20 @@ fn write_config(
     out_root: &Path,
     state: Option<&Path>,
 ) -> PathBuf {
-    let mut t = format!(
-        "[watch]\ndir = {:?}\nlayout = \"hf\"\nmode = \"auto\"\npoll_interval = \"{}ms\"\n\
-         settle = \"{}ms\"\n\n",
-        s(watch),
-        POLL.as_millis(),
-        SETTLE.as_millis()
-    );
+    let mut c = Config::new(watch)
+        .hf_auto()
+        .poll(&format!("{}ms", POLL.as_millis()))
+        .settle(&format!("{}ms", SETTLE.as_millis()));
     if let Some(st) = state {
-        t.push_str(&format!("[state]\ndir = {:?}\n\n", s(st)));
+        c = c.state("dir", st);
     }
     for r in recipes {
-        t.push_str(&harness::recipe_toml(
-            r.name, r.method, r.window, EMA_ALPHA, out_root,
-        ));
+        c = c.recipe(Recipe::sized(r.name, r.method, r.window, EMA_ALPHA).all_outputs(out_root));
     }
-    t.push_str(&harness::daemon_tail_toml("info", "5s"));
-    let p = env.join("pmad.toml");
-    std::fs::write(&p, t).expect("write config");
-    p
+    c.no_server()
+        .json_log("info")
+        .grace("5s")
+        .write(&env.join("pmad.toml"))
 }
 
 /// `fixtures.py make` arguments.
@@ -191,22 +182,6 @@ fn write_ckpt(src: &Path, dst: &Path, pace: Pace) -> (SystemTime, SystemTime) {
     (start, SystemTime::now())
 }
 
-/// Copy a directory tree (files, dirs, symlinks as links).
-fn copy_tree(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).expect("mkdir");
-    for n in list_dir(src) {
-        let (a, b) = (src.join(&n), dst.join(&n));
-        let m = std::fs::symlink_metadata(&a).expect("stat");
-        if m.file_type().is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&a).unwrap(), &b).expect("symlink");
-        } else if m.is_dir() {
-            copy_tree(&a, &b);
-        } else {
-            std::fs::copy(&a, &b).expect("copy");
-        }
-    }
-}
-
 /// Rewrite a safetensors file through the reference crate: `edit` may change the tensor list;
 /// `metadata` None writes no `__metadata__` (a shorter header than the fixtures').
 fn reserialize(
@@ -238,17 +213,6 @@ fn reserialize(
 /// The `pt` metadata every fixture file carries.
 fn pt_meta() -> Option<HashMap<String, String>> {
     Some(HashMap::from([("format".to_string(), "pt".to_string())]))
-}
-
-/// Published outputs `step-N` of an out_dir, by step.
-fn outputs(out_dir: &Path) -> BTreeMap<u64, PathBuf> {
-    list_dir(out_dir)
-        .into_iter()
-        .filter_map(|n| {
-            let st = n.strip_prefix("step-")?.parse().ok()?;
-            Some((st, out_dir.join(n)))
-        })
-        .collect()
 }
 
 /// merge.json `steps` of an output.
@@ -319,27 +283,20 @@ fn run_oracle(env: &TestEnv, checks: &[OracleCheck]) -> Vec<String> {
 }
 
 /// Lines of `log` with this event and step.
-fn lines_for<'a>(log: &'a [LogLine], event: &str, step: u64) -> Vec<&'a LogLine> {
+fn lines_for<'a>(log: &'a [Event], event: &str, step: u64) -> Vec<&'a Event> {
     log.iter().filter(|e| e.is(event, step)).collect()
 }
 
-fn ms(t: SystemTime, base: SystemTime) -> i64 {
-    match t.duration_since(base) {
-        Ok(d) => d.as_millis() as i64,
-        Err(e) => -(e.duration().as_millis() as i64),
-    }
-}
-
-fn err_lines(log: &[LogLine]) -> Vec<String> {
+fn err_lines(log: &[Event]) -> Vec<String> {
     log.iter()
         .filter(|e| e.level() == "ERROR")
-        .map(|e| e.line())
+        .map(|e| e.line().to_string())
         .collect()
 }
 
 /// Wait for `merge.emitted` of `<recipe>/step-<step>` logged after `after`.
 #[track_caller]
-fn expect_emitted(d: &mut PmadDaemon, out_root: &Path, rec: &str, step: u64, after: SystemTime) {
+fn expect_emitted(d: &mut Daemon, out_root: &Path, rec: &str, step: u64, after: SystemTime) {
     let path = s(&out_root.join(rec).join(format!("step-{step}")));
     d.expect(&format!("merge.emitted {path}"), WAIT, |e| {
         e.event() == "merge.emitted" && e.s("out") == Some(&path) && e.t >= after
@@ -348,7 +305,7 @@ fn expect_emitted(d: &mut PmadDaemon, out_root: &Path, rec: &str, step: u64, aft
 
 /// Wait for `checkpoint.accepted` of `step` logged after `after`.
 #[track_caller]
-fn expect_accepted(d: &mut PmadDaemon, step: u64, after: SystemTime) -> LogLine {
+fn expect_accepted(d: &mut Daemon, step: u64, after: SystemTime) -> Event {
     d.expect(&format!("checkpoint.accepted step {step}"), WAIT, |e| {
         e.is("checkpoint.accepted", step) && e.t >= after
     })
@@ -443,7 +400,7 @@ fn disk_full_then_recovers() {
     let ck = |step: u64| src.join(format!("checkpoint-{step}"));
     let cfg = write_config(&env, &watch, &[SMA2], &out_root, None);
     let out = out_root.join("sma2");
-    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     d.expect("daemon.started", WAIT, |e| e.event() == "daemon.started");
 
     // 1. Two checkpoints: the first output fits.
@@ -904,7 +861,7 @@ fn hostile_inputs_rejected_once_and_daemon_keeps_going() {
 
     let cfg = write_config(&env, &watch, &[SMA2], &out_root, None);
     let out = out_root.join("sma2");
-    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     d.expect("daemon.started", WAIT, |e| e.event() == "daemon.started");
 
     // Phase A: the window is set by good checkpoints.
@@ -1125,7 +1082,7 @@ fn slow_in_place_writer_is_never_accepted_early() {
         .collect();
     fixtures(&env, &jobs);
     let cfg = write_config(&env, &watch, &[SMA2], &out_root, None);
-    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     d.expect("daemon.started", WAIT, |e| e.event() == "daemon.started");
     let t0 = SystemTime::now();
     write_ckpt(&ck(100), &watch.join("checkpoint-100"), FAST);
@@ -1191,7 +1148,7 @@ fn slow_in_place_writer_is_never_accepted_early() {
         if acc.t < end {
             fails.push(format!(
                 "writer {name}: step {step} accepted {} ms BEFORE the writer finished: {}",
-                ms(end, acc.t),
+                ms_since(end, acc.t),
                 acc.line()
             ));
         }
@@ -1221,8 +1178,8 @@ fn slow_in_place_writer_is_never_accepted_early() {
     eprintln!(
         "slow writer: A accepted {} ms after it finished; B accepted {} ms after it finished \
          ({} \"incomplete\" rejection(s) while it paused with its marker present)",
-        ms(acc_a.t, a_end),
-        ms(acc_b.t, b_end),
+        ms_since(acc_a.t, a_end),
+        ms_since(acc_b.t, b_end),
         rej_b.len()
     );
     if !alive || code != Some(0) {
@@ -1279,7 +1236,7 @@ fn vanishing_dirs_mid_scan_are_not_errors() {
         ],
     );
     let cfg = write_config(&env, &watch, &[SMA2], &out_root, None);
-    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     d.expect("daemon.started", WAIT, |e| e.event() == "daemon.started");
     let t0 = SystemTime::now();
     write_ckpt(&ck("checkpoint-100"), &watch.join("checkpoint-100"), FAST);
@@ -1454,7 +1411,7 @@ struct Snap {
     recipe: String,
     copy: PathBuf,
     /// The `merge.emitted` line.
-    line: LogLine,
+    line: Event,
 }
 
 /// Follows pmad's log and copies every emitted output into `dest` right away.
@@ -1469,16 +1426,19 @@ impl Snapshotter {
         let stop2 = stop.clone();
         let handle = std::thread::spawn(move || {
             let mut snaps: Vec<Snap> = Vec::new();
+            let mut log = LogFollower::new(&stdout);
             loop {
                 // Read the flag first: one more pass after it is set catches the last lines.
                 let last = stop2.load(Ordering::Relaxed);
-                let text = std::fs::read_to_string(&stdout).unwrap_or_default();
-                let emitted: Vec<LogLine> = harness::parse_log(&text)
-                    .0
-                    .into_iter()
+                let emitted: Vec<Event> = log
+                    .poll()
+                    .events
+                    .iter()
                     .filter(|e| e.event() == "merge.emitted")
+                    .skip(snaps.len())
+                    .cloned()
                     .collect();
-                for e in emitted.into_iter().skip(snaps.len()) {
+                for e in emitted {
                     let out = PathBuf::from(e.s("out").unwrap_or_default());
                     let recipe = e.s("recipe").unwrap_or_default().to_string();
                     let copy = dest.join(format!(
@@ -1512,7 +1472,7 @@ impl Snapshotter {
 /// it was emitted (judged from pmad's log and the producer's timeline).
 fn check_emissions(
     env: &TestEnv,
-    log: &[LogLine],
+    log: &[Event],
     snaps: &[Snap],
     recipes: &[Rec],
     versions: &[Version],
@@ -1533,11 +1493,7 @@ fn check_emissions(
         );
         let steps = merge_steps(&snap.copy);
         // The copy must be the emission the line reports (not a later replacement).
-        let span = match (steps.first(), steps.last()) {
-            (Some(a), Some(b)) if a != b => format!("{a}..{b}"),
-            (Some(a), _) => a.to_string(),
-            _ => "-".into(),
-        };
+        let span = step_span(&steps);
         if snap.line.s("steps") != Some(span.as_str())
             || snap.line.u("n") != Some(steps.len() as u64)
         {
@@ -1660,7 +1616,7 @@ fn rotation_and_rewrite() {
     );
 
     let cfg = write_config(&env, &watch, &recipes, &out_root, None);
-    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     let snapshotter = Snapshotter::start(d.stdout.clone(), env.mkdir("emitted"));
     d.expect("daemon.started", WAIT, |e| e.event() == "daemon.started");
     let pid = d.pid();
@@ -1723,7 +1679,7 @@ fn rotation_and_rewrite() {
     eprintln!(
         "rotation_and_rewrite: R2 rewrite of 600 started {} ms after gen 1 was complete \
          (pmad had {}mapped it)",
-        ms(r2_start, g1_end),
+        ms_since(r2_start, g1_end),
         if mapped { "" } else { "NOT " }
     );
     assert!(
@@ -1874,7 +1830,7 @@ fn truncated_while_being_read_does_not_kill_pmad() {
     let b0 = mk("checkpoint-200-g0", 2, 200, true);
     let b1 = mk("checkpoint-200-g1", 3, 200, false); // shorter: no __metadata__
     let cfg = write_config(&env, &watch, &[SMA2], &out_root, None);
-    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     let snapshotter = Snapshotter::start(d.stdout.clone(), env.mkdir("emitted"));
     d.expect("daemon.started", WAIT, |e| e.event() == "daemon.started");
     let pid = d.pid();
@@ -1913,15 +1869,15 @@ fn truncated_while_being_read_does_not_kill_pmad() {
     let status = d.status_text();
     let log = d.log();
     let after = |t: SystemTime| log.iter().filter(move |e| e.t >= t);
-    let since: Vec<String> = after(b0_end).map(|e| e.line()).collect();
+    let since: Vec<&str> = after(b0_end).map(|e| e.line()).collect();
     assert!(
         !died,
         "pmad {status} after checkpoint-200/model.safetensors was truncated in place while \
          mapped (pmad mapped it {} ms after the file was complete; truncated {} ms later). \
          A trainer rewriting a checkpoint in place (safetensors <= 0.7 truncates and rewrites) \
          at that moment kills the daemon. Log since the checkpoint landed:\n{}\n{}",
-        ms(mapped_at, b0_end),
-        ms(truncated_at, mapped_at),
+        ms_since(mapped_at, b0_end),
+        ms_since(truncated_at, mapped_at),
         since.join("\n"),
         d.dump(5)
     );
@@ -1961,7 +1917,7 @@ fn truncated_while_being_read_does_not_kill_pmad() {
     eprintln!(
         "truncated while read: A accepted at +{} ms; {n} emission(s) checked; log after the \
          truncation:\n  {}",
-        ms(a_acc.t, a_end),
+        ms_since(a_acc.t, a_end),
         log.iter()
             .filter(|e| e.t >= truncated_at)
             .map(|e| e.line())
@@ -2106,7 +2062,7 @@ fn watched_tree_is_never_modified() {
     let mut model = tree_snapshot(&watch, &["pmad-own"]);
 
     let cfg = write_config(&env, &watch, &recipes, &out_root, Some(&state));
-    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     d.expect("daemon.started", WAIT, |e| e.event() == "daemon.started");
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {

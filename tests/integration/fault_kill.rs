@@ -19,18 +19,14 @@
 //! `PMAD_TEST_KEEP=1` keeps a failing test's temp directory; `PMAD_KILL_SEED=N` changes the
 //! kill loop's seed.
 
-use crate::harness;
-
-use crate::harness::{list_dir, pmad_bin, TestEnv};
+use crate::harness::{self, list_dir, pmad_cmd, Config, Daemon, Event, TestEnv};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 const TMP_PREFIX: &str = ".pmad-tmp-";
 
@@ -192,199 +188,32 @@ impl Recipe {
     }
 }
 
-fn write_config(
-    path: &Path,
+/// The config of these tests: poll and settle 50ms, state in `state` (if any), every recipe
+/// publishing every step into `<out_root>/<name>`, debug log, shutdown grace `grace`.
+fn config(
     watch: &Path,
     out_root: &Path,
     state: Option<&Path>,
     recipes: &[Recipe],
     grace: &str,
-) {
-    write_config_ex(path, watch, out_root, state, "", recipes, grace)
-}
-
-/// [`write_config`] with extra `[state]` lines (e.g. a tiny `memory_budget`).
-fn write_config_ex(
-    path: &Path,
-    watch: &Path,
-    out_root: &Path,
-    state: Option<&Path>,
-    state_extra: &str,
-    recipes: &[Recipe],
-    grace: &str,
-) {
-    let mut t = format!(
-        "[watch]\ndir = {:?}\nlayout = \"hf\"\nmode = \"auto\"\npoll_interval = \"50ms\"\n\
-         settle = \"50ms\"\n\n",
-        watch.display().to_string()
-    );
+) -> Config {
+    let mut c = Config::new(watch).hf_auto().poll("50ms").settle("50ms");
     if let Some(s) = state {
-        t.push_str(&format!(
-            "[state]\ndir = {:?}\n{state_extra}\n\n",
-            s.display().to_string()
-        ));
+        c = c.state("dir", s);
     }
     for r in recipes {
-        t.push_str(&harness::recipe_toml(
-            r.name, r.method, r.window, r.alpha, out_root,
-        ));
+        c = c.recipe(
+            harness::Recipe::sized(r.name, r.method, r.window, r.alpha).all_outputs(out_root),
+        );
     }
-    t.push_str(&harness::daemon_tail_toml("info,pmad=debug", grace));
-    std::fs::write(path, t).expect("write config");
-}
-
-// ------------------------------------------------------------------ the daemon process
-
-/// One `pmad run`, stdout (JSON log) and stderr into files; SIGKILLed when dropped running.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Daemon {
-    fn start(cwd: &Path, config: &Path, log: &Path, fault: Option<&str>) -> Daemon {
-        let stderr = log.with_extension("stderr");
-        let mut cmd = Command::new(pmad_bin());
-        cmd.args(["run", "--config"])
-            .arg(config)
-            .current_dir(cwd)
-            .env_remove("RUST_LOG")
-            .env_remove("PMAD_FAULT")
-            .stdin(Stdio::null())
-            .stdout(File::create(log).expect("create log"))
-            .stderr(File::create(&stderr).expect("create stderr log"));
-        if let Some(f) = fault {
-            cmd.env("PMAD_FAULT", f);
-        }
-        let child = cmd.spawn().expect("start pmad run");
-        Daemon {
-            child,
-            log: log.to_path_buf(),
-            stderr,
-        }
-    }
-
-    fn events(&self) -> Vec<Value> {
-        read_events(&self.log)
-    }
-
-    /// SIGKILL and reap.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn sigterm(&self) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill -TERM");
-    }
-
-    /// Wait for the exit code (-1: died from a signal); None (and SIGKILL) after `timeout`.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait for pmad") {
-                return Some(st.code().unwrap_or(-1));
-            }
-            if Instant::now() >= deadline {
-                self.kill9();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        self.sigterm();
-        self.wait_exit(timeout)
-    }
-
-    /// Wait until `pred` holds for the events logged so far (false on timeout or exit).
-    fn wait_until(&mut self, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if pred(&self.events()) {
-                return true;
-            }
-            if Instant::now() >= deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
-                return pred(&self.events());
-            }
-            std::thread::sleep(Duration::from_millis(3));
-        }
-    }
-
-    /// The log tail and stderr, for failure messages.
-    fn describe(&self) -> String {
-        let evs = self.events();
-        let tail: Vec<String> = evs
-            .iter()
-            .skip(evs.len().saturating_sub(25))
-            .map(short)
-            .collect();
-        format!(
-            "-- log {} (last {} of {} events):\n{}\n-- stderr:\n{}",
-            self.log.display(),
-            tail.len(),
-            evs.len(),
-            tail.join("\n"),
-            std::fs::read_to_string(&self.stderr).unwrap_or_default()
-        )
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.kill9();
-        }
-    }
+    c.no_server().json_log("info,pmad=debug").grace(grace)
 }
 
 // ------------------------------------------------------------------ log events
 
-/// Complete JSON lines of a log that carry an `event`.
-fn read_events(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
-    };
-    complete
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"].is_string())
-        .collect()
-}
-
-fn name(e: &Value) -> &str {
-    e["event"].as_str().unwrap_or("")
-}
-
-fn is(e: &Value, event: &str) -> bool {
-    name(e) == event
-}
-
-/// One event on one line without the timestamp noise.
-fn short(e: &Value) -> String {
-    let mut v = e.clone();
-    if let Some(o) = v.as_object_mut() {
-        o.remove("timestamp");
-        o.remove("level");
-        if let Some(ts) = e["timestamp"].as_str() {
-            return format!("{} {}", ts.get(11..23).unwrap_or(ts), v);
-        }
-    }
-    v.to_string()
-}
-
-fn ts(e: &Value) -> Option<SystemTime> {
-    humantime::parse_rfc3339_weak(e["timestamp"].as_str()?).ok()
-}
-
 /// Step of a `merge.emitted` (from its `out` path).
-fn emitted_step(e: &Value) -> Option<u64> {
-    let out = e["out"].as_str()?;
+fn emitted_step(e: &Event) -> Option<u64> {
+    let out = e.s("out")?;
     Path::new(out)
         .file_name()?
         .to_str()?
@@ -393,30 +222,31 @@ fn emitted_step(e: &Value) -> Option<u64> {
         .ok()
 }
 
-fn recipe_of(e: &Value) -> &str {
-    e["recipe"].as_str().unwrap_or("")
+fn recipe_of(e: &Event) -> &str {
+    e.s("recipe").unwrap_or("")
 }
 
 /// Whether `recipe` logged the end (emitted or failed) of an emission of `step`.
-fn emission_ended(evs: &[Value], recipe: &str, step: u64) -> bool {
+fn emission_ended(evs: &[Event], recipe: &str, step: u64) -> bool {
     evs.iter().any(|e| {
         recipe_of(e) == recipe
-            && ((is(e, "merge.emitted") && emitted_step(e) == Some(step))
-                || (is(e, "merge.failed") && e["step"].as_u64() == Some(step)))
+            && ((e.event() == "merge.emitted" && emitted_step(e) == Some(step))
+                || (e.event() == "merge.failed" && e.u("step") == Some(step)))
     })
 }
 
-fn emitted(evs: &[Value], recipe: &str, step: u64) -> bool {
-    evs.iter()
-        .any(|e| is(e, "merge.emitted") && recipe_of(e) == recipe && emitted_step(e) == Some(step))
+fn emitted(evs: &[Event], recipe: &str, step: u64) -> bool {
+    evs.iter().any(|e| {
+        e.event() == "merge.emitted" && recipe_of(e) == recipe && emitted_step(e) == Some(step)
+    })
 }
 
 /// `merge.failed` (other than a shutdown cancel) and `state.saved ok=false` lines.
-fn failures(evs: &[Value]) -> Vec<&Value> {
+fn failures(evs: &[Event]) -> Vec<&Event> {
     evs.iter()
         .filter(|e| {
-            (is(e, "merge.failed") && e["reason"].as_str() != Some("cancelled"))
-                || (is(e, "state.saved") && e["ok"].as_bool() == Some(false))
+            (e.event() == "merge.failed" && e.s("reason") != Some("cancelled"))
+                || (e.event() == "state.saved" && e.b("ok") == Some(false))
         })
         .collect()
 }
@@ -577,31 +407,24 @@ fn reference_run(
     }
     let out_root = root.join("out");
     let cfg = root.join("pmad.toml");
-    write_config(
-        &cfg,
-        &watch,
-        &out_root,
-        Some(&root.join("state")),
-        recipes,
-        "20s",
-    );
+    config(&watch, &out_root, Some(&root.join("state")), recipes, "20s").write(&cfg);
     let last = *steps.last().expect("steps");
-    let mut d = Daemon::start(&root, &cfg, &root.join("run.log"), None);
+    let mut d = Daemon::builder(&cfg).tag("run").start();
     let done = d.wait_until(Duration::from_secs(180), |evs| {
         recipes.iter().all(|r| emitted(evs, r.name, last))
     });
     assert!(
         done,
         "reference run did not publish step {last}\n{}",
-        d.describe()
+        d.dump(25)
     );
     let code = d.terminate(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "reference run exit\n{}", d.describe());
-    let evs = d.events();
+    assert_eq!(code, Some(0), "reference run exit\n{}", d.dump(25));
+    let evs = d.log();
     assert!(
         failures(&evs).is_empty(),
         "reference run logged failures\n{}",
-        d.describe()
+        d.dump(25)
     );
     let mut out = RefOutputs::new();
     let mut cache = OutCache::new();
@@ -679,18 +502,20 @@ const T1_ADD_EVERY: usize = 4;
 
 #[test]
 fn kill_loop_recovers() {
-    kill_loop("", T1_KILLS);
+    kill_loop(None, T1_KILLS);
 }
 
 /// T1 with the accumulators file-backed (double-buffered generation files, saved by fsync
 /// and named by the manifest): the same promises after every kill.
 #[test]
 fn kill_loop_recovers_file_backed() {
-    kill_loop("memory_budget = \"4KB\"", T1_KILLS / 2);
+    kill_loop(Some("4KB"), T1_KILLS / 2);
 }
 
-fn kill_loop(state_extra: &str, want_kills: u32) {
-    let file_backed = !state_extra.is_empty();
+/// The kill loop; `memory_budget` set (far below the sums' size) makes the accumulators
+/// file-backed.
+fn kill_loop(memory_budget: Option<&str>, want_kills: u32) {
+    let file_backed = memory_budget.is_some();
     let t_start = Instant::now();
     let env = TestEnv::new();
     // 2 MiB of bf16 per checkpoint: in a debug build an emission takes a few hundred ms and
@@ -715,15 +540,13 @@ fn kill_loop(state_extra: &str, want_kills: u32) {
     let state = root.join("state");
     let out_root = root.join("out");
     let cfg = root.join("pmad.toml");
-    write_config_ex(
-        &cfg,
-        &watch,
-        &out_root,
-        Some(&state),
-        state_extra,
-        &T1_RECIPES,
-        "20s",
-    );
+    let mut c = config(&watch, &out_root, Some(&state), &T1_RECIPES, "20s");
+    if let Some(m) = memory_budget {
+        c = c.state("memory_budget", m);
+    }
+    c.write(&cfg);
+    // Every run of the loop logs to logs/run-NNN.*.log.
+    let run = Daemon::builder(&cfg).cwd(&root).log_dir(&logs);
 
     let seed = std::env::var("PMAD_KILL_SEED")
         .ok()
@@ -777,8 +600,7 @@ fn kill_loop(state_extra: &str, want_kills: u32) {
         }
         let busy = processed < added + to_add.len();
         added += to_add.len();
-        let log = logs.join(format!("run-{i:03}.log"));
-        let mut d = Daemon::start(&root, &cfg, &log, None);
+        let mut d = run.clone().tag(&format!("run-{i:03}")).start();
         for s in &in_place {
             copy_ckpt(&stage.join(ckpt_name(*s)), &watch.join(ckpt_name(*s)));
         }
@@ -798,14 +620,14 @@ fn kill_loop(state_extra: &str, want_kills: u32) {
                 // The accumulator save follows window.updated at once.
                 d.wait_until(Duration::from_millis(1000), |evs| {
                     evs.iter()
-                        .any(|e| is(e, "window.updated") && e["step"].is_u64())
+                        .any(|e| e.event() == "window.updated" && e.u("step").is_some())
                 });
                 std::thread::sleep(Duration::from_millis(r * 60 / 1000));
                 "window.updated + 0-60ms"
             }
             _ => {
                 d.wait_until(Duration::from_millis(1000), |evs| {
-                    evs.iter().any(|e| is(e, "merge.started"))
+                    evs.iter().any(|e| e.event() == "merge.started")
                 });
                 std::thread::sleep(Duration::from_millis(r / 5));
                 "merge.started + 0-200ms"
@@ -814,8 +636,8 @@ fn kill_loop(state_extra: &str, want_kills: u32) {
         d.kill9();
         kills += 1;
         *modes.entry(mode).or_default() += 1;
-        let evs = d.events();
-        let lastev = evs.last().map(|e| name(e).to_string());
+        let evs = d.log();
+        let lastev = evs.last().map(|e| e.event().to_string());
         *last_event
             .entry(lastev.unwrap_or_else(|| "(nothing logged)".into()))
             .or_default() += 1;
@@ -824,7 +646,7 @@ fn kill_loop(state_extra: &str, want_kills: u32) {
         if !state_tmps(&state).is_empty() || pmad::accum::generations(&state).len() > 2 {
             in_save += 1;
         }
-        let started = evs.iter().any(|e| is(e, "daemon.started"));
+        let started = evs.iter().any(|e| e.event() == "daemon.started");
         if started {
             for p in unswept.drain(..) {
                 swept += 1;
@@ -891,7 +713,7 @@ fn kill_loop(state_extra: &str, want_kills: u32) {
 
     // Let pmad finish without being killed.
     let t_final = Instant::now();
-    let mut d = Daemon::start(&root, &cfg, &logs.join("final.log"), None);
+    let mut d = run.tag("final").start();
     let caught_up = d.wait_until(Duration::from_secs(180), |_| {
         T1_RECIPES.iter().all(|r| {
             let od = out_root.join(r.name);
@@ -908,18 +730,18 @@ fn kill_loop(state_extra: &str, want_kills: u32) {
     if !caught_up {
         problems.push(format!(
             "the final run did not publish every step up to {last}\n{}",
-            d.describe()
+            d.dump(25)
         ));
     }
     if code != Some(0) {
-        problems.push(format!("final run: exit code {code:?}\n{}", d.describe()));
+        problems.push(format!("final run: exit code {code:?}\n{}", d.dump(25)));
     }
-    let fevs = d.events();
-    if !fevs.iter().any(|e| is(e, "shutdown.completed")) {
+    let fevs = d.log();
+    if !fevs.iter().any(|e| e.event() == "shutdown.completed") {
         problems.push("final run: no shutdown.completed".into());
     }
     for f in failures(&fevs) {
-        problems.push(format!("final run logged a failure: {}", short(f)));
+        problems.push(format!("final run logged a failure: {}", f.short()));
     }
     for p in unswept.drain(..) {
         if p.symlink_metadata().is_ok() {
@@ -1045,28 +867,28 @@ fn run_until_step(
     fault: Option<&str>,
     step: u64,
     problems: &mut Vec<String>,
-) -> Vec<Value> {
+) -> Vec<Event> {
     let what = format!("{} run", fault.unwrap_or("clean"));
-    let mut d = Daemon::start(root, cfg, &root.join(log), fault);
+    let mut d = Daemon::builder(cfg).cwd(root).tag(log).fault(fault).start();
     let done = d.wait_until(Duration::from_secs(40), |evs| {
         T2_RECIPES.iter().all(|r| emission_ended(evs, r.name, step))
     });
     if !done {
         problems.push(format!(
             "{what}: step {step} was not processed by every recipe\n{}",
-            d.describe()
+            d.dump(25)
         ));
     }
     let code = d.terminate(Duration::from_secs(20));
     if code != Some(0) {
         problems.push(format!(
             "{what}: exit code {code:?} after SIGTERM (want 0)\n{}",
-            d.describe()
+            d.dump(25)
         ));
     }
-    let evs = d.events();
-    if !evs.iter().any(|e| is(e, "shutdown.completed")) {
-        problems.push(format!("{what}: no shutdown.completed\n{}", d.describe()));
+    let evs = d.log();
+    if !evs.iter().any(|e| e.event() == "shutdown.completed") {
+        problems.push(format!("{what}: no shutdown.completed\n{}", d.dump(25)));
     }
     evs
 }
@@ -1117,24 +939,24 @@ fn fault_case(env: &TestEnv, stage: &Path, reference: &RefOutputs, op: &str, n: 
     let out_root = root.join("out");
     let state = root.join("state");
     let cfg = root.join("pmad.toml");
-    write_config(&cfg, &watch, &out_root, Some(&state), &T2_RECIPES, "10s");
+    config(&watch, &out_root, Some(&state), &T2_RECIPES, "10s").write(&cfg);
 
     // 1. With the fault, on checkpoints 100..300.
     let mut problems = Vec::new();
-    let evs = run_until_step(&root, &cfg, "fault.log", Some(&fault), 300, &mut problems);
+    let evs = run_until_step(&root, &cfg, "fault", Some(&fault), 300, &mut problems);
     let fails = failures(&evs);
     for f in &fails {
-        let err = f["error"].as_str().unwrap_or("");
-        if f["errno"].as_u64() != Some(5) || f["reason"].as_str() != Some("io") {
+        let err = f.s("error").unwrap_or("");
+        if f.u("errno") != Some(5) || f.s("reason") != Some("io") {
             problems.push(format!(
                 "failure line without errno 5 / reason io: {}",
-                short(f)
+                f.short()
             ));
         }
         if !err.contains(op) || !err.contains('/') {
             problems.push(format!(
                 "failure line does not name the {op} and its path: {}",
-                short(f)
+                f.short()
             ));
         }
     }
@@ -1144,12 +966,12 @@ fn fault_case(env: &TestEnv, stage: &Path, reference: &RefOutputs, op: &str, n: 
             fails.len(),
             fails
                 .iter()
-                .map(|f| short(f))
+                .map(|f| f.short())
                 .collect::<Vec<_>>()
                 .join("\n")
         ));
     }
-    c.hit = fails.first().map(|f| short(f));
+    c.hit = fails.first().map(|f| f.short());
     let scans = check_outputs(
         "after the fault run",
         &out_root,
@@ -1157,8 +979,8 @@ fn fault_case(env: &TestEnv, stage: &Path, reference: &RefOutputs, op: &str, n: 
         reference,
         &mut problems,
     );
-    for f in fails.iter().filter(|f| is(f, "merge.failed")) {
-        let (r, s) = (recipe_of(f), f["step"].as_u64().unwrap_or(0));
+    for f in fails.iter().filter(|f| f.event() == "merge.failed") {
+        let (r, s) = (recipe_of(f), f.u("step").unwrap_or(0));
         // Never retried within the run: the failed emission is not also reported emitted.
         if emitted(&evs, r, s) {
             problems.push(format!(
@@ -1170,7 +992,7 @@ fn fault_case(env: &TestEnv, stage: &Path, reference: &RefOutputs, op: &str, n: 
             c.notes.push(format!(
                 "{r}/step-{s} is published (complete) although its emission was reported \
                  failed; LATEST = {latest:?}; failure: {}",
-                short(f)
+                f.short()
             ));
         }
     }
@@ -1193,9 +1015,9 @@ fn fault_case(env: &TestEnv, stage: &Path, reference: &RefOutputs, op: &str, n: 
     // 2. Restart without the fault; one more checkpoint arrives.
     let mut problems = Vec::new();
     add_by_rename(stage, &root, &watch, 400);
-    let evs = run_until_step(&root, &cfg, "restart.log", None, 400, &mut problems);
+    let evs = run_until_step(&root, &cfg, "restart", None, 400, &mut problems);
     for f in failures(&evs) {
-        problems.push(format!("restart without the fault logged: {}", short(f)));
+        problems.push(format!("restart without the fault logged: {}", f.short()));
     }
     let scans = check_outputs(
         "after the restart",
@@ -1317,13 +1139,10 @@ fn injected_failures_never_publish_garbage() {
 fn merge_cli_faults(env: &TestEnv, stage: &Path) -> (Vec<String>, String) {
     let inputs = [stage.join(ckpt_name(100)), stage.join(ckpt_name(200))];
     let merge = |parent: &Path, fault: Option<&str>| {
-        let mut cmd = Command::new(pmad_bin());
+        let mut cmd = pmad_cmd(env.path());
         cmd.args(["merge", "--method", "sma", "--out"])
             .arg(parent.join("out"))
-            .args(&inputs)
-            .current_dir(env.path())
-            .env_remove("RUST_LOG")
-            .env_remove("PMAD_FAULT");
+            .args(&inputs);
         if let Some(f) = fault {
             cmd.env("PMAD_FAULT", f);
         }
@@ -1406,23 +1225,20 @@ fn failed_accumulator_save_keeps_resume_exact() {
                     }
                     let (out_root, state) = (root.join("out"), root.join("state"));
                     let cfg = root.join("pmad.toml");
-                    write_config(&cfg, &watch, &out_root, Some(&state), &T2_RECIPES, "10s");
-                    run_until_step(&root, &cfg, "a.log", None, 200, &mut problems);
+                    config(&watch, &out_root, Some(&state), &T2_RECIPES, "10s").write(&cfg);
+                    run_until_step(&root, &cfg, "a", None, 200, &mut problems);
                     add_by_rename(stage, &root, &watch, 300);
                     let fault = format!("{op}:1:acc-");
-                    let evs =
-                        run_until_step(&root, &cfg, "b.log", Some(&fault), 300, &mut problems);
+                    let evs = run_until_step(&root, &cfg, "b", Some(&fault), 300, &mut problems);
                     let fails = failures(&evs);
                     let acc_hit = fails.len() == 1
-                        && is(fails[0], "state.saved")
-                        && fails[0]["error"]
-                            .as_str()
-                            .is_some_and(|e| e.contains("acc-"));
+                        && fails[0].event() == "state.saved"
+                        && fails[0].s("error").is_some_and(|e| e.contains("acc-"));
                     if !acc_hit {
                         problems.push(format!(
                             "[{fault}] expected one state.saved ok=false on the accumulator \
                              file, got {:?}",
-                            fails.iter().map(|f| short(f)).collect::<Vec<_>>()
+                            fails.iter().map(|f| f.short()).collect::<Vec<_>>()
                         ));
                     }
                     check_outputs(
@@ -1433,11 +1249,11 @@ fn failed_accumulator_save_keeps_resume_exact() {
                         &mut problems,
                     );
                     add_by_rename(stage, &root, &watch, 400);
-                    let evs = run_until_step(&root, &cfg, "c.log", None, 400, &mut problems);
+                    let evs = run_until_step(&root, &cfg, "c", None, 400, &mut problems);
                     let restored: Vec<String> = evs
                         .iter()
-                        .filter(|e| is(e, "state.restored"))
-                        .map(short)
+                        .filter(|e| e.event() == "state.restored")
+                        .map(Event::short)
                         .collect();
                     let scans = check_outputs(
                         "after the restart",
@@ -1508,14 +1324,14 @@ fn sigterm_during_emission_is_clean() {
             link_ckpt(&stage.join(ckpt_name(s)), &watch.join(ckpt_name(s)));
         }
         let cfg = root.join("pmad.toml");
-        write_config(&cfg, &watch, &root.join("out"), None, &recipes, grace);
-        let d = Daemon::start(&root, &cfg, &root.join("run.log"), None);
+        config(&watch, &root.join("out"), None, &recipes, grace).write(&cfg);
+        let d = Daemon::builder(&cfg).tag("run").start();
         (root, d)
     };
     let started = |step: u64| {
-        move |evs: &[Value]| {
+        move |evs: &[Event]| {
             evs.iter()
-                .any(|e| is(e, "merge.started") && e["step"].as_u64() == Some(step))
+                .any(|e| e.event() == "merge.started" && e.u("step") == Some(step))
         }
     };
 
@@ -1527,13 +1343,13 @@ fn sigterm_during_emission_is_clean() {
         assert!(
             d.wait_until(Duration::from_secs(90), started(300)),
             "step-300's emission did not start\n{}",
-            d.describe()
+            d.dump(25)
         );
         std::thread::sleep(Duration::from_millis(100));
         assert!(
-            !emitted(&d.events(), "sma2", 300),
+            !emitted(&d.log(), "sma2", 300),
             "the emission finished within 100 ms: make the checkpoints bigger\n{}",
-            d.describe()
+            d.dump(25)
         );
         let tmp_before = list_dir(&out)
             .iter()
@@ -1543,36 +1359,36 @@ fn sigterm_during_emission_is_clean() {
         d.sigterm();
         let code = d.wait_exit(grace + Duration::from_secs(20));
         let took = t.elapsed();
-        let evs = d.events();
+        let evs = d.log();
         report.push(format!(
             "grace 200ms: exit {code:?} {} after SIGTERM (temp dirs at SIGTERM: {tmp_before})",
             ms(took)
         ));
         if code != Some(0) {
-            problems.push(format!("grace 200ms: exit code {code:?}\n{}", d.describe()));
+            problems.push(format!("grace 200ms: exit code {code:?}\n{}", d.dump(25)));
         }
         if took > grace + Duration::from_secs(3) {
             problems.push(format!(
                 "grace 200ms: exit took {} after SIGTERM (grace + 3 s allowed)\n{}",
                 ms(took),
-                d.describe()
+                d.dump(25)
             ));
         }
         for ev in ["shutdown.started", "shutdown.completed"] {
-            if !evs.iter().any(|e| is(e, ev)) {
-                problems.push(format!("grace 200ms: no {ev}\n{}", d.describe()));
+            if !evs.iter().any(|e| e.event() == ev) {
+                problems.push(format!("grace 200ms: no {ev}\n{}", d.dump(25)));
             }
         }
         let finished = emitted(&evs, "sma2", 300);
         let cancelled = evs.iter().any(|e| {
-            is(e, "merge.failed")
-                && e["step"].as_u64() == Some(300)
-                && e["reason"].as_str() == Some("cancelled")
+            e.event() == "merge.failed"
+                && e.u("step") == Some(300)
+                && e.s("reason") == Some("cancelled")
         });
         if !finished && !cancelled {
             problems.push(format!(
                 "grace 200ms: step-300's emission neither finished nor was cancelled\n{}",
-                d.describe()
+                d.dump(25)
             ));
         }
         let mut cache = OutCache::new();
@@ -1600,51 +1416,51 @@ fn sigterm_during_emission_is_clean() {
         assert!(
             d.wait_until(Duration::from_secs(90), started(200)),
             "step-200's emission did not start\n{}",
-            d.describe()
+            d.dump(25)
         );
         std::thread::sleep(Duration::from_millis(100));
         assert!(
-            !emitted(&d.events(), "sma2", 200),
+            !emitted(&d.log(), "sma2", 200),
             "the emission finished within 100 ms: make the checkpoints bigger\n{}",
-            d.describe()
+            d.dump(25)
         );
         let t = Instant::now();
         d.sigterm();
         let code = d.wait_exit(Duration::from_secs(90));
         let took = t.elapsed();
-        let evs = d.events();
+        let evs = d.log();
         report.push(format!(
             "grace 60s: exit {code:?} {} after SIGTERM",
             ms(took)
         ));
         if code != Some(0) {
-            problems.push(format!("grace 60s: exit code {code:?}\n{}", d.describe()));
+            problems.push(format!("grace 60s: exit code {code:?}\n{}", d.dump(25)));
         }
-        let stop = evs.iter().position(|e| is(e, "shutdown.started"));
-        let done = evs.iter().position(|e| is(e, "shutdown.completed"));
+        let stop = evs.iter().position(|e| e.event() == "shutdown.started");
+        let done = evs.iter().position(|e| e.event() == "shutdown.completed");
         let em = evs
             .iter()
-            .position(|e| is(e, "merge.emitted") && emitted_step(e) == Some(200));
+            .position(|e| e.event() == "merge.emitted" && emitted_step(e) == Some(200));
         match (stop, em, done) {
             (Some(s), Some(m), Some(c)) if s < m && m < c => {
                 let after: Vec<String> = evs[s + 1..]
                     .iter()
                     .filter(|e| {
-                        is(e, "checkpoint.accepted")
-                            || is(e, "merge.started")
-                            || (is(e, "window.updated") && e["step"].is_u64())
+                        e.event() == "checkpoint.accepted"
+                            || e.event() == "merge.started"
+                            || (e.event() == "window.updated" && e.u("step").is_some())
                     })
-                    .map(short)
+                    .map(Event::short)
                     .collect();
                 if !after.is_empty() {
                     problems.push(format!(
                         "grace 60s: intake went on after SIGTERM (shutdown.started): \n{}\n{}",
                         after.join("\n"),
-                        d.describe()
+                        d.dump(25)
                     ));
                 }
-                if let (Some(a), Some(b)) = (ts(&evs[m]), ts(&evs[c])) {
-                    let gap = b.duration_since(a).unwrap_or_default();
+                {
+                    let gap = evs[c].t.duration_since(evs[m].t).unwrap_or_default();
                     report.push(format!(
                         "grace 60s: shutdown.completed {} after step-200's merge.emitted",
                         ms(gap)
@@ -1661,7 +1477,7 @@ fn sigterm_during_emission_is_clean() {
             _ => problems.push(format!(
                 "grace 60s: want shutdown.started, then step-200's merge.emitted, then \
                  shutdown.completed\n{}",
-                d.describe()
+                d.dump(25)
             )),
         }
         let mut cache = OutCache::new();
