@@ -6,8 +6,6 @@
 //! checkpoint versions its merge.json lists, and the log, LATEST, temp dirs and the watched
 //! directory are checked against the contract (design.md, reliability.md).
 //!
-//! Also: `pmad check-config` on good and bad configs, and `pmad run` on a missing watch.dir.
-//!
 //! Set `PMAD_TEST_KEEP=1` to keep a failing test's temp directory.
 
 use crate::harness::{
@@ -1454,125 +1452,6 @@ fn daemon_bf16_slow_rotation() {
         restart: None,
         slow_delete: true,
     });
-}
-
-// ------------------------------------------------------------------------- check-config
-
-#[test]
-fn check_config_prints_resolved_settings() {
-    let env = TestEnv::new();
-    let example = crate::harness::repo_root().join("config/pmad.toml");
-    let r = env.pmad([std::ffi::OsStr::new("check-config"), example.as_os_str()]);
-    r.expect_ok();
-    for want in [
-        "[watch]",
-        "/ckpt",
-        "poll_interval",
-        "10s",
-        "settle",
-        "5s",
-        "[phase]",
-        "[state]",
-        "sma10",
-        "ema",
-        "/ckpt-merged/sma10",
-    ] {
-        assert!(
-            r.stdout.contains(want),
-            "check-config output lacks {want:?}\n{}",
-            r.describe()
-        );
-    }
-}
-
-/// A valid config that the cases below break one edit at a time.
-fn good_config() -> String {
-    Config::new(Path::new("/ckpt"))
-        .poll("1s")
-        .recipe(Recipe::sma("sma3", 3).out_dir(Path::new("/merged/sma3")))
-        .recipe(Recipe::ema("ema", 0.3).out_dir(Path::new("/merged/ema")))
-        .text()
-}
-
-#[test]
-fn check_config_rejects_bad_keys_and_values() {
-    let env = TestEnv::new();
-    let good_text = good_config();
-    let good = env.join("good.toml");
-    std::fs::write(&good, &good_text).unwrap();
-    env.pmad([std::ffi::OsStr::new("check-config"), good.as_os_str()])
-        .expect_ok();
-    // (edit, text the error must contain)
-    let cases: [(&str, &str, &[&str]); 7] = [
-        ("window = 3", "window = 0", &["recipe[0].window"]),
-        ("window = 3", "window = 3\nwindoww = 4", &["windoww"]),
-        (
-            "poll_interval = \"1s\"",
-            "poll_interval = \"fast\"",
-            &["watch.poll_interval", "fast"],
-        ),
-        ("alpha = 0.3", "alpha = 1.5", &["recipe[1].alpha", "1.5"]),
-        ("alpha = 0.3", "", &["recipe[1].alpha"]),
-        (
-            "method = \"sma\"",
-            "method = \"median\"",
-            &["recipe[0].method", "median"],
-        ),
-        ("[watch]", "[watch]\nbogus = true", &["bogus"]),
-    ];
-    let mut failures = Vec::new();
-    for (i, (from, to, wants)) in cases.iter().enumerate() {
-        let text = good_text.replacen(from, to, 1);
-        assert_ne!(text, good_text, "case {i}: edit did not apply");
-        let p = env.join(format!("bad{i}.toml"));
-        std::fs::write(&p, &text).unwrap();
-        let r = env.pmad([std::ffi::OsStr::new("check-config"), p.as_os_str()]);
-        let all = format!("{}{}", r.stdout, r.stderr);
-        if r.code != 2 || wants.iter().any(|w| !all.contains(w)) || !all.contains(&s(&p)) {
-            failures.push(format!(
-                "case {i} ({to:?}): expected exit 2 and a message naming {wants:?} and the file\n{}",
-                r.describe()
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-}
-
-#[test]
-fn run_waits_for_a_missing_watch_dir() {
-    // A sidecar starts before the trainer creates its output directory: pmad must say it is
-    // waiting (naming the directory), keep running, and start work once it appears.
-    let env = TestEnv::new();
-    let missing = env.join("not-yet");
-    let cfg = Config::new(&missing)
-        .poll("200ms")
-        .settle("100ms")
-        .recipe(Recipe::sma("a", 2).out_dir(&env.join("out/a")))
-        .no_server()
-        .json_log("")
-        .write(&env.join("c.toml"));
-    let mut d = Daemon::start(env.path(), &cfg, "pmad");
-    let w = d.expect("watch.waiting", Duration::from_secs(10), |e| {
-        e.event() == "watch.waiting"
-    });
-    assert_eq!(w.s("dir"), Some(s(&missing).as_str()), "{}", w.line());
-    assert!(!missing.exists(), "pmad created the watched directory");
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(d.alive(), "pmad exited while waiting\n{}", d.dump(20));
-    std::fs::create_dir(&missing).unwrap();
-    for (i, step) in [100u32, 200].iter().enumerate() {
-        env.make(
-            &format!("not-yet/checkpoint-{step}"),
-            "bf16",
-            i as u32,
-            *step,
-            &[],
-        );
-    }
-    d.expect("an emission", Duration::from_secs(20), |e| {
-        e.event() == "merge.emitted"
-    });
-    assert_eq!(d.terminate(Duration::from_secs(20)), Some(0));
 }
 
 /// The oracle-artefact filter accepts only values within float64 noise of the oracle's mean.

@@ -1,9 +1,10 @@
 //! Daemon features not covered by the end-to-end and fault tests: `on_emit` hooks (placeholders,
 //! timeout), `keep` retention, `emit_interval`, text log format, an EMA resumed from
 //! `state.dir` after the checkpoints it absorbed were rotated away (accumulators in RAM and
-//! file-backed), and a state save lost after an output was published.
+//! file-backed), a state save lost after an output was published, and a watch.dir that does
+//! not exist yet when pmad starts.
 
-use crate::harness::{outputs, Config, Daemon, Recipe, TestEnv};
+use crate::harness::{outputs, s, Config, Daemon, Recipe, TestEnv};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -356,4 +357,41 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
         resumed == reference,
         "EMA after the lost save differs from an uninterrupted run"
     );
+}
+
+#[test]
+fn run_waits_for_a_missing_watch_dir() {
+    // A sidecar starts before the trainer creates its output directory: pmad must say it is
+    // waiting (naming the directory), keep running, and start work once it appears.
+    let env = TestEnv::new();
+    let missing = env.join("not-yet");
+    let cfg = Config::new(&missing)
+        .poll("200ms")
+        .settle("100ms")
+        .recipe(Recipe::sma("a", 2).out_dir(&env.join("out/a")))
+        .no_server()
+        .json_log("")
+        .write(&env.join("c.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
+    let w = d.expect("watch.waiting", Duration::from_secs(10), |e| {
+        e.event() == "watch.waiting"
+    });
+    assert_eq!(w.s("dir"), Some(s(&missing).as_str()), "{}", w.line());
+    assert!(!missing.exists(), "pmad created the watched directory");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.alive(), "pmad exited while waiting\n{}", d.dump(20));
+    std::fs::create_dir(&missing).unwrap();
+    for (i, step) in [100u32, 200].iter().enumerate() {
+        env.make(
+            &format!("not-yet/checkpoint-{step}"),
+            "bf16",
+            i as u32,
+            *step,
+            &[],
+        );
+    }
+    d.expect("an emission", Duration::from_secs(20), |e| {
+        e.event() == "merge.emitted"
+    });
+    assert_eq!(d.terminate(Duration::from_secs(20)), Some(0));
 }

@@ -294,6 +294,29 @@ impl Drop for TestEnv {
     }
 }
 
+/// Tensors every fixture checkpoint holds (fixtures.py FLOAT_TENSORS + integer/bool ones).
+pub const FIXTURE_TENSORS: [&str; 8] = [
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.mlp.up_proj.weight",
+    "model.norm.weight",
+    "scale",
+    "empty",
+    "position_ids",
+    "mask",
+];
+/// Panic with every collected failure at once (tests that check many cases report all of
+/// them, not just the first).
+#[track_caller]
+pub fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
 /// Names of the entries of `dir`, sorted (empty if it does not exist).
 pub fn list_dir(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(dir) {
