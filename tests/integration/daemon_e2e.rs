@@ -3,8 +3,11 @@
 //! `save_total_limit = 4`, and once restarts training from an earlier step (rewriting
 //! checkpoints in place with different data). Every published output is then checked against
 //! the independent float64 oracle (`tests/py/oracle.py`) on pristine copies of exactly the
-//! checkpoint versions its merge.json lists, and the log, LATEST, temp dirs and the watched
-//! directory are checked against the contract (design.md, reliability.md).
+//! checkpoint versions its merge.json lists. Also checked: only complete checkpoints are
+//! accepted, a rewrite is seen as `source.changed`, one `merge.emitted` per output, `LATEST`
+//! always names a complete output, no temp dir is left, rotated checkpoints are not held
+//! open, the watched directory keeps exactly what the producer wrote, and SIGTERM ends the
+//! daemon cleanly (promises 1, 4 and 5 of `docs/reliability.md`).
 //!
 //! Set `PMAD_TEST_KEEP=1` to keep a failing test's temp directory.
 
@@ -1424,8 +1427,9 @@ fn daemon_f32_rotation_and_restart() {
 }
 
 /// fixtures.py edge values (signed zeros, subnormals, rounding ties, +/- values just below
-/// max/2) through the daemon's incremental sums: the design promises the same result as a
-/// one-shot merge of the window (bf16 within 1 ulp).
+/// max/2) through the daemon's incremental sums: they must give the same result as a one-shot
+/// merge of the window (bf16 within 1 ulp, as `pmad merge` promises in README "Merge
+/// semantics").
 #[test]
 fn daemon_bf16_edge_values() {
     run_scenario(Scenario {

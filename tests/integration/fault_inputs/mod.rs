@@ -117,8 +117,8 @@ fn fixtures(env: &TestEnv, jobs: &[Vec<String>]) {
     }
 }
 
-/// Rank of a checkpoint file in the order the HF Trainer writes them (formats.md): config,
-/// weights, index, tokenizer, training files, trainer_state.json last.
+/// Rank of a checkpoint file in the order the HF Trainer writes them: config, weights, index,
+/// tokenizer, training files, and trainer_state.json (the marker pmad waits for) last.
 fn trainer_rank(name: &str) -> u32 {
     match name {
         "config.json" => 0,
