@@ -1,11 +1,9 @@
 //! The HTTP endpoints of `pmad run`, scraped from a real daemon.
 
-mod common;
-
-use common::{pmad_bin, TestEnv};
-use std::io::{BufRead, BufReader, Read, Write};
+use crate::harness::{Config, Daemon, Recipe, TestEnv};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// GET a path; returns (status code, body).
@@ -40,64 +38,31 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-struct Daemon {
-    child: Child,
+/// A running daemon and the address its HTTP server listens on.
+struct Server {
+    d: Daemon,
     addr: String,
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
-fn start(env: &TestEnv, watch: &std::path::Path) -> Daemon {
+fn start(env: &TestEnv, watch: &Path) -> Server {
     start_with(env, watch, "100ms")
 }
 
-fn start_with(env: &TestEnv, watch: &std::path::Path, poll: &str) -> Daemon {
-    let cfg = env.join("pmad.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[watch]
-dir = {watch:?}
-poll_interval = "{poll}"
-settle = "100ms"
-[[recipe]]
-name = "sma2"
-method = "sma"
-window = 2
-out_dir = {out:?}
-[server]
-listen = "127.0.0.1:0"
-[log]
-format = "json"
-"#,
-            out = env.join("out/sma2")
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(pmad_bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start pmad");
+fn start_with(env: &TestEnv, watch: &Path, poll: &str) -> Server {
+    let cfg = Config::new(watch)
+        .poll(poll)
+        .settle("100ms")
+        .recipe(Recipe::sma("sma2", 2).out_dir(&env.join("out/sma2")))
+        .set("server", "listen", "127.0.0.1:0")
+        .json_log("")
+        .write(&env.join("pmad.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     // The bound address is in the server.started event.
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("pmad exited before listening").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["event"] == "server.started" {
-            break v["listen"].as_str().unwrap().to_string();
-        }
-    };
-    // Keep draining stdout so the daemon never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Daemon { child, addr }
+    let started = d.expect("server.started", Duration::from_secs(30), |e| {
+        e.event() == "server.started"
+    });
+    let addr = started.s("listen").expect("listen address").to_string();
+    Server { d, addr }
 }
 
 #[test]
@@ -176,20 +141,12 @@ fn endpoints_report_health_readiness_metrics_and_status() {
     assert_eq!(get(&d.addr, "/readyz").0, 200);
 
     // SIGTERM: clean exit, and the port is closed.
-    let pid = d.child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = d.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        d.d.terminate(Duration::from_secs(20)),
+        Some(0),
+        "no clean exit after SIGTERM: {}",
+        d.d.status_text()
+    );
     assert!(TcpStream::connect(&d.addr).is_err());
 }
 

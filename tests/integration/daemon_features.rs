@@ -1,51 +1,30 @@
 //! Daemon features not covered by the end-to-end and fault tests: `on_emit` hooks (placeholders,
 //! timeout), `keep` retention, `emit_interval`, text log format, an EMA resumed from
 //! `state.dir` after the checkpoints it absorbed were rotated away (accumulators in RAM and
-//! file-backed), and a state save lost after an output was published.
+//! file-backed), a state save lost after an output was published, and a watch.dir that does
+//! not exist yet when pmad starts.
 
-mod common;
-
-use common::{PmadDaemon, TestEnv};
+use crate::harness::{outputs, s, Config, Daemon, Recipe, TestEnv};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
-fn config(env: &TestEnv, watch: &Path, extra_recipe: &str, extra: &str) -> PathBuf {
-    let p = env.join("pmad.toml");
-    std::fs::write(
-        &p,
-        format!(
-            r#"[watch]
-dir = {watch:?}
-poll_interval = "100ms"
-settle = "100ms"
-{extra}
-[[recipe]]
-name = "sma2"
-method = "sma"
-window = 2
-out_dir = {out:?}
-{extra_recipe}
-[server]
-listen = ""
-[log]
-format = "json"
-"#,
-            out = env.join("out/sma2"),
-        ),
-    )
-    .unwrap();
-    p
+/// The config of these tests: poll and settle 100ms, one `sma2` recipe into `out/sma2`,
+/// no server, JSON log. `recipe` may add to the recipe.
+fn config(env: &TestEnv, watch: &Path, recipe: impl FnOnce(Recipe) -> Recipe) -> Config {
+    Config::new(watch)
+        .poll("100ms")
+        .settle("100ms")
+        .recipe(recipe(
+            Recipe::sma("sma2", 2).out_dir(&env.join("out/sma2")),
+        ))
+        .no_server()
+        .json_log("")
 }
 
 fn steps_published(out: &Path) -> Vec<u64> {
-    let mut v: Vec<u64> = common::list_dir(out)
-        .iter()
-        .filter_map(|n| n.strip_prefix("step-")?.parse().ok())
-        .collect();
-    v.sort();
-    v
+    outputs(out).into_keys().collect()
 }
 
 #[test]
@@ -53,18 +32,16 @@ fn on_emit_runs_with_placeholders_and_times_out() {
     let env = TestEnv::new();
     let watch = env.mkdir("ckpt");
     let record = env.join("hook.txt");
-    let cfg = config(
-        &env,
-        &watch,
-        &format!(
-            r#"on_emit = ["sh", "-c", "echo \"$1 $2 $3\" >> {rec}; [ \"$2\" = 300 ] && sleep 30; exit 0", "hook", "{{path}}", "{{step}}", "{{recipe}}"]
-on_emit_timeout = "500ms"
-keep = 2"#,
-            rec = record.display()
-        ),
-        "",
-    );
-    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    let rec = record.display().to_string();
+    let script = format!("echo \"$1 $2 $3\" >> {rec}; [ \"$2\" = 300 ] && sleep 30; exit 0");
+    let hook: &[&str] = &["sh", "-c", &script, "hook", "{path}", "{step}", "{recipe}"];
+    let cfg = config(&env, &watch, |r| {
+        r.set("on_emit", hook)
+            .set("on_emit_timeout", "500ms")
+            .set("keep", 2usize)
+    })
+    .write(&env.join("pmad.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     for (i, step) in [100u32, 200, 300, 400].iter().enumerate() {
         env.make(
             &format!("ckpt/checkpoint-{step}"),
@@ -109,8 +86,11 @@ keep = 2"#,
 fn emit_interval_limits_how_often_outputs_appear() {
     let env = TestEnv::new();
     let watch = env.mkdir("ckpt");
-    let cfg = config(&env, &watch, "emit_interval = \"1h\"\nkeep = 0", "");
-    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    let cfg = config(&env, &watch, |r| {
+        r.set("emit_interval", "1h").set("keep", 0usize)
+    })
+    .write(&env.join("pmad.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     for (i, step) in [100u32, 200, 300, 400].iter().enumerate() {
         env.make(
             &format!("ckpt/checkpoint-{step}"),
@@ -141,12 +121,10 @@ fn emit_interval_limits_how_often_outputs_appear() {
 fn text_log_is_one_readable_line_per_event() {
     let env = TestEnv::new();
     let watch = env.mkdir("ckpt");
-    let cfg = config(&env, &watch, "", "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("format = \"json\"", "format = \"text\"");
-    std::fs::write(&cfg, text).unwrap();
-    let mut d = PmadDaemon::start(env.path(), &cfg, "pmad");
+    let cfg = config(&env, &watch, |r| r)
+        .set("log", "format", "text")
+        .write(&env.join("pmad.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
     for (i, step) in [100u32, 200].iter().enumerate() {
         env.make(
             &format!("ckpt/checkpoint-{step}"),
@@ -156,19 +134,21 @@ fn text_log_is_one_readable_line_per_event() {
             &[],
         );
     }
-    let deadline = std::time::Instant::now() + T;
-    let log = loop {
-        let s = std::fs::read_to_string(&d.stdout).unwrap_or_default();
-        if s.contains("merge.emitted") || std::time::Instant::now() > deadline {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let emitted = d.wait_for(T, |e| e.event() == "merge.emitted");
     assert_eq!(d.terminate(T), Some(0));
+    let log = std::fs::read_to_string(&d.stdout).unwrap_or_default();
     let line = log
         .lines()
         .find(|l| l.contains(" merge.emitted "))
         .unwrap_or_else(|| panic!("no emission line in\n{log}"));
+    // The harness reads the same line as an event with typed fields.
+    let e = emitted.unwrap_or_else(|| panic!("the emission line is not a text event: {line}"));
+    assert_eq!(e.line(), line);
+    assert_eq!(
+        (e.level(), e.s("recipe"), e.s("steps"), e.u("n")),
+        ("INFO", Some("sma2"), Some("100..200"), Some(2)),
+        "{line}"
+    );
     // 2026-11-27T10:31:02Z INFO  merge.emitted recipe=sma2 steps=100..200 n=2 out=... size=... took=... rate=... lag=...
     let words: Vec<&str> = line.split_whitespace().collect();
     assert!(words[0].ends_with('Z') && words[0].len() == 20, "{line}");
@@ -192,36 +172,27 @@ fn text_log_is_one_readable_line_per_event() {
     );
 }
 
-/// Watch dir, out dir and config of an EMA-with-state setup named `name`.
-fn ema_setup(env: &TestEnv, name: &str, state_extra: &str) -> (PathBuf, PathBuf, PathBuf) {
+/// Watch dir, out dir and config of an EMA-with-state setup named `name` (accumulators
+/// file-backed when `memory_budget` is set far below their size).
+fn ema_setup(
+    env: &TestEnv,
+    name: &str,
+    memory_budget: Option<&str>,
+) -> (PathBuf, PathBuf, PathBuf) {
     let watch = env.mkdir(format!("{name}/ckpt"));
     let out = env.join(format!("{name}/out"));
-    let cfg = env.join(format!("{name}/pmad.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[watch]
-dir = {watch:?}
-poll_interval = "100ms"
-settle = "100ms"
-[state]
-dir = {state:?}
-{state_extra}
-[[recipe]]
-name = "ema"
-method = "ema"
-alpha = 0.3
-out_dir = {out:?}
-keep = 0
-[server]
-listen = ""
-[log]
-format = "json"
-"#,
-            state = env.join(format!("{name}/state")),
-        ),
-    )
-    .unwrap();
+    let mut c = Config::new(&watch)
+        .poll("100ms")
+        .settle("100ms")
+        .state("dir", env.join(format!("{name}/state")));
+    if let Some(m) = memory_budget {
+        c = c.state("memory_budget", m);
+    }
+    let cfg = c
+        .recipe(Recipe::ema("ema", 0.3).out_dir(&out).set("keep", 0usize))
+        .no_server()
+        .json_log("")
+        .write(&env.join(format!("{name}/pmad.toml")));
     (watch, out, cfg)
 }
 
@@ -231,9 +202,9 @@ fn ema_run(
     name: &str,
     batches: &[&[u32]],
     rotate_between: bool,
-    state_extra: &str,
+    memory_budget: Option<&str>,
 ) -> Vec<u8> {
-    let (watch, out, cfg) = ema_setup(env, name, state_extra);
+    let (watch, out, cfg) = ema_setup(env, name, memory_budget);
     let mut last = 0;
     for (b, batch) in batches.iter().enumerate() {
         if b > 0 && rotate_between {
@@ -242,7 +213,7 @@ fn ema_run(
                 std::fs::remove_dir_all(e.path()).unwrap();
             }
         }
-        let mut d = PmadDaemon::start(&env.join(name), &cfg, &format!("run{b}"));
+        let mut d = Daemon::builder(&cfg).tag(&format!("run{b}")).start();
         for step in batch.iter() {
             env.make(
                 &format!("{name}/ckpt/checkpoint-{step}"),
@@ -264,12 +235,7 @@ fn ema_run(
                 .find(|e| e.event() == "state.restored")
                 .expect("state.restored");
             // Everything absorbed so far was deleted: the state is restored, nothing to rebuild.
-            assert_eq!(
-                r.v["restored"],
-                serde_json::Value::Bool(true),
-                "{}",
-                r.line()
-            );
+            assert_eq!(r.b("restored"), Some(true), "{}", r.line());
             assert_eq!(r.s("rebuilt"), Some("-"), "{}", r.line());
         }
         assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
@@ -284,17 +250,16 @@ fn ema_run(
 #[test]
 fn ema_resumes_bit_identically_after_its_checkpoints_were_rotated_away() {
     let env = TestEnv::new();
-    let reference = ema_run(&env, "ref", &[&[100, 200, 300, 400, 500]], false, "");
-    for (name, state_extra, placement) in [
-        ("resumed", "", "ram"),
-        ("file", "memory_budget = \"4KB\"", "file"),
-    ] {
+    let reference = ema_run(&env, "ref", &[&[100, 200, 300, 400, 500]], false, None);
+    for (name, memory_budget, placement) in
+        [("resumed", None, "ram"), ("file", Some("4KB"), "file")]
+    {
         let resumed = ema_run(
             &env,
             name,
             &[&[100, 200, 300], &[400, 500]],
             true,
-            state_extra,
+            memory_budget,
         );
         for run in ["run0", "run1"] {
             let log =
@@ -313,14 +278,14 @@ fn ema_resumes_bit_identically_after_its_checkpoints_were_rotated_away() {
 
 /// The state is saved after an update's emissions: a crash between publishing step N and that
 /// save restarts from the state before N. Step N is then processed again but its output,
-/// already published, is not published again (reliability.md promise 3), and the EMA still
-/// ends bit-identical to an uninterrupted run.
+/// already published, is not published again (promise 3 of `docs/reliability.md`), and the
+/// EMA still ends bit-identical to an uninterrupted run.
 #[test]
 fn output_published_before_a_lost_state_save_is_not_published_again() {
     let env = TestEnv::new();
-    let reference = ema_run(&env, "ref", &[&[100, 200, 300, 400, 500]], false, "");
+    let reference = ema_run(&env, "ref", &[&[100, 200, 300, 400, 500]], false, None);
     let name = "crash";
-    let (_watch, out, cfg) = ema_setup(&env, name, "");
+    let (_watch, out, cfg) = ema_setup(&env, name, None);
     let state = env.join(format!("{name}/state"));
     let make = |step: u32| {
         env.make(
@@ -331,13 +296,13 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
             &[],
         );
     };
-    let emitted = |d: &mut PmadDaemon, step: u32| {
+    let emitted = |d: &mut Daemon, step: u32| {
         d.expect("emission", T, |e| {
             e.event() == "merge.emitted"
                 && e.s("steps").is_some_and(|s| s.ends_with(&step.to_string()))
         });
     };
-    let mut d = PmadDaemon::start(&env.join(name), &cfg, "run0");
+    let mut d = Daemon::builder(&cfg).tag("run0").start();
     for step in [100, 200, 300] {
         make(step);
         emitted(&mut d, step);
@@ -348,19 +313,19 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
     for e in std::fs::read_dir(&state).unwrap().flatten() {
         std::fs::copy(e.path(), saved.join(e.file_name())).unwrap();
     }
-    let mut d = PmadDaemon::start(&env.join(name), &cfg, "run1");
+    d.restart("run1");
     make(400);
     emitted(&mut d, 400);
     assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
     let step400 = out.join("step-400/model.safetensors");
     let before = (
-        common::path_state(&step400).unwrap(),
+        crate::harness::tree::path_state(&step400).unwrap(),
         std::fs::read(&step400).unwrap(),
     );
     // Crash between publishing step-400 and saving the state: the save never happened.
     std::fs::remove_dir_all(&state).unwrap();
     std::fs::rename(&saved, &state).unwrap();
-    let mut d = PmadDaemon::start(&env.join(name), &cfg, "run2");
+    d.restart("run2");
     let skipped = d.expect("merge.skipped", T, |e| e.event() == "merge.skipped");
     assert_eq!(
         skipped.v["step"],
@@ -383,7 +348,7 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
         "step-400 published again: {republished:?}"
     );
     let after = (
-        common::path_state(&step400).unwrap(),
+        crate::harness::tree::path_state(&step400).unwrap(),
         std::fs::read(&step400).unwrap(),
     );
     assert!(after == before, "step-400 changed on disk");
@@ -392,4 +357,41 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
         resumed == reference,
         "EMA after the lost save differs from an uninterrupted run"
     );
+}
+
+#[test]
+fn run_waits_for_a_missing_watch_dir() {
+    // A sidecar starts before the trainer creates its output directory: pmad must say it is
+    // waiting (naming the directory), keep running, and start work once it appears.
+    let env = TestEnv::new();
+    let missing = env.join("not-yet");
+    let cfg = Config::new(&missing)
+        .poll("200ms")
+        .settle("100ms")
+        .recipe(Recipe::sma("a", 2).out_dir(&env.join("out/a")))
+        .no_server()
+        .json_log("")
+        .write(&env.join("c.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
+    let w = d.expect("watch.waiting", Duration::from_secs(10), |e| {
+        e.event() == "watch.waiting"
+    });
+    assert_eq!(w.s("dir"), Some(s(&missing).as_str()), "{}", w.line());
+    assert!(!missing.exists(), "pmad created the watched directory");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.alive(), "pmad exited while waiting\n{}", d.dump(20));
+    std::fs::create_dir(&missing).unwrap();
+    for (i, step) in [100u32, 200].iter().enumerate() {
+        env.make(
+            &format!("not-yet/checkpoint-{step}"),
+            "bf16",
+            i as u32,
+            *step,
+            &[],
+        );
+    }
+    d.expect("an emission", Duration::from_secs(20), |e| {
+        e.event() == "merge.emitted"
+    });
+    assert_eq!(d.terminate(Duration::from_secs(20)), Some(0));
 }

@@ -1,25 +1,17 @@
-//! End-to-end tests of `pmad merge` and `pmad inspect`: the real binary, fixtures written by
+//! End-to-end tests of `pmad merge`: the real binary, fixtures written by
 //! `tests/py/fixtures.py`, results checked by the independent float64 oracle
-//! (`tests/py/oracle.py`) and by the reference `safetensors` reader.
+//! (`tests/py/oracle.py`) and by the reference `safetensors` reader. The hostile-input tests
+//! also check that `pmad inspect` calls each refused input invalid (see `inspect`).
 //!
 //! Set `PMAD_TEST_KEEP=1` to keep a failing test's temp directory.
 
-mod common;
-
-use common::{file_metadata, list_dir, load_tensors, read_json, Run, TestEnv};
+use crate::harness::{
+    assert_no_failures, file_metadata, list_dir, load_tensors, read_json, s, Run, TestEnv,
+    FIXTURE_TENSORS,
+};
+use crate::inspect::expect_inspect_invalid;
 use std::path::{Path, PathBuf};
 
-/// Tensors every fixture checkpoint holds (fixtures.py FLOAT_TENSORS + integer/bool ones).
-const FIXTURE_TENSORS: [&str; 8] = [
-    "model.embed_tokens.weight",
-    "model.layers.0.self_attn.q_proj.weight",
-    "model.layers.0.mlp.up_proj.weight",
-    "model.norm.weight",
-    "scale",
-    "empty",
-    "position_ids",
-    "mask",
-];
 /// Where `fixtures.py make --nonfinite` puts its NaN/Inf.
 const NONFINITE_TENSOR: &str = "model.layers.0.self_attn.q_proj.weight";
 
@@ -40,21 +32,6 @@ const INDEX_KINDS: [&str; 5] = [
     "index-symlink-out",
     "index-disagree",
 ];
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-/// Panic with every collected failure at once.
-#[track_caller]
-fn assert_no_failures(failures: &[String]) {
-    assert!(
-        failures.is_empty(),
-        "{} failure(s):\n\n{}",
-        failures.len(),
-        failures.join("\n\n")
-    );
-}
 
 /// One merge configuration: method arguments (shared by pmad and the oracle), output dtype and
 /// pmad-only extra arguments.
@@ -780,40 +757,6 @@ fn expect_refused(
     f
 }
 
-/// `pmad inspect` (table and --json) must call `ckpt` invalid, naming `needle`.
-fn expect_inspect_invalid(env: &TestEnv, label: &str, ckpt: &Path, needle: &str) -> Vec<String> {
-    let mut f = Vec::new();
-    let t = env.pmad([Path::new("inspect"), ckpt]);
-    if t.code != 1 || !t.stdout.contains("verdict: INVALID") {
-        f.push(format!(
-            "[{label}] inspect: want exit 1 and 'verdict: INVALID'\n{}",
-            t.describe()
-        ));
-    }
-    let j = env.pmad([Path::new("inspect"), ckpt, Path::new("--json")]);
-    match serde_json::from_str::<serde_json::Value>(&j.stdout) {
-        Ok(v) => {
-            if j.code != 1 || v["valid"] != false {
-                f.push(format!(
-                    "[{label}] inspect --json: want exit 1, valid=false\n{}",
-                    j.describe()
-                ));
-            }
-            if !v["error"].as_str().unwrap_or("").contains(needle) {
-                f.push(format!(
-                    "[{label}] inspect --json error does not name {needle:?}\n{}",
-                    j.describe()
-                ));
-            }
-        }
-        Err(e) => f.push(format!(
-            "[{label}] inspect --json: not JSON ({e})\n{}",
-            j.describe()
-        )),
-    }
-    f
-}
-
 /// The part of fixtures.py's hostile description after "<out>: ".
 fn what(desc: &str, out: &Path) -> String {
     let key = format!("{}: ", s(out));
@@ -1192,141 +1135,7 @@ fn usage_errors_exit_2() {
     assert_no_failures(&failures);
 }
 
-// ------------------------------------------------------------------ 8. inspect, good input
-
-/// `pmad inspect` table and JSON agree with the reference reader.
-fn check_inspect(env: &TestEnv, ckpt: &Path, want_files: usize) -> Vec<String> {
-    let label = s(ckpt);
-    let want = load_tensors(ckpt);
-    let mut f = Vec::new();
-    let t = env.pmad([Path::new("inspect"), ckpt]);
-    if t.code != 0 || !t.stdout.contains("verdict: valid") {
-        f.push(format!(
-            "[{label}] inspect: want exit 0 and 'verdict: valid'\n{}",
-            t.describe()
-        ));
-    }
-    for (name, w) in &want {
-        let shape = format!("{:?}", w.shape).replace(' ', "");
-        let row = t.stdout.lines().find(|l| {
-            let toks: Vec<&str> = l.split_whitespace().collect();
-            toks.first() == Some(&name.as_str())
-                && toks.contains(&w.dtype.as_str())
-                && l.replace(' ', "").contains(&shape)
-                && toks.last() == Some(&w.data.len().to_string().as_str())
-        });
-        if row.is_none() {
-            f.push(format!(
-                "[{label}] inspect table has no row for {name} {} {shape} {} bytes\n{}",
-                w.dtype,
-                w.data.len(),
-                t.describe()
-            ));
-        }
-    }
-    let j = env.pmad([Path::new("inspect"), Path::new("--json"), ckpt]);
-    if j.code != 0 {
-        f.push(format!(
-            "[{label}] inspect --json: want exit 0\n{}",
-            j.describe()
-        ));
-    }
-    let v: serde_json::Value = match serde_json::from_str(&j.stdout) {
-        Ok(v) => v,
-        Err(e) => {
-            f.push(format!(
-                "[{label}] inspect --json is not JSON: {e}\n{}",
-                j.describe()
-            ));
-            return f;
-        }
-    };
-    if v["valid"] != true {
-        f.push(format!("[{label}] valid = {}", v["valid"]));
-    }
-    let rows = v["tensors"].as_array().cloned().unwrap_or_default();
-    let sum: u64 = rows.iter().map(|r| r["bytes"].as_u64().unwrap_or(0)).sum();
-    let ref_sum: u64 = want.values().map(|t| t.data.len() as u64).sum();
-    if v["total_bytes"].as_u64() != Some(sum) || sum != ref_sum {
-        f.push(format!(
-            "[{label}] total_bytes {} / sum of rows {sum} / reference {ref_sum}",
-            v["total_bytes"]
-        ));
-    }
-    if rows.len() != want.len() || v["total_tensors"].as_u64() != Some(want.len() as u64) {
-        f.push(format!(
-            "[{label}] {} rows, total_tensors {}, want {}",
-            rows.len(),
-            v["total_tensors"],
-            want.len()
-        ));
-    }
-    for r in &rows {
-        let name = r["name"].as_str().unwrap_or("?");
-        match want.get(name) {
-            Some(w) => {
-                let shape: Vec<usize> = r["shape"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|x| x.as_u64().unwrap_or(u64::MAX) as usize)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if r["dtype"] != w.dtype.as_str()
-                    || shape != w.shape
-                    || r["bytes"].as_u64() != Some(w.data.len() as u64)
-                    || r["file"] != w.file.as_str()
-                {
-                    f.push(format!("[{label}] JSON row {r} != reference {w:?}"));
-                }
-            }
-            None => f.push(format!("[{label}] JSON lists unknown tensor {name}")),
-        }
-    }
-    let files = v["files"].as_array().map(|a| a.len()).unwrap_or(0);
-    if files != want_files {
-        f.push(format!("[{label}] files {}, want {want_files}", v["files"]));
-    }
-    f
-}
-
-#[test]
-fn inspect_good_checkpoints() {
-    let env = TestEnv::new();
-    let single = env.make("single/checkpoint-100", "bf16", 1, 100, &[]);
-    let sharded = env.make("sharded/checkpoint-200", "f32", 2, 200, &["--sharded", "3"]);
-    let file = env.make(
-        "file/checkpoint-300.safetensors",
-        "f16",
-        3,
-        300,
-        &["--layout", "file"],
-    );
-    let mut failures = Vec::new();
-    failures.extend(check_inspect(&env, &single, 1));
-    failures.extend(check_inspect(&env, &sharded, 3));
-    failures.extend(check_inspect(&env, &file, 1));
-    for c in [&single, &sharded, &file] {
-        let names: Vec<String> = load_tensors(c).into_keys().collect();
-        let mut want: Vec<String> = FIXTURE_TENSORS.iter().map(|n| n.to_string()).collect();
-        want.sort();
-        if names != want {
-            failures.push(format!("fixture {} has tensors {names:?}", s(c)));
-        }
-    }
-    let j = env.pmad([Path::new("inspect"), Path::new("--json"), &sharded]);
-    let v: serde_json::Value = serde_json::from_str(&j.stdout).expect("json");
-    if v["step"] != 200 {
-        failures.push(format!(
-            "inspect --json step {} for checkpoint-200",
-            v["step"]
-        ));
-    }
-    assert_no_failures(&failures);
-}
-
-// ---------------------------------------------------------- 9. rank-0 and empty tensors
+// ---------------------------------------------------------- 8. rank-0 and empty tensors
 
 #[test]
 fn scalar_and_empty_tensors_survive_merging() {

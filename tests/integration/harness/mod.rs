@@ -1,19 +1,34 @@
-//! Shared harness for pmad's CLI integration tests.
+//! What the integration tests share.
 //!
 //! - [`TestEnv`]: a private temp directory per test (kept on failure when `PMAD_TEST_KEEP=1`).
-//! - [`pmad`] / [`TestEnv::pmad`]: run the real binary (`CARGO_BIN_EXE_pmad`), capturing
-//!   stdout, stderr and the exit code.
-//! - [`python`]: the venv python of `tests/py/setup_venv.sh`, set up once per test process.
-//! - [`TestEnv::make`], [`TestEnv::hostile`], [`TestEnv::oracle`]: wrappers around
-//!   `tests/py/fixtures.py` and `tests/py/oracle.py`.
+//! - [`pmad`] / [`TestEnv::pmad`] / [`pmad_cmd`]: run the real binary (`CARGO_BIN_EXE_pmad`),
+//!   capturing stdout, stderr and the exit code ([`Run`]).
+//! - [`Daemon`] ([`daemon`]): the one way to run `pmad run` as a process: environment
+//!   (`PMAD_FAULT`), log captured to a file, wait for events, SIGTERM / SIGKILL / restart.
+//! - [`Config`] and [`Recipe`] ([`config`]): the one writer of `pmad run` configs.
+//! - [`Event`] ([`log`]): the one parser of pmad's log, text and JSON formats, and
+//!   [`wait_for_event`].
+//! - [`python`]: the venv python of `tests/py/setup_venv.sh`, set up once per test process;
+//!   [`TestEnv::make`], [`TestEnv::hostile`], [`TestEnv::oracle`] wrap `tests/py/fixtures.py`
+//!   and `tests/py/oracle.py`; [`py_script_batch_parallel`] runs many calls in few processes.
 //! - [`load_tensors`]: read a checkpoint with the reference `safetensors` crate (never pmad).
-#![allow(dead_code)]
+//! - [`tree`]: snapshots of a directory tree, and what a process has mapped.
+
+pub mod config;
+pub mod daemon;
+pub mod log;
+pub mod tree;
+
+pub use config::{Config, Recipe};
+pub use daemon::Daemon;
+pub use log::{wait_for_event, Event};
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::SystemTime;
 
 /// The repository root (where Cargo.toml and tests/py live).
 pub fn repo_root() -> &'static Path {
@@ -90,9 +105,19 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut cmd = Command::new(pmad_bin());
-    cmd.args(args).current_dir(cwd).env_remove("RUST_LOG");
+    let mut cmd = pmad_cmd(cwd);
+    cmd.args(args);
     run(&mut cmd)
+}
+
+/// A `Command` for the pmad binary in `cwd`, without the test's own `RUST_LOG` and
+/// `PMAD_FAULT` (a test sets what it wants).
+pub fn pmad_cmd(cwd: &Path) -> Command {
+    let mut cmd = Command::new(pmad_bin());
+    cmd.current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .env_remove("PMAD_FAULT");
+    cmd
 }
 
 /// The venv python (numpy, safetensors, ml_dtypes), created by `tests/py/setup_venv.sh` once
@@ -267,6 +292,29 @@ impl Drop for TestEnv {
             }
         }
     }
+}
+
+/// Tensors every fixture checkpoint holds (fixtures.py FLOAT_TENSORS + integer/bool ones).
+pub const FIXTURE_TENSORS: [&str; 8] = [
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.mlp.up_proj.weight",
+    "model.norm.weight",
+    "scale",
+    "empty",
+    "position_ids",
+    "mask",
+];
+/// Panic with every collected failure at once (tests that check many cases report all of
+/// them, not just the first).
+#[track_caller]
+pub fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }
 
 /// Names of the entries of `dir`, sorted (empty if it does not exist).
@@ -455,366 +503,53 @@ pub fn py_script_batch_parallel(
     })
 }
 
-// =============================================================================================
-// Daemon-process harness (added for tests/fault_inputs.rs). Additive block: everything below
-// is self-contained (fully qualified paths, no new imports above).
-// =============================================================================================
-
-/// One JSON log line of `pmad run` (`log.format = "json"`, fields flattened).
-#[derive(Debug, Clone)]
-pub struct LogLine {
-    /// The parsed line.
-    pub v: serde_json::Value,
-    /// Its `timestamp` (wall clock, comparable with `SystemTime::now()` in the test).
-    pub t: std::time::SystemTime,
+/// A path as a string (for messages, TOML and comparisons with log fields).
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
 }
 
-impl LogLine {
-    /// The `event` field ("" when absent).
-    pub fn event(&self) -> &str {
-        self.v["event"].as_str().unwrap_or("")
-    }
-    /// The `level` field ("INFO", "WARN", "ERROR", ...).
-    pub fn level(&self) -> &str {
-        self.v["level"].as_str().unwrap_or("")
-    }
-    /// The `step` field.
-    pub fn step(&self) -> Option<u64> {
-        self.v["step"].as_u64()
-    }
-    /// A string field.
-    pub fn s(&self, k: &str) -> Option<&str> {
-        self.v[k].as_str()
-    }
-    /// An unsigned integer field.
-    pub fn u(&self, k: &str) -> Option<u64> {
-        self.v[k].as_u64()
-    }
-    /// `event` is `ev` and `step` is `step`.
-    pub fn is(&self, ev: &str, step: u64) -> bool {
-        self.event() == ev && self.step() == Some(step)
-    }
-    /// The line as JSON text.
-    pub fn line(&self) -> String {
-        self.v.to_string()
+/// Milliseconds from `base` to `t` (negative when `t` is earlier).
+pub fn ms_since(t: SystemTime, base: SystemTime) -> i64 {
+    match t.duration_since(base) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
     }
 }
 
-/// Parse the complete lines of pmad's JSON stdout. Returns the events and the lines that are
-/// not JSON events (which a JSON log must not have).
-pub fn parse_log(text: &str) -> (Vec<LogLine>, Vec<String>) {
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
-    };
-    let mut evs = Vec::new();
-    let mut bad = Vec::new();
-    for line in complete.lines().filter(|l| !l.trim().is_empty()) {
-        let parsed = serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| {
-                let t = humantime::parse_rfc3339_weak(v["timestamp"].as_str()?).ok()?;
-                v["event"].as_str()?;
-                Some(LogLine { v, t })
-            });
-        match parsed {
-            Some(e) => evs.push(e),
-            None => bad.push(line.to_string()),
-        }
-    }
-    (evs, bad)
-}
-
-/// `pmad run --config F` as a child process, stdout/stderr captured to files in its dir.
-/// SIGKILLed on drop if still running (a failing test never leaks a daemon).
-pub struct PmadDaemon {
-    child: std::process::Child,
-    /// stdout (the JSON log).
-    pub stdout: PathBuf,
-    /// stderr.
-    pub stderr: PathBuf,
-    exit: Option<std::process::ExitStatus>,
-}
-
-impl PmadDaemon {
-    /// Start `pmad run --config config` in `cwd`; logs go to `cwd/<tag>.stdout.log` and
-    /// `cwd/<tag>.stderr.log`.
-    pub fn start(cwd: &Path, config: &Path, tag: &str) -> PmadDaemon {
-        let stdout = cwd.join(format!("{tag}.stdout.log"));
-        let stderr = cwd.join(format!("{tag}.stderr.log"));
-        let child = Command::new(pmad_bin())
-            .args(["run", "--config"])
-            .arg(config)
-            .current_dir(cwd)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).expect("create stdout log"))
-            .stderr(std::fs::File::create(&stderr).expect("create stderr log"))
-            .spawn()
-            .expect("start pmad run");
-        PmadDaemon {
-            child,
-            stdout,
-            stderr,
-            exit: None,
-        }
-    }
-
-    /// Process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The log so far (complete lines).
-    pub fn log(&self) -> Vec<LogLine> {
-        parse_log(&std::fs::read_to_string(&self.stdout).unwrap_or_default()).0
-    }
-
-    /// Lines of stdout that are not JSON events.
-    pub fn non_json_lines(&self) -> Vec<String> {
-        parse_log(&std::fs::read_to_string(&self.stdout).unwrap_or_default()).1
-    }
-
-    /// The exit status if the process has ended (it is reaped once and remembered).
-    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = self.child.try_wait().expect("wait for pmad");
-        }
-        self.exit
-    }
-
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        self.exit_status().is_none()
-    }
-
-    /// How the process ended, for messages ("running", "exit code 1", "signal 7 (SIGBUS)").
-    pub fn status_text(&mut self) -> String {
-        use std::os::unix::process::ExitStatusExt;
-        match self.exit_status() {
-            None => "running".into(),
-            Some(st) => match (st.code(), st.signal()) {
-                (Some(c), _) => format!("exited with code {c}"),
-                (None, Some(7)) => "killed by signal 7 (SIGBUS)".into(),
-                (None, Some(s)) => format!("killed by signal {s}"),
-                _ => format!("{st:?}"),
-            },
-        }
-    }
-
-    /// Wait until a log line matches `pred` (None on timeout or when the process exits first).
-    pub fn wait_for(
-        &mut self,
-        timeout: std::time::Duration,
-        pred: impl Fn(&LogLine) -> bool,
-    ) -> Option<LogLine> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(e) = self.log().into_iter().find(|e| pred(e)) {
-                return Some(e);
-            }
-            if !self.alive() {
-                // One last look: the line may have been written just before the exit.
-                return self.log().into_iter().find(|e| pred(e));
-            }
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(15));
-        }
-    }
-
-    /// Like [`PmadDaemon::wait_for`], but panics with the log tail when nothing matches.
-    #[track_caller]
-    pub fn expect(
-        &mut self,
-        what: &str,
-        timeout: std::time::Duration,
-        pred: impl Fn(&LogLine) -> bool,
-    ) -> LogLine {
-        match self.wait_for(timeout, pred) {
-            Some(e) => e,
-            None => panic!(
-                "pmad: no {what} within {timeout:?} (process {})\n{}",
-                self.status_text(),
-                self.dump(40)
-            ),
-        }
-    }
-
-    /// SIGTERM, then wait up to `timeout`; returns the exit code (None: signal or timeout,
-    /// in which case it is SIGKILLed).
-    pub fn terminate(&mut self, timeout: std::time::Duration) -> Option<i32> {
-        if self.alive() {
-            let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("pid");
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = std::time::Instant::now() + timeout;
-        while self.alive() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(15));
-        }
-        if self.alive() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            return None;
-        }
-        self.exit_status().and_then(|s| s.code())
-    }
-
-    /// The last `n` lines of stdout plus stderr, for assertion messages.
-    pub fn dump(&self, n: usize) -> String {
-        let out = std::fs::read_to_string(&self.stdout).unwrap_or_default();
-        let lines: Vec<&str> = out.lines().collect();
-        let tail = lines[lines.len().saturating_sub(n)..].join("\n");
-        format!(
-            "-- pmad stdout (last {n} lines of {}):\n{tail}\n-- pmad stderr:\n{}",
-            lines.len(),
-            std::fs::read_to_string(&self.stderr).unwrap_or_default()
-        )
+/// Steps as pmad's `merge.emitted` line writes them: `100..300`, `200`, or `-` for none.
+pub fn step_span(steps: &[u64]) -> String {
+    match (steps.first(), steps.last()) {
+        (Some(a), Some(b)) if a != b => format!("{a}..{b}"),
+        (Some(a), _) => a.to_string(),
+        _ => "-".into(),
     }
 }
 
-impl Drop for PmadDaemon {
-    fn drop(&mut self) {
-        if self.alive() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+/// The step of a `<prefix><step>` name (`checkpoint-300`, `step-300`).
+pub fn step_of(name: &str, prefix: &str) -> Option<u64> {
+    name.strip_prefix(prefix)?.parse().ok()
+}
+
+/// Published outputs `step-N` of an out_dir, by step.
+pub fn outputs(out_dir: &Path) -> BTreeMap<u64, PathBuf> {
+    list_dir(out_dir)
+        .into_iter()
+        .filter_map(|n| Some((step_of(&n, "step-")?, out_dir.join(n))))
+        .collect()
+}
+
+/// Copy a directory tree (files, dirs, and symlinks as links).
+pub fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for n in list_dir(src) {
+        let (a, b) = (src.join(&n), dst.join(&n));
+        let m = std::fs::symlink_metadata(&a).expect("stat");
+        if m.file_type().is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&a).unwrap(), &b).expect("symlink");
+        } else if m.is_dir() {
+            copy_tree(&a, &b);
+        } else {
+            std::fs::copy(&a, &b).expect("copy");
         }
     }
-}
-
-/// Whether `/proc/<pid>/maps` shows a mapping of a live (not deleted) file whose path
-/// contains `needle`.
-pub fn maps_contain(pid: u32, needle: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map(|m| {
-            m.lines()
-                .any(|l| l.contains(needle) && !l.ends_with("(deleted)"))
-        })
-        .unwrap_or(false)
-}
-
-/// What a tree snapshot records about one path (no atime: reading is allowed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathState {
-    /// "file", "dir", "symlink" or "other".
-    pub kind: &'static str,
-    /// st_mode (type and permission bits).
-    pub mode: u32,
-    /// Inode number (a replaced file has another).
-    pub ino: u64,
-    /// Hard link count.
-    pub nlink: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// mtime, ns since the epoch.
-    pub mtime_ns: i128,
-    /// ctime, ns since the epoch (changes on any write or metadata change).
-    pub ctime_ns: i128,
-    /// Content hash (files) or link target (symlinks).
-    pub content: String,
-}
-
-/// Stat (and hash) one path without following a final symlink.
-pub fn path_state(p: &Path) -> std::io::Result<PathState> {
-    use std::hash::Hasher;
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::symlink_metadata(p)?;
-    let ft = m.file_type();
-    let (kind, content) = if ft.is_symlink() {
-        (
-            "symlink",
-            std::fs::read_link(p)?.to_string_lossy().into_owned(),
-        )
-    } else if ft.is_dir() {
-        ("dir", String::new())
-    } else if ft.is_file() {
-        let bytes = std::fs::read(p)?;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        h.write(&bytes);
-        ("file", format!("{:016x}:{}", h.finish(), bytes.len()))
-    } else {
-        ("other", String::new())
-    };
-    Ok(PathState {
-        kind,
-        mode: m.mode(),
-        ino: m.ino(),
-        nlink: m.nlink(),
-        size: if ft.is_dir() { 0 } else { m.size() },
-        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-        ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
-        content,
-    })
-}
-
-/// Every path under `root` (relative; `""` is the root itself) with its state, not descending
-/// into or listing `exclude`d directories (given relative to `root`).
-pub fn tree_snapshot(root: &Path, exclude: &[&str]) -> BTreeMap<String, PathState> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let rel = p
-            .strip_prefix(root)
-            .expect("under root")
-            .to_string_lossy()
-            .into_owned();
-        if exclude.iter().any(|e| rel == *e) {
-            continue;
-        }
-        let st = path_state(&p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
-        if st.kind == "dir" {
-            for e in std::fs::read_dir(&p).unwrap_or_else(|e| panic!("list {}: {e}", p.display())) {
-                stack.push(e.expect("read_dir entry").path());
-            }
-        }
-        out.insert(rel, st);
-    }
-    out
-}
-
-/// Differences between two snapshots, one line each (empty when equal).
-pub fn diff_snapshots(
-    want: &BTreeMap<String, PathState>,
-    got: &BTreeMap<String, PathState>,
-) -> Vec<String> {
-    let mut d = Vec::new();
-    for (k, w) in want {
-        match got.get(k) {
-            None => d.push(format!("{k:?}: missing (was {w:?})")),
-            Some(g) if g != w => d.push(format!("{k:?}: changed\n    was {w:?}\n    now {g:?}")),
-            _ => {}
-        }
-    }
-    for (k, g) in got {
-        if !want.contains_key(k) {
-            d.push(format!("{k:?}: created ({g:?})"));
-        }
-    }
-    d
-}
-// ===================================================== end of the daemon-process harness block
-
-/// One `[[recipe]]` table as the daemon tests use it: publish after every accepted checkpoint,
-/// `dtype = "source"`, keep every output, into `<out_root>/<name>`. EMA gets `alpha`, the
-/// others `window`.
-pub fn recipe_toml(name: &str, method: &str, window: usize, alpha: f64, out_root: &Path) -> String {
-    let size = if method == "ema" {
-        format!("alpha = {alpha}")
-    } else {
-        format!("window = {window}")
-    };
-    format!(
-        "[[recipe]]\nname = \"{name}\"\nmethod = \"{method}\"\n{size}\nemit_every = 1\n\
-         out_dir = {:?}\ndtype = \"source\"\nkeep = 0\n\n",
-        out_root.join(name).display().to_string()
-    )
-}
-
-/// The `[server]` (off), `[log]` (JSON at `level`) and `[daemon]` tables of the daemon tests.
-pub fn daemon_tail_toml(level: &str, grace: &str) -> String {
-    format!(
-        "[server]\nlisten = \"\"\n\n[log]\nformat = \"json\"\nlevel = \"{level}\"\n\n\
-         [daemon]\nshutdown_grace = \"{grace}\"\n"
-    )
 }

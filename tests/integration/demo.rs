@@ -1,32 +1,24 @@
 //! `pmad demo` runs end to end: a simulated run, the real daemon, a summary in which the
 //! merged models beat the latest checkpoint.
 
-mod common;
-
-use common::pmad_bin;
-use std::process::Command;
+use crate::harness::TestEnv;
 
 #[test]
 fn demo_publishes_averages_that_beat_the_latest_checkpoint() {
-    let out = Command::new(pmad_bin())
-        .args([
-            "demo",
-            "--checkpoints",
-            "14",
-            "--save-steps",
-            "5",
-            "--every",
-            "10ms",
-        ])
-        .args(["--params", "131072"])
-        .output()
-        .expect("run pmad demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = TestEnv::new();
+    let out = env.pmad([
+        "demo",
+        "--checkpoints",
+        "14",
+        "--save-steps",
+        "5",
+        "--every",
+        "10ms",
+        "--params",
+        "131072",
+    ]);
+    let stdout = &out.stdout;
+    assert!(out.code == 0, "demo failed\n{}", out.describe());
     let row = |name: &str| -> (usize, f64) {
         let line = stdout
             .lines()
