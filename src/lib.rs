@@ -8,7 +8,7 @@
 //! format ─▶ math ─▶ output ─▶ daemon
 //!  read      average  write     watch, decide, keep up to date, publish on schedule
 //! ```
-//! - [`format`]: checkpoint formats on disk → validated, pinned checkpoints.
+//! - [`mod@format`]: checkpoint formats on disk → validated, pinned checkpoints.
 //! - [`math`]: kinds, weights, kernels, running sums.
 //! - [`output`]: output plan, the streaming writer, atomic publish, output directories.
 //! - [`daemon`]: `pmad run`: discovery, gate, selection, window, schedule, state, resume.

@@ -1,7 +1,7 @@
 //! One name table per closed set of names.
 //!
 //! Every enum users spell out (in the config file, on the command line, in `merge.json` or the
-//! state manifest) is declared with [`named_enum!`]: the variants and their names are written
+//! state manifest) is declared with `named_enum!`: the variants and their names are written
 //! once, and parsing (`FromStr`, serde, clap) and printing (`name`, `Display`, serde) all read
 //! that one table. A name is parsed once, at the edge; inside pmad only the enum travels, so
 //! there is no string round-trip and no silent fallback: an unknown name is an error that lists

@@ -2,9 +2,9 @@
 //! of the daemon trusts.
 //!
 //! - this module: the resolved types and their loading;
-//! - [`raw`]: the serde structs (unknown keys refused) and the resolution rules, the single
+//! - `raw`: the serde structs (unknown keys refused) and the resolution rules, the single
 //!   source of every default and check;
-//! - [`describe`]: the resolved settings as `pmad check-config` prints them.
+//! - `describe`: the resolved settings as `pmad check-config` prints them.
 //!
 //! Every error names the key (`recipe[1].window`) and the bad value. Durations are human units
 //! ("10s", "30m"), sizes too ("5GB", "512MiB"). Names (layouts, methods, dtypes, ...) are

@@ -2,7 +2,7 @@
 //!
 //! Pipeline order inside this layer:
 //! - [`plan`]: each output tensor's dtype, the shard files and their headers, the index.
-//! - [`write`]: the streaming writer with bounded memory, fed by a producer of unit bytes.
+//! - [`mod@write`]: the streaming writer with bounded memory, fed by a producer of unit bytes.
 //! - [`average`]: the producer that averages pinned checkpoints (`pmad merge`, `weights`).
 //! - [`staging`]: temp dir → fsync → rename → fsync parent; sweeping a crash's leftovers.
 //! - [`record`]: `merge.json`, the provenance of every output.
