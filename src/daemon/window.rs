@@ -466,7 +466,7 @@ impl Window {
 
     /// Add the newest accepted checkpoint: one pass over it and the checkpoints it evicts
     /// updates every recipe. A checkpoint older than the newest pinned one joins the window
-    /// sums by a rebuild (see [`Window::insert_out_of_order`]).
+    /// sums by a rebuild (an out-of-order arrival).
     pub fn arrive(&mut self, step: u64, c: Arc<Checkpoint>) -> Result<ArrivalReport, Failure> {
         self.ensure_acc(&c).map_err(Failure::unchanged)?;
         if self.newest().is_some_and(|n| step <= n) {
