@@ -318,6 +318,11 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
     /// store keeps its current generation, exactly; an in-RAM store may be partially updated,
     /// which [`AccStore::damaged`] tells.
     pub fn pass(&mut self, inputs: &[&Checkpoint], ops: &[Op]) -> Result<()> {
+        self.damaged = false;
+        if ops.is_empty() || self.slots == 0 {
+            // Nothing to update (e.g. only `weights` recipes, which keep no sums).
+            return Ok(());
+        }
         // Resolve each input's tensors to (file, absolute byte start) once.
         let mut locs: Vec<Vec<(usize, usize)>> = Vec::with_capacity(inputs.len());
         for c in inputs {
@@ -403,7 +408,6 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
             }
             Ok(())
         };
-        self.damaged = false;
         match &mut self.store {
             Store::Ram(data) => {
                 let r = data
