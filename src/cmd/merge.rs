@@ -2,7 +2,7 @@
 //! terminal.
 
 use anyhow::Context;
-use pmad::math::{Accumulator, Method, MethodKind, OutDtype};
+use pmad::math::{Accumulator, Method, MethodKind, OutDtype, Shape};
 use pmad::output::oneshot::{self, MergeSpec};
 use pmad::output::Progress;
 use std::io::IsTerminal;
@@ -23,12 +23,18 @@ pub struct MergeArgs {
     /// Comma-separated weights, oldest first (method weights); renormalised to sum to 1.
     #[arg(long, value_delimiter = ',')]
     weights: Option<Vec<f64>>,
+    /// The learning-rate decay the weights emulate (method schedule).
+    #[arg(long, value_enum)]
+    shape: Option<Shape>,
+    /// The decay's final LR as a fraction of the constant LR (method schedule), in [0, 1].
+    #[arg(long)]
+    final_lr_ratio: Option<f64>,
     /// Output dtype of float tensors.
     #[arg(long, value_enum, default_value_t = OutDtype::Source)]
     dtype: OutDtype,
-    /// Accumulator precision.
-    #[arg(long, value_enum, default_value_t = Accumulator::F32)]
-    accumulator: Accumulator,
+    /// Accumulator precision [default: f32, or f64 when float tensors are written as f32/f64].
+    #[arg(long, value_enum)]
+    accumulator: Option<Accumulator>,
     /// Maximum size of one output shard (e.g. 5GB, 500MiB).
     #[arg(long, default_value = "5GB")]
     shard_size: String,
@@ -77,7 +83,24 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
                 .clone()
                 .ok_or_else(|| pmad::Error::Usage("--method weights needs --weights".into()))?,
         ),
+        MethodKind::Schedule => Method::Schedule {
+            shape: args.shape.ok_or_else(|| {
+                pmad::Error::Usage(format!(
+                    "--method schedule needs --shape ({})",
+                    Shape::one_of()
+                ))
+            })?,
+            final_lr_ratio: args.final_lr_ratio.unwrap_or(0.0),
+        },
     };
+    if (args.shape.is_some() || args.final_lr_ratio.is_some())
+        && !matches!(method, Method::Schedule { .. })
+    {
+        return Err(pmad::Error::Usage(
+            "--shape and --final-lr-ratio are only used with --method schedule".into(),
+        )
+        .into());
+    }
     if args.alpha.is_some() && !matches!(method, Method::Ema { .. }) {
         return Err(pmad::Error::Usage("--alpha is only used with --method ema".into()).into());
     }

@@ -96,6 +96,10 @@ impl Config {
                 Method::Wma => "wma".to_string(),
                 Method::Ema { alpha } => format!("ema (alpha {alpha})"),
                 Method::Weights(w) => format!("weights {w:?}"),
+                Method::Schedule {
+                    shape,
+                    final_lr_ratio,
+                } => format!("schedule {shape} (final_lr_ratio {final_lr_ratio})"),
             };
             let _ = writeln!(s, "  method       = {method}");
             let window = match r.method {

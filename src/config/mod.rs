@@ -341,6 +341,46 @@ mod tests {
     }
 
     #[test]
+    fn schedule_recipes_need_a_shape_and_keep_their_keys_to_themselves() {
+        let sched = |extra: &str| {
+            format!(
+                "{MIN}\n[[recipe]]\nname = \"d\"\nmethod = \"schedule\"\nout_dir = \"/out/d\"\n{extra}"
+            )
+        };
+        let c = Config::parse(&sched("shape = \"minus_sqrt\"\nwindow = 8")).unwrap();
+        assert_eq!(
+            c.recipes[1].method,
+            Method::Schedule {
+                shape: crate::math::Shape::MinusSqrt,
+                final_lr_ratio: 0.0
+            }
+        );
+        assert_eq!(c.recipes[1].window, 8);
+        assert!(c
+            .describe()
+            .contains("schedule minus_sqrt (final_lr_ratio 0)"));
+        let e = bad(&sched(""));
+        assert!(
+            e.contains("recipe[1].shape") && e.contains("linear, cosine, minus_sqrt"),
+            "{e}"
+        );
+        let e = bad(&sched("shape = \"exp\""));
+        assert!(e.contains("recipe[1].shape") && e.contains("exp"), "{e}");
+        let e = bad(&sched("shape = \"cosine\"\nfinal_lr_ratio = 1.5"));
+        assert!(
+            e.contains("recipe[1].final_lr_ratio") && e.contains("1.5"),
+            "{e}"
+        );
+        let e = bad(&MIN.replace("method = \"sma\"", "method = \"sma\"\nshape = \"cosine\""));
+        assert!(
+            e.contains("recipe[0].shape") && e.contains("schedule"),
+            "{e}"
+        );
+        let e = bad(&MIN.replace("method = \"sma\"", "method = \"sma\"\nfinal_lr_ratio = 0.1"));
+        assert!(e.contains("recipe[0].final_lr_ratio"), "{e}");
+    }
+
+    #[test]
     fn shipped_examples_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         let mut n = 0;

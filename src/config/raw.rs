@@ -6,7 +6,7 @@ use super::{
     WatchMode,
 };
 use crate::math::kinds::{Accumulator, OutDtype};
-use crate::math::{Method, MethodKind};
+use crate::math::{Method, MethodKind, Shape};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -131,6 +131,8 @@ struct RawRecipe {
     alpha: Option<f64>,
     #[serde(default)]
     weights: Vec<f64>,
+    shape: Option<String>,
+    final_lr_ratio: Option<f64>,
     #[serde(default = "d_every")]
     emit_every: u64,
     #[serde(default)]
@@ -371,7 +373,30 @@ fn resolve(raw: RawConfig) -> Result<Config, String> {
                     .ok_or_else(|| err(&key("alpha"), "is required with method = \"ema\""))?,
             },
             MethodKind::Weights => Method::Weights(r.weights.clone()),
+            MethodKind::Schedule => Method::Schedule {
+                shape: named(
+                    &key("shape"),
+                    r.shape.as_deref().ok_or_else(|| {
+                        err(
+                            &key("shape"),
+                            format!(
+                                "is required with method = \"schedule\" (one of {})",
+                                Shape::one_of()
+                            ),
+                        )
+                    })?,
+                )?,
+                final_lr_ratio: r.final_lr_ratio.unwrap_or(0.0),
+            },
         };
+        for (set, name) in [
+            (r.shape.is_some(), "shape"),
+            (r.final_lr_ratio.is_some(), "final_lr_ratio"),
+        ] {
+            if set && kind != MethodKind::Schedule {
+                return Err(err(&key(name), "is only used with method = \"schedule\""));
+            }
+        }
         if r.alpha.is_some() && kind != MethodKind::Ema {
             return Err(err(&key("alpha"), "is only used with method = \"ema\""));
         }
@@ -399,10 +424,10 @@ fn resolve(raw: RawConfig) -> Result<Config, String> {
         }
         method.weights(window).map_err(|e| {
             err(
-                &key(if kind == MethodKind::Ema {
-                    "alpha"
-                } else {
-                    "weights"
+                &key(match kind {
+                    MethodKind::Ema => "alpha",
+                    MethodKind::Schedule => "final_lr_ratio",
+                    _ => "weights",
                 }),
                 e,
             )

@@ -147,6 +147,8 @@ pub fn emit(
         recipe: Some(recipe.name.clone()),
         method: recipe.method.kind(),
         alpha: recipe.method.alpha(),
+        shape: recipe.method.schedule().map(|s| s.0),
+        final_lr_ratio: recipe.method.schedule().map(|s| s.1),
         weights: o.weights.clone(),
         steps: opt_steps,
         inputs: o

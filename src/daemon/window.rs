@@ -309,13 +309,8 @@ impl Window {
         // f32 running sums stay within one output ulp for bf16/f16 outputs over any realistic
         // number of updates, but not within 1e-6 for f32/f64 outputs (each add/subtract costs
         // about one f32 ulp of the sum). If any recipe publishes a wide dtype, accumulate in f64.
-        let wide = self.recipes.iter().any(|r| match r.dtype.float_kind() {
-            Some(k) => k.is_wide(),
-            None => c
-                .tensors
-                .iter()
-                .any(|t| FloatKind::of(t.dtype).is_some_and(FloatKind::is_wide)),
-        });
+        let kinds = || c.tensors.iter().filter_map(|t| FloatKind::of(t.dtype));
+        let wide = self.recipes.iter().any(|r| r.dtype.writes_wide(kinds()));
         let accumulator = if wide && self.accumulator == Accumulator::F32 {
             tracing::info!(
                 event = "window.accumulator",

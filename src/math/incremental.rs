@@ -6,7 +6,8 @@
 //! - WMA keeps S/W and T/W with T = Σ i·x_i over positions 1..n: evicting shifts every
 //!   position down by one (T −= S), then the newest enters at position n.
 //! - EMA keeps e: e += α(x − e), over every accepted checkpoint, not only the window.
-//! - `weights` keeps nothing: its output is computed from the pinned members at emission.
+//! - `weights` and `schedule` keep nothing: their outputs are computed from the pinned members
+//!   at emission (their weights depend on every member's position, so no O(1) update exists).
 //!
 //! Sums are kept pre-scaled (1/N; 1/W with W = N(N+1)/2) so they hold the output directly and
 //! cannot overflow; SMA/WMA/`weights` outputs are published only from a full window, so the
@@ -44,7 +45,7 @@ impl Sums {
                 let s = take();
                 (s, take())
             }
-            Method::Weights(_) => (None, None),
+            Method::Weights(_) | Method::Schedule { .. } => (None, None),
         };
         Sums {
             method: method.clone(),

@@ -56,6 +56,16 @@ impl OutDtype {
     pub fn output_kind(self, input: FloatKind) -> FloatKind {
         self.float_kind().unwrap_or(input)
     }
+
+    /// Whether averages of float tensors stored as `inputs` are written as f32 or f64: then
+    /// an f32 accumulator cannot keep every element within 1e-6 of the exact mean (where the
+    /// inputs cancel, its rounding errors are of the order of the inputs), and f64 is used.
+    pub fn writes_wide(self, mut inputs: impl Iterator<Item = FloatKind>) -> bool {
+        match self.float_kind() {
+            Some(k) => k.is_wide(),
+            None => inputs.any(FloatKind::is_wide),
+        }
+    }
 }
 
 /// Floating-point element encodings pmad can decode and encode.

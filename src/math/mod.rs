@@ -17,4 +17,4 @@ pub mod kinds;
 pub mod method;
 
 pub use kinds::{Accumulator, FloatKind, OutDtype};
-pub use method::{Method, MethodKind};
+pub use method::{Method, MethodKind, Shape};

@@ -11,8 +11,8 @@ use super::staging::Staging;
 use super::write::Progress;
 use crate::error::{Error, Result};
 use crate::format::Checkpoint;
-use crate::math::kinds::{Accumulator, OutDtype};
-use crate::math::Method;
+use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
+use crate::math::{Method, MethodKind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -24,8 +24,9 @@ pub struct MergeSpec {
     pub method: Method,
     /// Output dtype of float tensors.
     pub dtype: OutDtype,
-    /// Accumulator precision.
-    pub accumulator: Accumulator,
+    /// Accumulator precision; `None` chooses: f64 when float tensors are written as f32 or
+    /// f64 (see [`OutDtype::writes_wide`]), else f32.
+    pub accumulator: Option<Accumulator>,
     /// Maximum bytes per output shard.
     pub shard_size: u64,
     /// Merge even if inputs hold NaN/Inf.
@@ -41,6 +42,8 @@ pub struct MergeSummary {
     pub out: PathBuf,
     /// Weights applied, oldest first.
     pub weights: Vec<f64>,
+    /// Accumulator precision used.
+    pub accumulator: Accumulator,
     /// Tensor data bytes written.
     pub bytes_written: u64,
     /// Tensor data bytes read from the inputs.
@@ -99,10 +102,14 @@ pub fn merge_checkpoints(
 ) -> Result<MergeSummary> {
     let started = Instant::now();
     check_out(paths, out, force)?;
-    let weights = spec
-        .method
-        .weights(paths.len())
-        .map_err(|e| Error::Usage(format!("--weights/--alpha: {e}")))?;
+    let weights = spec.method.weights(paths.len()).map_err(|e| {
+        let flag = match spec.method.kind() {
+            MethodKind::Ema => "--alpha",
+            MethodKind::Schedule => "--final-lr-ratio",
+            _ => "--weights",
+        };
+        Error::Usage(format!("{flag}: {e}"))
+    })?;
     let inputs = paths
         .iter()
         .map(|p| Checkpoint::open(p))
@@ -111,6 +118,14 @@ pub fn merge_checkpoints(
         inputs[0].check_compatible(c)?;
     }
     let newest = &inputs[inputs.len() - 1];
+    let kinds = || newest.tensors.iter().filter_map(|t| FloatKind::of(t.dtype));
+    let accumulator = spec
+        .accumulator
+        .unwrap_or(if spec.dtype.writes_wide(kinds()) {
+            Accumulator::F64
+        } else {
+            Accumulator::F32
+        });
     let tensors = plan::output_tensors(newest, spec.dtype)?;
     let steps: Vec<Option<u64>> = inputs.iter().map(|c| c.step).collect();
     let meta = plan::header_metadata(&spec.method, &steps);
@@ -127,7 +142,7 @@ pub fn merge_checkpoints(
     let refs: Vec<&Checkpoint> = inputs.iter().collect();
     let how = Averaging {
         weights: &weights,
-        accumulator: spec.accumulator,
+        accumulator,
         fix_nonfinite: spec.allow_nonfinite,
         chunk_bytes: spec.chunk_bytes,
     };
@@ -161,6 +176,8 @@ pub fn merge_checkpoints(
         recipe: None,
         method: spec.method.kind(),
         alpha: spec.method.alpha(),
+        shape: spec.method.schedule().map(|s| s.0),
+        final_lr_ratio: spec.method.schedule().map(|s| s.1),
         weights: weights.clone(),
         steps,
         inputs: inputs
@@ -173,7 +190,7 @@ pub fn merge_checkpoints(
             })
             .collect(),
         dtype: spec.dtype,
-        accumulator: spec.accumulator,
+        accumulator,
         tensors: newest.tensors.len(),
         bytes: bytes_written,
         nonfinite: nf.count,
@@ -184,6 +201,7 @@ pub fn merge_checkpoints(
     Ok(MergeSummary {
         out,
         weights,
+        accumulator,
         bytes_written,
         bytes_read: inputs.iter().map(|c| c.data_bytes()).sum(),
         tensors: newest.tensors.len(),

@@ -206,6 +206,8 @@ mod tests {
             recipe: Some("r".into()),
             method: crate::math::MethodKind::Sma,
             alpha: None,
+            shape: None,
+            final_lr_ratio: None,
             weights: vec![0.5, 0.5],
             steps: vec![Some(10), Some(20)],
             inputs: vec![],

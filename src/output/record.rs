@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::fsio;
 use crate::math::kinds::{Accumulator, OutDtype};
-use crate::math::MethodKind;
+use crate::math::{MethodKind, Shape};
 use std::path::Path;
 
 /// File name of the record inside an output directory.
@@ -22,6 +22,12 @@ pub struct MergeRecord {
     pub method: MethodKind,
     /// EMA alpha, if any.
     pub alpha: Option<f64>,
+    /// The decay shape a `schedule` recipe emulates.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub shape: Option<Shape>,
+    /// The final LR ratio of a `schedule` recipe.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub final_lr_ratio: Option<f64>,
     /// Weights applied, oldest first, summing to 1.
     pub weights: Vec<f64>,
     /// Training steps of the inputs, oldest first (null where unknown).

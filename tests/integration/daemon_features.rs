@@ -395,3 +395,56 @@ fn run_waits_for_a_missing_watch_dir() {
     });
     assert_eq!(d.terminate(Duration::from_secs(20)), Some(0));
 }
+
+/// A `schedule` recipe in the daemon: its weights are computed at emission from the pinned
+/// window, recorded in merge.json, and the output equals the float64 oracle's decay-emulating
+/// average of exactly the steps it lists.
+#[test]
+fn schedule_recipe_publishes_decay_emulating_averages() {
+    let env = TestEnv::new();
+    let watch = env.mkdir("ckpt");
+    let out = env.join("out/decay");
+    let cfg = Config::new(&watch)
+        .poll("100ms")
+        .settle("100ms")
+        .recipe(
+            Recipe::new("decay", "schedule")
+                .set("window", 3usize)
+                .set("shape", "minus_sqrt")
+                .set("final_lr_ratio", 0.1)
+                .set("keep", 0usize)
+                .out_dir(&out),
+        )
+        .no_server()
+        .json_log("")
+        .write(&env.join("pmad.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
+    let mut ckpts = Vec::new();
+    for (i, step) in [100u32, 200, 300, 400].iter().enumerate() {
+        ckpts.push(env.make(
+            &format!("ckpt/checkpoint-{step}"),
+            "bf16",
+            i as u32 + 1,
+            *step,
+            &[],
+        ));
+    }
+    d.expect("the output of 400", T, |e| {
+        e.event() == "merge.emitted" && e.s("steps") == Some("200..400")
+    });
+    assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+    assert_eq!(steps_published(&out), vec![300, 400]);
+    let o = env.oracle(
+        &[
+            "--method",
+            "schedule",
+            "--shape",
+            "minus_sqrt",
+            "--final-lr-ratio",
+            "0.1",
+        ],
+        &out.join("step-400"),
+        &ckpts[1..],
+    );
+    assert_eq!(o.code, 0, "{}", o.describe());
+}

@@ -163,6 +163,128 @@ fn oracle_matrix_f32_inputs() {
     ));
 }
 
+/// Decay-emulating weights: each shape, with and without a final LR floor, on bf16 and f32
+/// inputs; the oracle computes the weights from the closed forms on its own.
+#[test]
+fn oracle_schedule_weights() {
+    let env = TestEnv::new();
+    let bf16s = env.make_series("bf16", "bf16", 5, &[]);
+    let f32s = env.make_series("f32", "f32", 3, &[]);
+    let shapes: [&[&str]; 4] = [
+        &["--method", "schedule", "--shape", "minus_sqrt"],
+        &["--method", "schedule", "--shape", "linear"],
+        &["--method", "schedule", "--shape", "cosine"],
+        &[
+            "--method",
+            "schedule",
+            "--shape",
+            "minus_sqrt",
+            "--final-lr-ratio",
+            "0.1",
+        ],
+    ];
+    let cases: Vec<Case> = shapes.iter().map(|m| Case::new(m, "source", &[])).collect();
+    let mut failures = merge_and_check(&env, "out-bf16", &cases, &bf16s);
+    failures.extend(merge_and_check(
+        &env,
+        "out-f32",
+        &[
+            Case::new(shapes[2], "source", &[]),
+            Case::new(shapes[3], "bf16", &[]),
+        ],
+        &f32s,
+    ));
+    assert_no_failures(&failures);
+    // The n = 5 minus_sqrt weights put the most on the oldest checkpoint, as recorded.
+    let rec = read_json(&env.join("out-bf16-0/merge.json"));
+    let w: Vec<f64> = rec["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!((w[0] - 0.2f64.sqrt()).abs() < 1e-12, "{w:?}");
+    assert!(w.windows(2).all(|p| p[0] > p[1]), "{w:?}");
+    assert_eq!(rec["shape"], "minus_sqrt");
+    // Wrong uses name the flag.
+    let out = env.join("bad");
+    for (args, flag) in [
+        (&["--method", "schedule"][..], "--shape"),
+        (&["--method", "sma", "--shape", "cosine"][..], "--shape"),
+        (
+            &[
+                "--method",
+                "schedule",
+                "--shape",
+                "cosine",
+                "--final-lr-ratio",
+                "2",
+            ][..],
+            "--final-lr-ratio",
+        ),
+    ] {
+        let r = env.merge(args, &out, &bf16s);
+        assert_eq!(r.code, 2, "{args:?}\n{}", r.describe());
+        assert!(r.stderr.contains(flag), "{args:?}: {}", r.stderr);
+    }
+}
+
+/// f32 inputs that are far from each other (one is the negation of another, the newest is
+/// tiny): their mean is small against the inputs, where an f32 accumulator's rounding errors
+/// dominate. `pmad merge` to f32 therefore accumulates in f64 unless told otherwise, and the
+/// result is within 1e-6 of the mean itself.
+#[test]
+fn f32_outputs_accumulate_in_f64_unless_told_otherwise() {
+    let env = TestEnv::new();
+    let inputs = vec![
+        env.make("a/checkpoint-100", "f32", 1, 100, &["--no-edge"]),
+        env.make(
+            "a/checkpoint-200",
+            "f32",
+            1,
+            200,
+            &["--no-edge", "--scale", "-1"],
+        ),
+        env.make(
+            "a/checkpoint-300",
+            "f32",
+            2,
+            300,
+            &["--no-edge", "--scale", "1e-4"],
+        ),
+    ];
+    let strict = [
+        "--method",
+        "sma",
+        "--dtype",
+        "source",
+        "--f32-within",
+        "mean",
+    ];
+    let auto = env.join("auto");
+    env.merge(&["--method", "sma"], &auto, &inputs).expect_ok();
+    assert_eq!(read_json(&auto.join("merge.json"))["accumulator"], "f64");
+    let o = env.oracle(&strict, &auto, &inputs);
+    assert_eq!(o.code, 0, "{}", o.describe());
+    // Forcing f32 still works, and misses the mean by far more than 1e-6 of it (the check
+    // has teeth).
+    let forced = env.join("forced");
+    env.merge(
+        &["--method", "sma", "--accumulator", "f32"],
+        &forced,
+        &inputs,
+    )
+    .expect_ok();
+    assert_eq!(read_json(&forced.join("merge.json"))["accumulator"], "f32");
+    let o = env.oracle(&strict, &forced, &inputs);
+    assert_eq!(o.code, 1, "{}", o.describe());
+    // bf16 outputs keep the f32 accumulator (within 1 ulp either way).
+    let bf16 = env.join("bf16");
+    env.merge(&["--method", "sma", "--dtype", "bf16"], &bf16, &inputs)
+        .expect_ok();
+    assert_eq!(read_json(&bf16.join("merge.json"))["accumulator"], "f32");
+}
+
 /// Narrowing to f16 without the edge values (half of f32/bf16 max does not fit in f16).
 #[test]
 fn oracle_narrowing_to_f16_without_edge_values() {

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Independent oracle for `pmad merge` outputs.
 
-  oracle.py check --method sma|wma|ema|weights [--alpha A] [--weights w1,w2,..]
-                  [--dtype source|bf16|f16|f32] OUT CKPT...
+  oracle.py check --method sma|wma|ema|weights|schedule [--alpha A] [--weights w1,w2,..]
+                  [--shape linear|cosine|minus_sqrt] [--final-lr-ratio R]
+                  [--dtype source|bf16|f16|f32] [--f32-within inputs|mean] OUT CKPT...
 
 CKPTs are given oldest first, as to pmad. Each is a checkpoint dir (model.safetensors, or
 shards plus model.safetensors.index.json) or a bare .safetensors file. OUT is pmad's output dir.
@@ -22,9 +23,11 @@ Checks:
       of m, where exactly cancelling inputs leave m a tiny artefact of the inexact weights. Distance is counted in representable values (see `ordinal`), so
       +0/-0, subnormals and the step from the largest finite value to inf are handled.
     * F32/F64 outputs: |out - m| <= 1e-6 * max(|m|, max_i |x_i|, f32 tiny). Relative to the
-      inputs' magnitude, not to |m| alone: when inputs cancel, m is near 0 and the
-      accumulator's rounding errors (of the order of the inputs) dwarf it, so a pure relative
-      error would be meaningless there.
+      inputs' magnitude, not to |m| alone: when inputs cancel, m is near 0 and an f32
+      accumulator's rounding errors (of the order of the inputs) dwarf it. With
+      `--f32-within mean`, relative to m itself: |out - m| <= 1e-6 |m| + the float64 mean's own
+      error bound (8 n eps64 max|x_i|), which only an f64 accumulator meets where inputs
+      cancel.
     * NaN must stay NaN. An infinite m, or one that rounds to inf, needs that inf, up to the
       tolerances above (e.g. a BF16 output may hold the largest finite value, 1 ulp away).
 - Integer and bool tensors: byte for byte equal to the newest input.
@@ -35,7 +38,9 @@ Checks:
 
 Weights (oldest = 1 .. newest = N): sma 1/N; wma i / (N(N+1)/2); weights: given, renormalised
 to sum 1; ema: e_1 = x_1, e_k = a x_k + (1-a) e_{k-1}, i.e. w_1 = (1-a)^(N-1),
-w_k = a (1-a)^(N-k).
+w_k = a (1-a)^(N-k); schedule: with the decay's LR multiplier f (linear 1 - x, cosine
+(1 + cos(pi x)) / 2, minus_sqrt 1 - sqrt(x)) floored at the final ratio r as g = r + (1 - r) f,
+the k-th oldest (k = 0..N-1) gets g(k/N) - g((k+1)/N), the newest g((N-1)/N).
 
 Exit 0 with a one-line summary when everything matches, 1 with the first mismatches when
 something does not, 2 when the arguments or inputs themselves are unusable, 3 on an internal
@@ -44,6 +49,7 @@ error of the oracle.
 
 import argparse
 import json
+import math
 import re
 import struct
 import sys
@@ -71,7 +77,8 @@ TINY = float(np.finfo(np.float32).tiny)
 # docs/formats.md: files a merged output copies from the newest input, and files it never copies.
 COPIED = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "tokenizer.model", "special_tokens_map.json", "vocab.json", "vocab.txt",
-          "merges.txt", "chat_template.jinja", "added_tokens.json", "preprocessor_config.json"]
+          "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json",
+          "preprocessor_config.json"]
 NEVER_COPIED = re.compile(r"optimizer\.pt|scheduler\.pt|rng_state.*|training_args\.bin|"
                           r"trainer_state\.json")
 
@@ -184,8 +191,23 @@ def ordinal(a):
 # ------------------------------------------------------------------------- weights
 
 
-def merge_weights(method, n, alpha, given):
+SHAPES = {
+    "linear": lambda x: 1.0 - x,
+    "cosine": lambda x: (1.0 + math.cos(math.pi * x)) / 2.0,
+    "minus_sqrt": lambda x: 1.0 - math.sqrt(x),
+}
+
+
+def merge_weights(method, n, alpha, given, shape=None, final_lr_ratio=0.0):
     """Weights of the n checkpoints, oldest first (see the module docstring)."""
+    if method == "schedule":
+        if shape not in SHAPES:
+            raise Unusable(f"--method schedule needs --shape, one of {', '.join(SHAPES)}")
+        r = final_lr_ratio
+        if not 0.0 <= r <= 1.0:
+            raise Unusable("--final-lr-ratio must be in [0, 1]")
+        g = [r + (1.0 - r) * SHAPES[shape](k / n) for k in range(n)]
+        return [g[k] - g[k + 1] for k in range(n - 1)] + [g[n - 1]]
     if method == "sma":
         return [1.0 / n] * n
     if method == "wma":
@@ -284,6 +306,7 @@ def open_output(out, report):
 # rounding residue per term, which is far below an ulp of the inputs but can be many ulps of a
 # result that is (nearly) zero. Set by --accumulator-tolerance f32; 0 for one-shot merges.
 ACC_EPS = 0.0
+F32_WITHIN_MEAN = False
 
 
 def check_float(name, dtype, got, inputs, weights, report):
@@ -312,12 +335,18 @@ def check_float(name, dtype, got, inputs, weights, report):
             report.max_ulp[dtype] = max(report.max_ulp[dtype], int(diff[both].max()))
     else:
         g = got.astype(np.float64)
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", over="ignore"):
             inf_ok = np.isinf(want) & (g == want)
             magnitude = np.maximum(np.abs(mean), TINY)
             for x in xs:
                 magnitude = np.maximum(magnitude, np.abs(x))
-            rel = np.where(inf_ok, 0.0, np.abs(g - mean) / magnitude)
+            if F32_WITHIN_MEAN:
+                # Relative to m itself, beyond the float64 mean's own error bound.
+                own_error = 8 * np.finfo(np.float64).eps * len(xs) * magnitude
+                excess = np.maximum(np.abs(g - mean) - own_error, 0.0)
+                rel = np.where(inf_ok, 0.0, excess / np.maximum(np.abs(mean), TINY))
+            else:
+                rel = np.where(inf_ok, 0.0, np.abs(g - mean) / magnitude)
         rel = np.where(np.isnan(rel), np.inf, rel)  # inf - inf: a wrong infinity
         bad |= both & (rel > REL_TOL)
         if both.any():
@@ -355,7 +384,7 @@ def check_tensors(out_tensors, ins, weights, requested, report):
                         f"({src.dtype}), from which it must be copied")
 
 
-def check_merge_json(out, method, weights, report):
+def check_merge_json(out, method, weights, report, shape=None, final_lr_ratio=0.0):
     path = out / "merge.json"
     if not path.exists():
         report.fail(f"{path}: missing")
@@ -363,6 +392,10 @@ def check_merge_json(out, method, weights, report):
     info = json.loads(path.read_text())
     if info.get("method") != method:
         report.fail(f"{path}: method {info.get('method')!r}, expected {method!r}")
+    if method == "schedule" and (info.get("shape") != shape
+                                 or abs(info.get("final_lr_ratio", -1) - final_lr_ratio) > 1e-12):
+        report.fail(f"{path}: shape {info.get('shape')!r} final_lr_ratio "
+                    f"{info.get('final_lr_ratio')!r}, expected {shape!r} {final_lr_ratio!r}")
     got = info.get("weights")
     numbers = isinstance(got, list) and all(
         isinstance(g, (int, float)) and not isinstance(g, bool) for g in got)
@@ -398,10 +431,12 @@ def check_inputs(ckpts, ins):
 
 
 def check(args):
-    global ACC_EPS
+    global ACC_EPS, F32_WITHIN_MEAN
     ACC_EPS = 4 * 2.0**-24 if args.accumulator_tolerance == "f32" else 0.0
+    F32_WITHIN_MEAN = args.f32_within == "mean"
     n = len(args.ckpt)
-    weights = merge_weights(args.method, n, args.alpha, args.weights)
+    weights = merge_weights(args.method, n, args.alpha, args.weights, args.shape,
+                            args.final_lr_ratio)
     ins = [open_input(c) for c in args.ckpt]
     check_inputs(args.ckpt, ins)
     out = Path(args.out)
@@ -415,7 +450,7 @@ def check(args):
         report.fail(str(e))
     else:
         check_tensors(out_tensors, ins, weights, args.dtype, report)
-    check_merge_json(out, args.method, weights, report)
+    check_merge_json(out, args.method, weights, report, args.shape, args.final_lr_ratio)
     check_side_files(out, args.ckpt[-1], report)
 
     if report.failures:
@@ -442,8 +477,14 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     chk = sub.add_parser("check", help="check a pmad merge output against the inputs")
-    chk.add_argument("--method", required=True, choices=["sma", "wma", "ema", "weights"])
+    chk.add_argument("--method", required=True,
+                     choices=["sma", "wma", "ema", "weights", "schedule"])
     chk.add_argument("--alpha", type=float)
+    chk.add_argument("--shape", choices=sorted(SHAPES))
+    chk.add_argument("--final-lr-ratio", type=float, default=0.0)
+    chk.add_argument("--f32-within", choices=["inputs", "mean"], default="inputs",
+                     help="f32/f64 outputs within 1e-6 relative to the inputs' magnitude "
+                          "(default) or to the mean itself")
     chk.add_argument("--weights", type=weight_list, help="comma-separated, oldest first")
     chk.add_argument("--dtype", default="source", choices=["source", "bf16", "f16", "f32"])
     chk.add_argument("--accumulator-tolerance", choices=["none", "f32"], default="none",
