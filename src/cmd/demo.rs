@@ -42,7 +42,17 @@ pub struct DemoArgs {
     /// Keep the temp directory (printed at the end) instead of deleting it.
     #[arg(long)]
     pub keep: bool,
+    /// Make the simulated run diverge (its learning rate jumps 20x) two thirds of the way
+    /// through: pmad's loss-spike sentinel stops the averages at the onset and publishes a
+    /// rescue to restart from.
+    #[arg(long)]
+    pub diverge: bool,
 }
+
+/// Steps between two logged losses (HF `logging_steps`).
+const LOGGING_STEPS: u64 = 10;
+/// The learning rate multiplier of a diverging run.
+const DIVERGE_LR: f32 = 20.0;
 
 const LR: f32 = 0.05;
 const NOISE: f32 = 1.0;
@@ -112,8 +122,26 @@ impl Problem {
     }
 }
 
-/// Write one checkpoint in place, HF Trainer order, marker last.
-fn write_checkpoint(p: &Problem, w: &[f32], dir: &Path, step: u64) -> anyhow::Result<()> {
+/// A number as Python's `json` writes it (`NaN`, `Infinity`: a diverged loss).
+fn py_number(x: f64) -> String {
+    if x.is_nan() {
+        "NaN".into()
+    } else if x.is_infinite() {
+        if x > 0.0 { "Infinity" } else { "-Infinity" }.into()
+    } else {
+        format!("{x}")
+    }
+}
+
+/// Write one checkpoint in place, HF Trainer order, marker last. `log` is the run's whole
+/// log history so far: (step, learning rate, loss).
+fn write_checkpoint(
+    p: &Problem,
+    w: &[f32],
+    dir: &Path,
+    step: u64,
+    log: &[(u64, f32, f64)],
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join("config.json"),
@@ -140,11 +168,21 @@ fn write_checkpoint(p: &Problem, w: &[f32], dir: &Path, step: u64) -> anyhow::Re
     }
     drop(f);
     std::fs::write(dir.join("optimizer.pt"), b"not copied into merged outputs")?;
-    let state = serde_json::json!({
-        "global_step": step,
-        "log_history": [{"step": step, "learning_rate": LR, "loss": p.loss(w)}],
-    });
-    std::fs::write(dir.join("trainer_state.json"), serde_json::to_vec(&state)?)?;
+    // Written as the HF Trainer does, with Python's json: a diverged loss is a bare NaN.
+    let history: Vec<String> = log
+        .iter()
+        .map(|(s, lr, loss)| {
+            format!(
+                "{{\"step\": {s}, \"learning_rate\": {lr}, \"loss\": {}}}",
+                py_number(*loss)
+            )
+        })
+        .collect();
+    let state = format!(
+        "{{\"global_step\": {step}, \"log_history\": [{}]}}",
+        history.join(", ")
+    );
+    std::fs::write(dir.join("trainer_state.json"), state)?;
     Ok(())
 }
 
@@ -158,6 +196,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&run_dir)?;
     let sma_dir = root.join("merged/sma8");
     let ema_dir = root.join("merged/ema0.2");
+    let rescue_dir = root.join("merged/rescue");
+    // With --diverge, the sentinel watches the logged loss.
+    let spike = if args.diverge {
+        format!(
+            "[spike]\nenabled = true\nseries = [\"loss\"]\nwindow = 32\nout_dir = {rescue_dir:?}\n"
+        )
+    } else {
+        String::new()
+    };
     let cfg_text = format!(
         r#"
 [watch]
@@ -189,6 +236,8 @@ listen = ""
 
 [daemon]
 shutdown_grace = "5s"
+
+{spike}
 "#,
         run = run_dir,
         sma = sma_dir,
@@ -224,21 +273,32 @@ shutdown_grace = "5s"
     let p2 = problem.clone();
     let dir2 = run_dir.clone();
     let (n_ckpt, save) = (args.checkpoints, args.save_steps);
+    // A diverging run's learning rate jumps after two thirds of its checkpoints.
+    let diverge_at = args.diverge.then_some((n_ckpt * 2 / 3) * save);
     let producer = std::thread::spawn(move || -> anyhow::Result<BTreeMap<u64, f64>> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut w: Vec<f32> = p2.opt.iter().map(|o| o + 0.1).collect();
         let mut losses = BTreeMap::new();
+        let mut log = Vec::new();
         for k in 1..=n_ckpt {
             let t0 = Instant::now();
-            for _ in 0..save {
+            for i in 1..=save {
+                let step = (k - 1) * save + i;
+                let lr = match diverge_at {
+                    Some(d) if step > d => LR * DIVERGE_LR,
+                    _ => LR,
+                };
                 for ((w, o), h) in w.iter_mut().zip(&p2.opt).zip(&p2.h) {
                     let g = h * (*w - o) + NOISE * rng.sample::<f32, _>(rand_distr::StandardNormal);
-                    *w -= LR * g;
+                    *w -= lr * g;
+                }
+                if step % LOGGING_STEPS == 0 {
+                    log.push((step, lr, p2.loss(&w)));
                 }
             }
             let step = k * save;
             let dir = dir2.join(format!("checkpoint-{step}"));
-            write_checkpoint(&p2, &w, &dir, step)?;
+            write_checkpoint(&p2, &w, &dir, step, &log)?;
             losses.insert(step, p2.loss_of(&dir)?);
             std::thread::sleep(every.saturating_sub(t0.elapsed()));
         }
@@ -281,6 +341,18 @@ shutdown_grace = "5s"
             );
             seen.insert((name.to_string(), step), merged);
             last_change = Instant::now();
+        }
+        if args.diverge && !seen.keys().any(|(r, _)| r == "rescue") {
+            let rescue = OutDir::new(&rescue_dir);
+            if let Some(step) = rescue.latest() {
+                let loss = problem.loss_of(&rescue.step_path(step))?;
+                println!(
+                    "demo: loss spike detected: rescue = average of the checkpoints up to step {step}, \
+                     loss(rescue) = {loss:.5}: restart training from here"
+                );
+                seen.insert(("rescue".into(), step), loss);
+                last_change = Instant::now();
+            }
         }
         // The EMA publishes every 2nd checkpoint, so its last output may be one step early.
         let done = recipes.iter().all(|(n, _)| {
@@ -343,9 +415,53 @@ shutdown_grace = "5s"
             v.last().copied().unwrap_or(f64::NAN)
         );
     }
+    if args.diverge {
+        diverged_summary(&problem, &rescue_dir, &latest_losses, &seen)?;
+    }
     if args.keep {
         let kept: PathBuf = tmp.keep();
         println!("files kept in {}", kept.display());
+    }
+    Ok(())
+}
+
+/// After a diverging run: the diverged latest checkpoint next to the rescue, and the averages
+/// that stopped absorbing at the spike.
+fn diverged_summary(
+    problem: &Problem,
+    rescue_dir: &Path,
+    latest: &BTreeMap<u64, f64>,
+    seen: &BTreeMap<(String, u64), f64>,
+) -> anyhow::Result<()> {
+    println!();
+    let rescue = OutDir::new(rescue_dir);
+    let Some(step) = rescue.latest() else {
+        println!("no rescue was published: the sentinel saw no spike");
+        return Ok(());
+    };
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rescue.step_path(step).join("rescue.json"))?)?;
+    let onset = record["onset_step"].as_u64().unwrap_or(0);
+    println!(
+        "the run diverged: the loss spiked at step {onset} (spike.detected); no average absorbed \
+         a checkpoint from then on"
+    );
+    println!("{:<34} {:>6} {:>14}", "model", "step", "loss");
+    if let Some((s, l)) = latest.iter().next_back() {
+        println!("{:<34} {s:>6} {l:>14.5}", "latest checkpoint (diverged)");
+    }
+    let r = problem.loss_of(&rescue.step_path(step))?;
+    println!(
+        "{:<34} {step:>6} {r:>14.5}",
+        "pmad rescue (restart from here)"
+    );
+    for name in ["sma8", "ema0.2"] {
+        if let Some(((_, s), l)) = seen.iter().rfind(|((n, _), _)| n == name) {
+            println!(
+                "{:<34} {s:>6} {l:>14.5}",
+                format!("pmad {name} (its last output)")
+            );
+        }
     }
     Ok(())
 }

@@ -157,6 +157,27 @@ impl Config {
             "shutdown_grace = {}",
             humantime::format_duration(self.shutdown_grace)
         );
+        let _ = writeln!(s, "[spike]");
+        match &self.spike {
+            None => {
+                let _ = writeln!(s, "enabled        = false");
+            }
+            Some(sp) => {
+                let _ = writeln!(s, "enabled        = true");
+                let _ = writeln!(s, "series         = {:?}", sp.series);
+                let _ = writeln!(
+                    s,
+                    "detect         = z >= {} over the last {} values (median, MAD); recover below z {}",
+                    sp.z, sp.window, sp.recover_z
+                );
+                let _ = writeln!(
+                    s,
+                    "rescue         = SMA of the last {} checkpoints before the onset, into {}",
+                    sp.k,
+                    sp.out_dir.display()
+                );
+            }
+        }
         s
     }
 }

@@ -208,6 +208,28 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `[daemon] progress_interval`: how often long emissions log progress.
     pub progress_interval: Duration,
+    /// `[spike]`, when enabled.
+    pub spike: Option<SpikeConfig>,
+}
+
+/// The fewest values `spike.window` may keep.
+pub const SPIKE_MIN_WINDOW: usize = 8;
+
+/// `[spike]`, resolved: the loss-spike sentinel and its rescue outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpikeConfig {
+    /// The `log_history` keys watched (`loss`, `grad_norm`).
+    pub series: Vec<String>,
+    /// Healthy values kept per series.
+    pub window: usize,
+    /// A value scoring at least this robust z is a spike.
+    pub z: f64,
+    /// A spiking series recovers below this z.
+    pub recover_z: f64,
+    /// Checkpoints averaged for a rescue.
+    pub k: usize,
+    /// Where rescues are published.
+    pub out_dir: PathBuf,
 }
 
 impl Config {
@@ -240,6 +262,7 @@ impl Config {
     pub fn own_dirs(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self.recipes.iter().map(|r| r.out_dir.clone()).collect();
         v.extend(self.state.dir.clone());
+        v.extend(self.spike.as_ref().map(|s| s.out_dir.clone()));
         v
     }
 }
@@ -378,6 +401,45 @@ mod tests {
         );
         let e = bad(&MIN.replace("method = \"sma\"", "method = \"sma\"\nfinal_lr_ratio = 0.1"));
         assert!(e.contains("recipe[0].final_lr_ratio"), "{e}");
+    }
+
+    #[test]
+    fn spike_settings_resolve_with_defaults_and_checks() {
+        let c = Config::parse(&format!(
+            "{MIN}\n[spike]\nenabled = true\nout_dir = \"/out/rescue\"\n"
+        ))
+        .unwrap();
+        let s = c.spike.as_ref().unwrap();
+        assert_eq!(s.series, ["loss", "grad_norm"]);
+        assert_eq!((s.window, s.z, s.recover_z, s.k), (64, 6.0, 3.0, 3));
+        assert!(c.own_dirs().contains(&PathBuf::from("/out/rescue")));
+        assert!(c
+            .describe()
+            .contains("SMA of the last 3 checkpoints before the onset"));
+        // Off unless enabled, even when other keys are set.
+        let c = Config::parse(&format!("{MIN}\n[spike]\nz = 4.0\n")).unwrap();
+        assert!(c.spike.is_none());
+        for (extra, key) in [
+            ("", "spike.out_dir"),
+            ("out_dir = \"/o\"\nwindow = 3", "spike.window"),
+            ("out_dir = \"/o\"\nz = 0", "spike.z"),
+            ("out_dir = \"/o\"\nrecover_z = 9", "spike.recover_z"),
+            ("out_dir = \"/o\"\nk = 0", "spike.k"),
+            ("out_dir = \"/o\"\nseries = []", "spike.series"),
+            ("out_dir = \"/out/sma10\"", "spike.out_dir"),
+            ("out_dir = \"/o\"\nbogus = 1", "bogus"),
+        ] {
+            let e = bad(&format!("{MIN}\n[spike]\nenabled = true\n{extra}\n"));
+            assert!(e.contains(key), "{extra:?}: {e}");
+        }
+        let e = bad(&format!(
+            "{}\n[spike]\nenabled = true\nout_dir = \"/o\"\n",
+            MIN.replace("[watch]", "[watch]\nlayout = \"megatron\"")
+        ));
+        assert!(
+            e.contains("spike.enabled") && e.contains("trainer_state.json"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! the validated types of [`super`]. Every default and every check lives here, once.
 
 use super::{
-    Config, Layout, LogFormat, Marker, Pattern, PhaseConfig, Recipe, StateConfig, WatchConfig,
-    WatchMode,
+    Config, Layout, LogFormat, Marker, Pattern, PhaseConfig, Recipe, SpikeConfig, StateConfig,
+    WatchConfig, WatchMode,
 };
 use crate::math::kinds::{Accumulator, OutDtype};
 use crate::math::{Method, MethodKind, Shape};
@@ -45,6 +45,36 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     daemon: RawDaemon,
+    spike: Option<RawSpike>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpike {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default = "d_series")]
+    series: Vec<String>,
+    #[serde(default = "d_spike_window")]
+    window: usize,
+    #[serde(default = "d_z")]
+    z: f64,
+    recover_z: Option<f64>,
+    #[serde(default = "d_k")]
+    k: usize,
+    out_dir: Option<PathBuf>,
+}
+fn d_series() -> Vec<String> {
+    vec!["loss".into(), "grad_norm".into()]
+}
+fn d_spike_window() -> usize {
+    64
+}
+fn d_z() -> f64 {
+    6.0
+}
+fn d_k() -> usize {
+    3
 }
 
 #[derive(Debug, Deserialize)]
@@ -506,15 +536,83 @@ fn resolve(raw: RawConfig) -> Result<Config, String> {
             ),
         ));
     }
+    let spike = match raw.spike {
+        Some(s) if s.enabled => Some(resolve_spike(s, &watch, &recipes)?),
+        _ => None,
+    };
     Ok(Config {
         watch,
         phase,
         state,
         recipes,
+        spike,
         listen,
         log_format,
         log_level: raw.log.level,
         shutdown_grace: duration("daemon.shutdown_grace", &raw.daemon.shutdown_grace)?,
         progress_interval: duration("daemon.progress_interval", &raw.daemon.progress_interval)?,
+    })
+}
+
+fn resolve_spike(
+    s: RawSpike,
+    watch: &WatchConfig,
+    recipes: &[Recipe],
+) -> Result<SpikeConfig, String> {
+    if watch.layout != Layout::Hf && watch.layout != Layout::Custom {
+        return Err(err(
+            "spike.enabled",
+            "needs HF trainer_state.json (layout = \"hf\" or \"custom\")",
+        ));
+    }
+    if s.series.is_empty() || s.series.iter().any(|x| x.trim().is_empty()) {
+        return Err(err(
+            "spike.series",
+            "must name at least one log_history key",
+        ));
+    }
+    if s.window < super::SPIKE_MIN_WINDOW {
+        return Err(err(
+            "spike.window",
+            format!(
+                "{} is too few values to judge a spike (at least {})",
+                s.window,
+                super::SPIKE_MIN_WINDOW
+            ),
+        ));
+    }
+    if !(s.z.is_finite() && s.z > 0.0) {
+        return Err(err("spike.z", format!("{} must be a positive number", s.z)));
+    }
+    let recover_z = s.recover_z.unwrap_or(s.z / 2.0);
+    if !(recover_z.is_finite() && recover_z > 0.0 && recover_z <= s.z) {
+        return Err(err(
+            "spike.recover_z",
+            format!("{recover_z} must be positive and at most spike.z ({})", s.z),
+        ));
+    }
+    if s.k == 0 {
+        return Err(err("spike.k", "must be at least 1"));
+    }
+    let out_dir = s
+        .out_dir
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(|| err("spike.out_dir", "is required when spike.enabled = true"))?;
+    if out_dir == watch.dir || recipes.iter().any(|r| r.out_dir == out_dir) {
+        return Err(err(
+            "spike.out_dir",
+            format!(
+                "{} is watch.dir or a recipe's out_dir; give rescues their own directory",
+                out_dir.display()
+            ),
+        ));
+    }
+    Ok(SpikeConfig {
+        series: s.series,
+        window: s.window,
+        z: s.z,
+        recover_z,
+        k: s.k,
+        out_dir,
     })
 }

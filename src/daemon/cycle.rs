@@ -20,6 +20,7 @@ use super::hooks::HookJob;
 use super::resume::{self, Found, Reconciled};
 use super::schedule::{Due, Schedule};
 use super::select::{self, Decision};
+use super::spike::{self, Change, Sentinel};
 use super::state::{recipes_signature, AccBytes, Manifest, SavedCheckpoint, SavedRecipe, StateDir};
 use super::tracker::{Phase, Ready, Seen, Tracker};
 use super::watch::Scanner;
@@ -95,6 +96,9 @@ pub struct Daemon {
     vanished: BTreeSet<u64>,
     intake: Intake,
     persist: Option<Persist>,
+    /// The loss-spike sentinel and where its rescues go (with `[spike]`).
+    sentinel: Option<Sentinel>,
+    rescues: Option<OutDir>,
     pool: rayon::ThreadPool,
     ctx: Ctx,
 }
@@ -130,7 +134,17 @@ impl Daemon {
             }),
             None => None,
         };
+        let sentinel = cfg.spike.as_ref().map(|s| {
+            Sentinel::new(spike::Settings {
+                series: s.series.clone(),
+                window: s.window,
+                z: s.z,
+                recover_z: s.recover_z,
+            })
+        });
         Ok(Daemon {
+            rescues: cfg.spike.as_ref().map(|s| OutDir::new(&s.out_dir)),
+            sentinel,
             window: fresh_window(&cfg),
             schedule: Schedule::new(&cfg.recipes),
             outputs: cfg
@@ -280,6 +294,10 @@ impl Daemon {
             &self.schedule,
             &self.tracker,
             &self.outputs,
+            self.sentinel
+                .as_ref()
+                .and_then(|s| s.onset())
+                .map(|o| o.step),
         );
         shared.beat();
         Cycled {
@@ -370,6 +388,13 @@ impl Daemon {
             path,
             lookback,
         } = ready;
+        // One read of trainer_state.json serves the LR plateau and the spike sentinel. The
+        // sentinel takes in every complete checkpoint's history, even one the gate rejects
+        // (a diverged run's NaN weights): the curves matter, not the weights.
+        let trainer_state = (self.cfg.phase.lr_from_trainer_state || self.sentinel.is_some())
+            .then(|| std::fs::read(path.join("trainer_state.json")).ok())
+            .flatten();
+        self.watch_spikes(step, trainer_state.as_deref());
         let before = self.tracker.signature(&path).cloned();
         let (pool, scanner, window) = (&self.pool, &self.scanner, &self.window);
         let allow = self.cfg.watch.allow_nonfinite;
@@ -399,9 +424,9 @@ impl Daemon {
             }
         };
         let lr = if self.cfg.phase.lr_from_trainer_state {
-            std::fs::read(path.join("trainer_state.json"))
-                .ok()
-                .and_then(|b| select::lr_history(&b).ok())
+            trainer_state
+                .as_deref()
+                .and_then(|b| select::lr_history(b).ok())
         } else {
             None
         };
@@ -420,6 +445,16 @@ impl Daemon {
             self.tracker.set(&path, Phase::Skipped);
             self.ctx.shared.metrics.skipped.inc();
             return;
+        }
+        if let Some(o) = self.sentinel.as_ref().and_then(|s| s.onset()) {
+            if step >= o.step {
+                // An EMA cannot un-add a checkpoint: nothing from the spike on is absorbed
+                // until the run is healthy again.
+                info!(event = "checkpoint.skipped", step, reason = %format!("after the {} spike at step {} ({}): not absorbed until the run recovers", o.series, o.step, o.value));
+                self.tracker.set(&path, Phase::Skipped);
+                self.ctx.shared.metrics.skipped.inc();
+                return;
+            }
         }
         self.verify_window();
         if self.accepted.contains_key(&step) {
@@ -502,6 +537,117 @@ impl Daemon {
         }
         if self.persist.as_ref().is_some_and(|p| p.acc_unsaved) {
             self.save(true);
+        }
+    }
+
+    /// Feed the sentinel the history a checkpoint at `step` carries; log what changed and
+    /// publish a rescue when a spike begins (and is still in progress after this history).
+    fn watch_spikes(&mut self, step: u64, trainer_state: Option<&[u8]>) {
+        let (Some(sentinel), Some(bytes)) = (self.sentinel.as_mut(), trainer_state) else {
+            return;
+        };
+        let series = &self
+            .cfg
+            .spike
+            .as_ref()
+            .map(|s| s.series.clone())
+            .unwrap_or_default();
+        let history = match spike::history(bytes, series) {
+            Ok(h) => h,
+            Err(e) => {
+                debug!(event = "spike.unreadable", step, error = %e);
+                return;
+            }
+        };
+        let changes = sentinel.feed(&history);
+        let mut detected = false;
+        for c in &changes {
+            match c {
+                Change::Detected(o) => {
+                    detected = true;
+                    self.ctx.shared.metrics.spike(&o.series);
+                    warn!(event = "spike.detected", step = o.step, series = %o.series, value = o.value, z = o.z, median = o.median, at = step, "checkpoints from step {} on are not absorbed until the run is healthy again", o.step);
+                }
+                Change::Recovered {
+                    step: s,
+                    series,
+                    value,
+                    z,
+                } => {
+                    info!(event = "spike.recovered", step = s, series = %series, value, z, at = step, "checkpoints are absorbed again");
+                }
+            }
+        }
+        let onset = self.sentinel.as_ref().and_then(|s| s.onset()).cloned();
+        self.ctx
+            .shared
+            .metrics
+            .spike_active
+            .set(onset.is_some() as i64);
+        if let (true, Some(o)) = (detected, onset) {
+            self.rescue(&o, step);
+        }
+    }
+
+    /// Publish the rescue of a spike starting at `onset`: the SMA of the last `spike.k`
+    /// checkpoints before it, kept pinned while it is the newest rescue.
+    fn rescue(&mut self, onset: &spike::Onset, at: u64) {
+        let (Some(cfg), Some(out)) = (self.cfg.spike.as_ref(), self.rescues.as_ref()) else {
+            return;
+        };
+        let clean: Vec<u64> = self
+            .window
+            .steps()
+            .into_iter()
+            .filter(|s| *s < onset.step)
+            .collect();
+        let steps = clean[clean.len().saturating_sub(cfg.k)..].to_vec();
+        let Some(&newest) = steps.last() else {
+            warn!(
+                event = "rescue.failed",
+                onset = onset.step,
+                reason = "no_checkpoint",
+                "no checkpoint from before the spike is pinned; nothing to rescue from"
+            );
+            return;
+        };
+        if out.published_as(newest, &steps)
+            && out.step_path(newest).join(emit::RESCUE_FILE).is_file()
+        {
+            // Published before a restart (the sentinel replayed the history).
+            self.window.hold(&steps);
+            return;
+        }
+        self.window.hold(&steps);
+        let values = self
+            .sentinel
+            .as_ref()
+            .map(|s| s.recent(&onset.series))
+            .unwrap_or_default();
+        let progress = Progress::default();
+        let (pool, window, accepted, cancel) =
+            (&self.pool, &self.window, &self.accepted, &self.ctx.cancel);
+        let r = pool.install(|| {
+            emit::emit_rescue(
+                window, &steps, out, accepted, onset, at, values, &progress, cancel,
+            )
+        });
+        match r {
+            Ok(e) => info!(
+                event = "rescue.emitted",
+                onset = onset.step,
+                steps = %fmt_steps(&e.steps),
+                n = e.steps.len(),
+                out = %e.path.display(),
+                restart_from = e.step,
+                size = %bytes(e.bytes),
+                took = %secs(e.duration),
+                "restart training from step {} with these weights",
+                e.step
+            ),
+            Err(e) => {
+                error!(event = "rescue.failed", onset = onset.step, reason = e.reason(), error = %e)
+            }
         }
     }
 

@@ -6,10 +6,12 @@
 //! (the newest checkpoint's descriptors, or every member's for `weights`, are re-checked after
 //! the write); otherwise nothing is published.
 
+use super::spike::Onset;
 use super::window::{Source, Window};
 use crate::config::Recipe;
 use crate::error::{Error, Result};
-use crate::math::kinds::FloatKind;
+use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
+use crate::math::{Method, MethodKind};
 use crate::output::average::{write_average, Averaging};
 use crate::output::record::{unix_now, MergeRecord};
 use crate::output::write::{self, ChunkStat, Progress, Unit, DEFAULT_CHUNK_BYTES};
@@ -175,6 +177,155 @@ pub fn emit(
         path: published.path,
         step,
         steps,
+        bytes,
+        duration: started.elapsed(),
+        removed: published.removed,
+    })
+}
+
+/// File name of the rescue record inside a rescue output.
+pub const RESCUE_FILE: &str = "rescue.json";
+
+/// `rescue.json`: why a rescue output exists and how to use it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RescueRecord {
+    /// pmad version that wrote it.
+    pub pmad_version: String,
+    /// The step of the first spiking value.
+    pub onset_step: u64,
+    /// The series it was seen in.
+    pub series: String,
+    /// That value (null when not finite).
+    pub value: f64,
+    /// Its robust z-score (null when infinite).
+    pub z: f64,
+    /// The median of the healthy values it was judged against.
+    pub median: f64,
+    /// Their robust scale (1.4826 · MAD).
+    pub scale: f64,
+    /// The checkpoint whose `trainer_state.json` showed the spike.
+    pub detected_at_step: u64,
+    /// The checkpoints averaged (steps before the onset), oldest first.
+    pub steps: Vec<u64>,
+    /// Their directories.
+    pub inputs: Vec<String>,
+    /// The step to restart training from: the newest checkpoint averaged (its optimizer
+    /// and data-loader state go with these weights).
+    pub restart_from: u64,
+    /// The series' last values up to the spike: (step, value), oldest first.
+    pub values: Vec<(u64, f64)>,
+    /// Seconds since the epoch when published.
+    pub created_unix: u64,
+}
+
+/// Publish a rescue: the SMA of the pinned checkpoints `steps` (the last ones before the
+/// spike), as `<out>/step-<newest>` with `merge.json` and `rescue.json`. Runs on the current
+/// rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub fn emit_rescue(
+    window: &Window,
+    steps: &[u64],
+    out: &OutDir,
+    paths: &BTreeMap<u64, PathBuf>,
+    onset: &Onset,
+    detected_at: u64,
+    values: Vec<(u64, f64)>,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Emitted> {
+    let started = Instant::now();
+    let members: Vec<&crate::format::Checkpoint> = steps
+        .iter()
+        .map(|s| {
+            window
+                .pinned(*s)
+                .map(|c| c.as_ref())
+                .ok_or_else(|| Error::Internal(format!("rescue step {s} is not pinned")))
+        })
+        .collect::<Result<_>>()?;
+    let (Some(&step), Some(newest)) = (steps.last(), members.last().copied()) else {
+        return Err(Error::Internal("a rescue of no checkpoints".into()));
+    };
+    newest.verify()?;
+    let method = Method::Sma;
+    let weights = method
+        .weights(members.len())
+        .map_err(|e| Error::Internal(format!("rescue weights: {e}")))?;
+    let dtype = OutDtype::Source;
+    let kinds = || newest.tensors.iter().filter_map(|t| FloatKind::of(t.dtype));
+    let accumulator = if dtype.writes_wide(kinds()) {
+        Accumulator::F64
+    } else {
+        Accumulator::F32
+    };
+    let tensors = plan::output_tensors(newest, dtype)?;
+    let opt_steps: Vec<Option<u64>> = steps.iter().map(|s| Some(*s)).collect();
+    let mut meta = plan::header_metadata(&method, &opt_steps);
+    meta.insert("pmad_recipe".into(), "rescue".into());
+    // The recipes' default shard size (a rescue has no recipe).
+    let shards = plan::plan_shards(tensors, 5_000_000_000, &meta)?;
+    let staging = out.stage(step)?;
+    let how = Averaging {
+        weights: &weights,
+        accumulator,
+        fix_nonfinite: true,
+        chunk_bytes: DEFAULT_CHUNK_BYTES,
+    };
+    let nf = write_average(&members, &how, staging.path(), &shards, progress, cancel)?;
+    plan::write_index(staging.path(), &shards)?;
+    plan::write_aux(newest, staging.path())?;
+    members.iter().try_for_each(|c| c.check_fds())?;
+    let inputs: Vec<String> = steps
+        .iter()
+        .map(|s| {
+            paths
+                .get(s)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    let bytes: u64 = shards.iter().map(|s| s.data_len as u64).sum();
+    MergeRecord {
+        pmad_version: env!("CARGO_PKG_VERSION").into(),
+        recipe: Some("rescue".into()),
+        method: MethodKind::Sma,
+        alpha: None,
+        shape: None,
+        final_lr_ratio: None,
+        weights,
+        steps: opt_steps,
+        inputs: inputs.clone(),
+        dtype,
+        accumulator,
+        tensors: newest.tensors.len(),
+        bytes,
+        nonfinite: nf.count,
+        created_unix: unix_now(),
+    }
+    .write(staging.path())?;
+    let record = RescueRecord {
+        pmad_version: env!("CARGO_PKG_VERSION").into(),
+        onset_step: onset.step,
+        series: onset.series.clone(),
+        value: onset.value,
+        z: onset.z,
+        median: onset.median,
+        scale: onset.scale,
+        detected_at_step: detected_at,
+        steps: steps.to_vec(),
+        inputs,
+        restart_from: step,
+        values,
+        created_unix: unix_now(),
+    };
+    let mut json = serde_json::to_vec_pretty(&record).unwrap_or_default();
+    json.push(b'\n');
+    crate::fsio::write_file(&staging.path().join(RESCUE_FILE), &json)?;
+    let published = out.publish(staging, step, 0)?;
+    Ok(Emitted {
+        path: published.path,
+        step,
+        steps: steps.to_vec(),
         bytes,
         duration: started.elapsed(),
         removed: published.removed,

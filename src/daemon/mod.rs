@@ -12,7 +12,7 @@
 //! - [`watch`]: scanning `watch.dir`, file signatures, markers, inotify wake-ups;
 //! - [`tracker`]: each directory's state (pending, accepted, skipped, rejected, abandoned);
 //! - [`gate`]: validation, schema, NaN/Inf, "did it change while we looked";
-//! - [`select`]: the constant-LR phase rules;
+//! - [`select`]: the constant-LR phase rules; [`spike`]: the loss-spike sentinel;
 //! - [`window`]: pinned checkpoints and every recipe's sums, with their invariants;
 //! - [`schedule`]: when each recipe publishes;
 //! - [`emit`]: publishing a recipe's average;
@@ -26,6 +26,7 @@ pub mod hooks;
 pub mod resume;
 pub mod schedule;
 pub mod select;
+pub mod spike;
 pub mod state;
 pub mod status;
 pub mod tracker;

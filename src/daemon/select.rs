@@ -17,7 +17,7 @@ pub struct LrPoint {
 
 /// Extract `(step, learning_rate)` pairs from an HF `trainer_state.json`, sorted by step.
 pub fn lr_history(trainer_state: &[u8]) -> Result<Vec<LrPoint>, String> {
-    let v: serde_json::Value = serde_json::from_slice(trainer_state)
+    let v = crate::format::hf::parse_python_json(trainer_state)
         .map_err(|e| format!("trainer_state.json is not valid JSON: {e}"))?;
     let hist = v
         .get("log_history")

@@ -19,6 +19,7 @@ pub fn publish(
     schedule: &Schedule,
     tracker: &Tracker,
     outputs: &[OutDir],
+    spike_onset: Option<u64>,
 ) {
     let m = &shared.metrics;
     let steps = window.steps();
@@ -74,6 +75,7 @@ pub fn publish(
         state_dir: cfg.state.dir.as_ref().map(|d| d.display().to_string()),
         accumulator: window.accumulator().name().into(),
         pending: tracker.pending(),
+        spike_onset,
     };
     if let Ok(mut s) = shared.status.lock() {
         *s = snap;

@@ -138,7 +138,8 @@ impl Scanner {
                 match std::fs::read(&p) {
                     Ok(b) if b.iter().all(|c| c.is_ascii_whitespace()) => false,
                     Ok(b) if name.ends_with(".json") => {
-                        serde_json::from_slice::<serde_json::Value>(&b).is_ok()
+                        // Python writes NaN/Infinity (a diverged loss) as bare tokens.
+                        crate::format::hf::parse_python_json(&b).is_ok()
                     }
                     Ok(_) => true,
                     Err(_) => false,

@@ -30,7 +30,7 @@ use crate::math::accum::{self, AccStore, Accumulators, FlatLayout, Op};
 use crate::math::incremental::Sums;
 use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
 use crate::math::Method;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -56,6 +56,8 @@ pub struct Window {
     /// Where file-backed accumulators live (`state.dir`).
     acc_dir: Option<PathBuf>,
     memory_budget: u64,
+    /// Steps kept pinned beyond what the recipes need (the newest rescue's checkpoints).
+    held_extra: BTreeSet<u64>,
 }
 
 /// What an arrival did, for the `window.updated` log line and the schedule.
@@ -173,7 +175,14 @@ impl Window {
             accumulator,
             acc_dir: state_dir,
             memory_budget,
+            held_extra: BTreeSet::new(),
         }
+    }
+
+    /// Keep `steps` pinned (those that are) even after the recipes no longer need them, until
+    /// the next call names others.
+    pub fn hold(&mut self, steps: &[u64]) {
+        self.held_extra = steps.iter().copied().collect();
     }
 
     /// Steps currently pinned, oldest first.
@@ -583,12 +592,15 @@ impl Window {
         }
     }
 
-    /// Drop pinned checkpoints no recipe needs any more.
+    /// Drop pinned checkpoints no recipe needs any more (and that are not held).
     fn trim(&mut self) {
         let cap = self.capacity();
-        while self.pinned.len() > cap {
-            self.pinned.pop_first();
-        }
+        let Some(&keep_from) = self.pinned.keys().rev().nth(cap.saturating_sub(1)) else {
+            return;
+        };
+        let extra = &self.held_extra;
+        self.pinned
+            .retain(|s, _| *s >= keep_from || extra.contains(s));
     }
 
     /// Run one pass of `ops` over `inputs`.

@@ -37,6 +37,59 @@ pub const AUX_FILES: &[&str] = &[
     "preprocessor_config.json",
 ];
 
+/// Parse a JSON file written by Python's `json` module, as `trainer_state.json` is: besides
+/// standard JSON it may hold the bare tokens `NaN`, `Infinity` and `-Infinity` (the loss of a
+/// diverged run), which serde_json refuses. They are read as the strings `"NaN"`,
+/// `"Infinity"` and `"-Infinity"`; [`json_f64`] turns either form into a number.
+pub fn parse_python_json(bytes: &[u8]) -> serde_json::Result<serde_json::Value> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text.as_ref();
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["NaN", "Infinity", "-Infinity"]
+            .into_iter()
+            .find(|t| rest.starts_with(t))
+        {
+            out.push('"');
+            out.push_str(token);
+            out.push('"');
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    serde_json::from_str(&out)
+}
+
+/// A number of a JSON file read by [`parse_python_json`], including its non-finite tokens.
+pub fn json_f64(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::String(s) => match s.as_str() {
+            "NaN" => Some(f64::NAN),
+            "Infinity" => Some(f64::INFINITY),
+            "-Infinity" => Some(f64::NEG_INFINITY),
+            _ => None,
+        },
+        v => v.as_f64(),
+    }
+}
+
 /// Whether `name` is a weights file of this layout: a shard or the index.
 pub fn is_weight_file(name: &str) -> bool {
     name.ends_with(".safetensors") || name == INDEX_FILE
@@ -225,7 +278,7 @@ fn no_weights(dir: &Path) -> Error {
 pub fn step_from_name(path: &Path) -> Option<u64> {
     if path.is_dir() {
         if let Ok(bytes) = std::fs::read(path.join("trainer_state.json")) {
-            if let Some(s) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            if let Some(s) = parse_python_json(&bytes)
                 .ok()
                 .and_then(|v| v.get("global_step").and_then(|g| g.as_u64()))
             {
@@ -255,6 +308,37 @@ pub fn step_from_name(path: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn python_json_non_finite_tokens_are_read() {
+        let v = parse_python_json(
+            br#"{"log_history": [{"step": 10, "loss": NaN, "grad_norm": Infinity},
+                {"step": 20, "loss": -Infinity, "note": "NaN in a string: \"Infinity\""}]}"#,
+        )
+        .unwrap();
+        let h = v["log_history"].as_array().unwrap();
+        assert!(json_f64(&h[0]["loss"]).unwrap().is_nan());
+        assert_eq!(json_f64(&h[0]["grad_norm"]), Some(f64::INFINITY));
+        assert_eq!(json_f64(&h[1]["loss"]), Some(f64::NEG_INFINITY));
+        assert_eq!(h[1]["note"], "NaN in a string: \"Infinity\"");
+        assert_eq!(json_f64(&h[0]["step"]), Some(10.0));
+        assert!(parse_python_json(b"{\"a\": Nan}").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn standard_json_reads_as_serde_json_reads_it(v in any::<Vec<(String, f64, bool)>>()) {
+            let json = serde_json::to_vec(&v).unwrap();
+            let want: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            prop_assert_eq!(parse_python_json(&json).unwrap(), want);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_python_json(&b);
+        }
+    }
 
     #[test]
     fn steps_come_from_trainer_state_or_known_names() {

@@ -48,6 +48,10 @@ pub struct Metrics {
     pub lag: Gauge<f64, AtomicU64>,
     /// Free bytes on each recipe's output filesystem.
     pub output_free: Family<Labels, Gauge>,
+    /// Loss spikes detected, by the series that spiked first.
+    pub spikes: Family<Labels, Counter>,
+    /// 1 while a spike is in progress (checkpoints are not absorbed), else 0.
+    pub spike_active: Gauge,
     process_rss: Gauge,
     process_cpu: Gauge<f64, AtomicU64>,
     process_fds: Gauge,
@@ -83,6 +87,8 @@ impl Metrics {
             newest_step: Gauge::default(),
             lag: Gauge::default(),
             output_free: Family::default(),
+            spikes: Family::default(),
+            spike_active: Gauge::default(),
             process_rss: Gauge::default(),
             process_cpu: Gauge::default(),
             process_fds: Gauge::default(),
@@ -169,6 +175,16 @@ impl Metrics {
                 Unit::Seconds,
                 m.lag.clone(),
             );
+            r.register(
+                "spikes",
+                "Loss spikes detected, by the series that spiked first",
+                m.spikes.clone(),
+            );
+            r.register(
+                "spike_active",
+                "1 while a loss spike is in progress and checkpoints are not absorbed",
+                m.spike_active.clone(),
+            );
             r.register_with_unit(
                 "output_free",
                 "Free bytes on the output filesystem, by recipe",
@@ -229,6 +245,13 @@ impl Metrics {
             .unwrap_or(0.0);
         self.last_success.get_or_create(&recipe(name)).set(now);
         self.written_bytes.inc_by(bytes);
+    }
+
+    /// Count a detected spike.
+    pub fn spike(&self, series: &str) {
+        self.spikes
+            .get_or_create(&vec![("series".into(), series.into())])
+            .inc();
     }
 
     /// Set a recipe's output free space.
@@ -298,6 +321,7 @@ mod tests {
         m.merge("sma10", "ok", Some(2.0));
         m.emitted("sma10", 1200, 10);
         m.free("sma10", 123);
+        m.spike("loss");
         let text = m.render();
         for name in [
             "pmad_build_info{version=",
@@ -315,6 +339,8 @@ mod tests {
             "pmad_newest_checkpoint_step",
             "pmad_lag_seconds",
             "pmad_output_free_bytes{recipe=\"sma10\"} 123",
+            "pmad_spikes_total{series=\"loss\"} 1",
+            "pmad_spike_active 0",
             "process_resident_memory_bytes",
             "process_cpu_seconds",
             "process_open_fds",

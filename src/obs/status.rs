@@ -45,6 +45,8 @@ pub struct StatusSnapshot {
     pub accumulator: String,
     /// Checkpoints being waited on (seen, not yet complete).
     pub pending: Vec<u64>,
+    /// The onset step of a loss spike in progress (checkpoints from it on are not absorbed).
+    pub spike_onset: Option<u64>,
 }
 
 /// State shared between the daemon loop and the HTTP server.

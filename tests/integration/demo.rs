@@ -40,3 +40,43 @@ fn demo_publishes_averages_that_beat_the_latest_checkpoint() {
         "{stdout}"
     );
 }
+
+/// `pmad demo --diverge`: the simulated run's learning rate jumps two thirds of the way
+/// through and its loss explodes; the sentinel stops the averages at the onset and publishes
+/// a rescue whose loss is finite and small, next to the diverged latest checkpoint's.
+#[test]
+fn demo_diverge_shows_the_rescue_next_to_the_diverged_checkpoint() {
+    let env = TestEnv::new();
+    let out = env.pmad([
+        "demo",
+        "--diverge",
+        "--checkpoints",
+        "24",
+        "--save-steps",
+        "20",
+        "--every",
+        "20ms",
+        "--params",
+        "131072",
+    ]);
+    let stdout = &out.stdout;
+    assert!(out.code == 0, "demo failed\n{}", out.describe());
+    assert!(stdout.contains("spike.detected"), "{stdout}");
+    let row = |name: &str| -> (u64, f64) {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row {name:?} in\n{stdout}"));
+        let f: Vec<&str> = line[name.len()..].split_whitespace().collect();
+        (f[0].parse().unwrap(), f[1].parse().unwrap_or(f64::NAN))
+    };
+    // 24 checkpoints of 20 steps: the LR jumps after step 320.
+    let (last, diverged) = row("latest checkpoint (diverged)");
+    let (rescue_step, rescue) = row("pmad rescue (restart from here)");
+    let (sma_step, _) = row("pmad sma8 (its last output)");
+    assert_eq!(last, 480);
+    assert!(!(diverged < 1.0), "the run did not diverge\n{stdout}");
+    assert!(rescue.is_finite() && rescue < 0.1, "{stdout}");
+    assert_eq!(rescue_step, 320, "the last checkpoint before the spike\n{stdout}");
+    assert!(sma_step <= 320, "an average absorbed a diverged checkpoint\n{stdout}");
+}

@@ -17,6 +17,7 @@
 //! - `inspect`: `pmad inspect`.
 //! - `merge_cli`: `pmad merge`.
 //! - `server`: the HTTP endpoints of `pmad run`.
+//! - `spike`: the loss-spike sentinel and its rescue output.
 //!
 //! `tests/fuzz_corpus.rs` stays a binary of its own: it replays the fuzz corpora through the
 //! library (no process, no harness) and `fuzz/` refers to it by that name.
@@ -32,3 +33,4 @@ mod fault_kill;
 mod inspect;
 mod merge_cli;
 mod server;
+mod spike;

@@ -197,10 +197,12 @@ impl Config {
     /// `[watch] dir = watch` and nothing else.
     pub fn new(watch: &Path) -> Config {
         let mut c = Config {
-            tables: ["watch", "phase", "state", "server", "log", "daemon"]
-                .iter()
-                .map(|n| (*n, None))
-                .collect(),
+            tables: [
+                "watch", "phase", "state", "server", "log", "daemon", "spike",
+            ]
+            .iter()
+            .map(|n| (*n, None))
+            .collect(),
             recipes: Vec::new(),
         };
         c.table("watch").set("dir", watch);
@@ -216,7 +218,7 @@ impl Config {
         t.1.get_or_insert_with(Table::default)
     }
 
-    /// Set `key = value` in table `table` (watch, phase, state, server, log, daemon),
+    /// Set `key = value` in table `table` (watch, phase, state, server, log, daemon, spike),
     /// replacing an earlier value.
     pub fn set(mut self, table: &str, key: &str, value: impl TomlValue) -> Self {
         self.table(table).set(key, value);
