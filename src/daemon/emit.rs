@@ -11,7 +11,7 @@ use super::window::{Source, Window};
 use crate::config::Recipe;
 use crate::error::{Error, Result};
 use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
-use crate::math::{Method, MethodKind};
+use crate::math::Method;
 use crate::output::average::{write_average, Averaging};
 use crate::output::record::{unix_now, MergeRecord};
 use crate::output::write::{self, ChunkStat, Progress, Unit, DEFAULT_CHUNK_BYTES};
@@ -50,9 +50,7 @@ pub fn emit(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Emitted> {
-    let started = Instant::now();
-    let held = window.held(ri);
-    let step = *held.last().ok_or_else(|| {
+    let step = *window.held(ri).last().ok_or_else(|| {
         Error::Internal(format!(
             "recipe {}: emission with nothing held",
             recipe.name
@@ -68,20 +66,73 @@ pub fn emit(
              publishing resumes with the next checkpoint"
         ),
     })?;
-    let newest = o.newest.clone();
+    publish(
+        Average {
+            label: &recipe.name,
+            method: &recipe.method,
+            dtype: recipe.dtype,
+            shard_size: recipe.shard_size,
+            keep: recipe.keep,
+            accumulator: window.accumulator(),
+            steps: o.steps,
+            weights: &o.weights,
+            newest: o.newest,
+            source: o.source,
+            extra: None,
+        },
+        out,
+        paths,
+        progress,
+        cancel,
+    )
+}
+
+/// One output to publish: which checkpoints, how they are averaged, and where the values
+/// come from.
+struct Average<'a> {
+    /// The recipe name (`merge.json`, `pmad_recipe`).
+    label: &'a str,
+    method: &'a Method,
+    dtype: OutDtype,
+    shard_size: u64,
+    keep: usize,
+    accumulator: Accumulator,
+    /// Steps averaged, oldest first, and their weights.
+    steps: &'a [u64],
+    weights: &'a [f64],
+    /// The newest input: non-float tensors and aux files come from it.
+    newest: &'a crate::format::Checkpoint,
+    source: Source<'a>,
+    /// One more file to write into the output (name, bytes).
+    extra: Option<(&'a str, Vec<u8>)>,
+}
+
+/// Plan, stream, record and publish an average as `<out>/step-<newest step>`.
+fn publish(
+    a: Average<'_>,
+    out: &OutDir,
+    paths: &BTreeMap<u64, PathBuf>,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Emitted> {
+    let started = Instant::now();
+    let step = *a
+        .steps
+        .last()
+        .ok_or_else(|| Error::Internal(format!("{}: an average of nothing", a.label)))?;
+    let newest = a.newest;
     newest.verify()?;
-    let tensors = plan::output_tensors(&newest, recipe.dtype)?;
-    let opt_steps: Vec<Option<u64>> = o.steps.iter().map(|s| Some(*s)).collect();
-    let mut meta = plan::header_metadata(&recipe.method, &opt_steps);
-    meta.insert("pmad_recipe".into(), recipe.name.clone());
-    let shards = plan::plan_shards(tensors, recipe.shard_size, &meta)?;
+    let tensors = plan::output_tensors(newest, a.dtype)?;
+    let opt_steps: Vec<Option<u64>> = a.steps.iter().map(|s| Some(*s)).collect();
+    let mut meta = plan::header_metadata(a.method, &opt_steps);
+    meta.insert("pmad_recipe".into(), a.label.to_string());
+    let shards = plan::plan_shards(tensors, a.shard_size, &meta)?;
     let staging = out.stage(step)?;
-    let accumulator = window.accumulator();
-    let nf = match &o.source {
+    let nf = match &a.source {
         Source::Members(members) => {
             let how = Averaging {
-                weights: &o.weights,
-                accumulator,
+                weights: a.weights,
+                accumulator: a.accumulator,
                 fix_nonfinite: true,
                 chunk_bytes: DEFAULT_CHUNK_BYTES,
             };
@@ -135,25 +186,25 @@ pub fn emit(
         }
     };
     plan::write_index(staging.path(), &shards)?;
-    plan::write_aux(&newest, staging.path())?;
+    plan::write_aux(newest, staging.path())?;
     // The bytes we read must still be what was validated (a truncation while reading shows
     // up here as a poisoned map or a changed descriptor). Sums-based outputs read only the
-    // newest checkpoint (non-float tensors); `weights` outputs read every member.
-    match &o.source {
+    // newest checkpoint (non-float tensors); averages of members read every member.
+    match &a.source {
         Source::Members(members) => members.iter().try_for_each(|c| c.check_fds())?,
         Source::Sums { .. } => newest.check_fds()?,
     }
     let bytes: u64 = shards.iter().map(|s| s.data_len as u64).sum();
-    let record = MergeRecord {
+    MergeRecord {
         pmad_version: env!("CARGO_PKG_VERSION").into(),
-        recipe: Some(recipe.name.clone()),
-        method: recipe.method.kind(),
-        alpha: recipe.method.alpha(),
-        shape: recipe.method.schedule().map(|s| s.0),
-        final_lr_ratio: recipe.method.schedule().map(|s| s.1),
-        weights: o.weights.clone(),
+        recipe: Some(a.label.to_string()),
+        method: a.method.kind(),
+        alpha: a.method.alpha(),
+        shape: a.method.schedule().map(|s| s.0),
+        final_lr_ratio: a.method.schedule().map(|s| s.1),
+        weights: a.weights.to_vec(),
         steps: opt_steps,
-        inputs: o
+        inputs: a
             .steps
             .iter()
             .map(|s| {
@@ -163,20 +214,22 @@ pub fn emit(
                     .unwrap_or_default()
             })
             .collect(),
-        dtype: recipe.dtype,
-        accumulator,
+        dtype: a.dtype,
+        accumulator: a.accumulator,
         tensors: newest.tensors.len(),
         bytes,
         nonfinite: nf.count,
         created_unix: unix_now(),
-    };
-    record.write(staging.path())?;
-    let steps = o.steps.to_vec();
-    let published = out.publish(staging, step, recipe.keep)?;
+    }
+    .write(staging.path())?;
+    if let Some((name, bytes)) = &a.extra {
+        crate::fsio::write_file(&staging.path().join(name), bytes)?;
+    }
+    let published = out.publish(staging, step, a.keep)?;
     Ok(Emitted {
         path: published.path,
         step,
-        steps,
+        steps: a.steps.to_vec(),
         bytes,
         duration: started.elapsed(),
         removed: published.removed,
@@ -233,7 +286,6 @@ pub fn emit_rescue(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Emitted> {
-    let started = Instant::now();
     let members: Vec<&crate::format::Checkpoint> = steps
         .iter()
         .map(|s| {
@@ -246,63 +298,12 @@ pub fn emit_rescue(
     let (Some(&step), Some(newest)) = (steps.last(), members.last().copied()) else {
         return Err(Error::Internal("a rescue of no checkpoints".into()));
     };
-    newest.verify()?;
     let method = Method::Sma;
     let weights = method
         .weights(members.len())
         .map_err(|e| Error::Internal(format!("rescue weights: {e}")))?;
     let dtype = OutDtype::Source;
     let kinds = || newest.tensors.iter().filter_map(|t| FloatKind::of(t.dtype));
-    let accumulator = if dtype.writes_wide(kinds()) {
-        Accumulator::F64
-    } else {
-        Accumulator::F32
-    };
-    let tensors = plan::output_tensors(newest, dtype)?;
-    let opt_steps: Vec<Option<u64>> = steps.iter().map(|s| Some(*s)).collect();
-    let mut meta = plan::header_metadata(&method, &opt_steps);
-    meta.insert("pmad_recipe".into(), "rescue".into());
-    // The recipes' default shard size (a rescue has no recipe).
-    let shards = plan::plan_shards(tensors, 5_000_000_000, &meta)?;
-    let staging = out.stage(step)?;
-    let how = Averaging {
-        weights: &weights,
-        accumulator,
-        fix_nonfinite: true,
-        chunk_bytes: DEFAULT_CHUNK_BYTES,
-    };
-    let nf = write_average(&members, &how, staging.path(), &shards, progress, cancel)?;
-    plan::write_index(staging.path(), &shards)?;
-    plan::write_aux(newest, staging.path())?;
-    members.iter().try_for_each(|c| c.check_fds())?;
-    let inputs: Vec<String> = steps
-        .iter()
-        .map(|s| {
-            paths
-                .get(s)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        })
-        .collect();
-    let bytes: u64 = shards.iter().map(|s| s.data_len as u64).sum();
-    MergeRecord {
-        pmad_version: env!("CARGO_PKG_VERSION").into(),
-        recipe: Some("rescue".into()),
-        method: MethodKind::Sma,
-        alpha: None,
-        shape: None,
-        final_lr_ratio: None,
-        weights,
-        steps: opt_steps,
-        inputs: inputs.clone(),
-        dtype,
-        accumulator,
-        tensors: newest.tensors.len(),
-        bytes,
-        nonfinite: nf.count,
-        created_unix: unix_now(),
-    }
-    .write(staging.path())?;
     let record = RescueRecord {
         pmad_version: env!("CARGO_PKG_VERSION").into(),
         onset_step: onset.step,
@@ -313,21 +314,43 @@ pub fn emit_rescue(
         scale: onset.scale,
         detected_at_step: detected_at,
         steps: steps.to_vec(),
-        inputs,
+        inputs: steps
+            .iter()
+            .map(|s| {
+                paths
+                    .get(s)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            })
+            .collect(),
         restart_from: step,
         values,
         created_unix: unix_now(),
     };
     let mut json = serde_json::to_vec_pretty(&record).unwrap_or_default();
     json.push(b'\n');
-    crate::fsio::write_file(&staging.path().join(RESCUE_FILE), &json)?;
-    let published = out.publish(staging, step, 0)?;
-    Ok(Emitted {
-        path: published.path,
-        step,
-        steps: steps.to_vec(),
-        bytes,
-        duration: started.elapsed(),
-        removed: published.removed,
-    })
+    publish(
+        Average {
+            label: "rescue",
+            method: &method,
+            dtype,
+            // The recipes' default shard size (a rescue has no recipe); every rescue is kept.
+            shard_size: 5_000_000_000,
+            keep: 0,
+            accumulator: if dtype.writes_wide(kinds()) {
+                Accumulator::F64
+            } else {
+                Accumulator::F32
+            },
+            steps,
+            weights: &weights,
+            newest,
+            source: Source::Members(members),
+            extra: Some((RESCUE_FILE, json)),
+        },
+        out,
+        paths,
+        progress,
+        cancel,
+    )
 }
