@@ -1,7 +1,7 @@
 //! `pmad run --config FILE`: the daemon, with its logging, runtime and signals.
 
 use anyhow::Context;
-use pmad::config::Config;
+use pmad::config::{Config, Priority};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -16,7 +16,15 @@ pub struct RunArgs {
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config)?;
+    // Before any thread starts: every thread pmad starts inherits it.
+    let priority_failures = match cfg.priority {
+        Priority::Background => pmad::sys::lower_priority(),
+        Priority::Normal => Vec::new(),
+    };
     pmad::obs::log::init(cfg.log_format, &cfg.log_level);
+    for f in priority_failures {
+        tracing::warn!(event = "daemon.priority", error = %f, "could not lower pmad's priority below the trainer's");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)

@@ -157,6 +157,28 @@ impl Config {
             "shutdown_grace = {}",
             humantime::format_duration(self.shutdown_grace)
         );
+        let _ = writeln!(
+            s,
+            "priority       = {}{}",
+            self.priority,
+            match self.priority {
+                super::Priority::Background => " (nice 10, SCHED_BATCH, lowest best-effort I/O)",
+                super::Priority::Normal => "",
+            }
+        );
+        let _ = writeln!(
+            s,
+            "threads        = {}{}",
+            self.threads,
+            if self.threads_auto {
+                format!(
+                    " (auto: a quarter of the {} usable cores)",
+                    crate::sys::usable_cores()
+                )
+            } else {
+                String::new()
+            }
+        );
         let _ = writeln!(s, "[spike]");
         match &self.spike {
             None => {

@@ -210,6 +210,28 @@ pub struct Config {
     pub progress_interval: Duration,
     /// `[spike]`, when enabled.
     pub spike: Option<SpikeConfig>,
+    /// `[daemon] priority`.
+    pub priority: Priority,
+    /// `[daemon] threads`: worker threads for passes and emissions.
+    pub threads: usize,
+    /// Whether `threads` was derived from the usable cores.
+    pub threads_auto: bool,
+}
+
+named_enum! {
+    /// How pmad's CPU and I/O priority compare with the trainer's.
+    pub enum Priority {
+        /// Lower: nice 10, SCHED_BATCH, the lowest best-effort I/O priority.
+        Background = "background",
+        /// As started.
+        Normal = "normal",
+    }
+}
+
+/// The default worker threads of a sidecar: a quarter of the cores it may use (at least 1),
+/// so the trainer beside it keeps the rest.
+pub fn default_threads(usable_cores: usize) -> usize {
+    (usable_cores / 4).max(1)
 }
 
 /// The fewest values `spike.window` may keep.
@@ -440,6 +462,33 @@ mod tests {
             e.contains("spike.enabled") && e.contains("trainer_state.json"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn daemon_priority_and_threads() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.priority, Priority::Background);
+        assert!(c.threads_auto && c.threads == default_threads(crate::sys::usable_cores()));
+        assert_eq!(
+            (default_threads(1), default_threads(2), default_threads(64)),
+            (1, 1, 16)
+        );
+        let c = Config::parse(&format!(
+            "{MIN}\n[daemon]\npriority = \"normal\"\nthreads = 3\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.priority, c.threads, c.threads_auto),
+            (Priority::Normal, 3, false)
+        );
+        for (v, key) in [
+            ("threads = 0", "daemon.threads"),
+            ("threads = \"many\"", "daemon.threads"),
+            ("priority = \"high\"", "daemon.priority"),
+        ] {
+            let e = bad(&format!("{MIN}\n[daemon]\n{v}\n"));
+            assert!(e.contains(key), "{v}: {e}");
+        }
     }
 
     #[test]

@@ -243,14 +243,26 @@ struct RawDaemon {
     shutdown_grace: String,
     #[serde(default = "d_progress")]
     progress_interval: String,
+    #[serde(default = "d_priority")]
+    priority: String,
+    #[serde(default = "d_threads")]
+    threads: toml::Value,
 }
 impl Default for RawDaemon {
     fn default() -> Self {
         RawDaemon {
             shutdown_grace: d_grace(),
             progress_interval: d_progress(),
+            priority: d_priority(),
+            threads: d_threads(),
         }
     }
+}
+fn d_priority() -> String {
+    "background".into()
+}
+fn d_threads() -> toml::Value {
+    toml::Value::String("auto".into())
 }
 fn d_grace() -> String {
     "20s".into()
@@ -536,6 +548,18 @@ fn resolve(raw: RawConfig) -> Result<Config, String> {
             ),
         ));
     }
+    let (threads, threads_auto) = match &raw.daemon.threads {
+        toml::Value::String(s) if s == "auto" => {
+            (super::default_threads(crate::sys::usable_cores()), true)
+        }
+        toml::Value::Integer(n) if *n >= 1 => (*n as usize, false),
+        other => {
+            return Err(err(
+                "daemon.threads",
+                format!("{other} is not \"auto\" or a number of threads (at least 1)"),
+            ))
+        }
+    };
     let spike = match raw.spike {
         Some(s) if s.enabled => Some(resolve_spike(s, &watch, &recipes)?),
         _ => None,
@@ -551,6 +575,9 @@ fn resolve(raw: RawConfig) -> Result<Config, String> {
         log_level: raw.log.level,
         shutdown_grace: duration("daemon.shutdown_grace", &raw.daemon.shutdown_grace)?,
         progress_interval: duration("daemon.progress_interval", &raw.daemon.progress_interval)?,
+        priority: named("daemon.priority", &raw.daemon.priority)?,
+        threads,
+        threads_auto,
     })
 }
 

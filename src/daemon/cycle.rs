@@ -118,6 +118,7 @@ impl Daemon {
     pub fn new(cfg: Config, ctx: Ctx) -> Result<Daemon> {
         let scanner = Arc::new(Scanner::new(cfg.watch.clone(), &cfg.own_dirs()));
         let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads)
             .thread_name(|i| format!("pmad-worker-{i}"))
             .build()
             .map_err(|e| {

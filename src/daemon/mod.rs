@@ -207,6 +207,8 @@ async fn run_loop(cfg: Config, shutdown: CancellationToken, shared: Arc<Shared>)
         recipes = %cfg.recipes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
         poll = %secs(cfg.watch.poll_interval),
         settle = %secs(cfg.watch.settle),
+        threads = cfg.threads,
+        priority = %cfg.priority,
     );
     let mut daemon = daemon;
     let daemon = blocking(move || {
