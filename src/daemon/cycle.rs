@@ -345,8 +345,12 @@ impl Daemon {
             |s| window.pinned(s).is_some(),
             |p, s| scanner.marker_ok(p, s),
         );
-        for (step, path) in &obs.gone {
-            debug!(event = "checkpoint.gone", step, path = %path.display());
+        for (step, path, complete) in &obs.gone {
+            if *complete {
+                self.lost(*step, path);
+            } else {
+                debug!(event = "checkpoint.gone", step, path = %path.display());
+            }
         }
         for (step, path) in &obs.discovered {
             info!(event = "checkpoint.discovered", step, path = %path.display());
@@ -358,11 +362,22 @@ impl Daemon {
         if let Some(t) = obs.next_settle {
             next = next.min(t);
         }
-        for r in obs.ready {
+        let n_ready = obs.ready.len();
+        let mut deferred = vec![0usize; self.window.recipe_count()];
+        for (i, r) in obs.ready.into_iter().enumerate() {
             if self.stopping() {
                 break;
             }
-            self.consider(r);
+            self.consider(r, n_ready - i - 1, &mut deferred);
+        }
+        if deferred.iter().any(|d| *d > 0) {
+            let skipped: Vec<String> = deferred
+                .iter()
+                .zip(&self.cfg.recipes)
+                .filter(|(d, _)| **d > 0)
+                .map(|(d, r)| format!("{}:{d}", r.name))
+                .collect();
+            info!(event = "watch.backlog", n = n_ready, not_published = %skipped.join(","), "caught up with a backlog: published only the outputs each recipe's keep retains");
         }
         // Emissions may also become due by time alone.
         for ri in 0..self.window.recipe_count() {
@@ -383,7 +398,10 @@ impl Daemon {
     }
 
     /// A complete-looking checkpoint: gate, select, update the window, publish what is due.
-    fn consider(&mut self, ready: Ready) {
+    /// `backlog` more checkpoints are ready after this one in the same scan: an output that
+    /// retention (`keep`) would delete as soon as those publish theirs is not published
+    /// (counted in `deferred`, per recipe).
+    fn consider(&mut self, ready: Ready, backlog: usize, deferred: &mut [usize]) {
         let Ready {
             step,
             path,
@@ -407,7 +425,8 @@ impl Daemon {
                 return;
             }
             Verdict::Gone => {
-                debug!(event = "checkpoint.gone", step, path = %path.display());
+                // Its marker was there: a complete checkpoint deleted while it was checked.
+                self.lost(step, &path);
                 self.tracker.forget(&path);
                 return;
             }
@@ -528,13 +547,27 @@ impl Daemon {
                 return;
             }
         }
-        for ri in 0..self.window.recipe_count() {
+        for (ri, skipped) in deferred.iter_mut().enumerate() {
             if self.stopping() {
                 break;
             }
-            if self.due(ri, Instant::now()) == Due::Now {
-                self.emit(ri);
+            if self.due(ri, Instant::now()) != Due::Now {
+                continue;
             }
+            let r = &self.cfg.recipes[ri];
+            // Outputs the rest of the backlog would publish after this one, if all of it
+            // is accepted (emissions by interval are not predicted).
+            let later = match (r.emit_every, r.emit_interval) {
+                (e, None) if e > 0 => backlog as u64 / e,
+                _ => 0,
+            };
+            if r.keep > 0 && later >= r.keep as u64 {
+                debug!(event = "merge.deferred", recipe = %r.name, step, later, "retention would delete this output at once: not published");
+                self.schedule.passed(ri);
+                *skipped += 1;
+                continue;
+            }
+            self.emit(ri);
         }
         if self.persist.as_ref().is_some_and(|p| p.acc_unsaved) {
             self.save(true);
@@ -650,6 +683,14 @@ impl Daemon {
                 error!(event = "rescue.failed", onset = onset.step, reason = e.reason(), error = %e)
             }
         }
+    }
+
+    /// A complete checkpoint was deleted before pmad could use it: say so, and what to change.
+    fn lost(&self, step: u64, path: &std::path::Path) {
+        self.ctx.shared.metrics.lost.inc();
+        // Info, not a warning: deleting checkpoints is the trainer's right, not pmad's fault;
+        // the counter is what an alert watches.
+        info!(event = "checkpoint.lost", step, path = %path.display(), settle = %secs(self.cfg.watch.settle), "a complete checkpoint was deleted before pmad could use it (it waits watch.settle after the marker): keep more checkpoints in the trainer (e.g. save_total_limit) or lower watch.settle");
     }
 
     /// A decision (accept, skip or reject) about `step` was made: remembered across restarts.

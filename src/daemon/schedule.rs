@@ -97,6 +97,12 @@ impl Schedule {
         r.last_step = Some(step);
     }
 
+    /// Recipe `ri` was due but its output was not published on purpose (retention would have
+    /// deleted it at once): count from here as if it had been.
+    pub fn passed(&mut self, ri: usize) {
+        self.recipes[ri].since = 0;
+    }
+
     /// Recipe `ri`'s emission failed at `now`: try again with the next arrival or interval.
     pub fn failed(&mut self, ri: usize, now: Instant) {
         let r = &mut self.recipes[ri];
@@ -184,6 +190,11 @@ mod tests {
         assert_eq!(s.due(0, false, t), Due::No, "not ready: window not full");
         assert_eq!(s.due(0, true, t), Due::Now);
         s.emitted(0, 200, t);
+        assert_eq!(s.due(0, true, t), Due::No);
+        // Passing over a due output restarts the count, without a published step.
+        s.absorbed(0);
+        s.absorbed(0);
+        s.passed(0);
         assert_eq!(s.due(0, true, t), Due::No);
         assert_eq!(s.last_step(0), Some(200));
         assert_eq!(s.saved(0), (0, Some(200)));

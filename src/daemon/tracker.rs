@@ -48,6 +48,8 @@ struct Entry {
     /// When its files last changed (as far as the scans saw).
     since: Instant,
     phase: Phase,
+    /// Its completion marker was seen: it was complete, only waiting to settle.
+    marker_seen: bool,
 }
 
 /// One directory a scan found.
@@ -77,8 +79,9 @@ pub struct Ready {
 pub struct Observation {
     /// Directories seen for the first time (not restored ones).
     pub discovered: Vec<(u64, PathBuf)>,
-    /// Pending directories that disappeared.
-    pub gone: Vec<(u64, PathBuf)>,
+    /// Pending directories that disappeared, and whether their marker had been seen (then a
+    /// complete checkpoint was lost before it could be used: rotated away too fast).
+    pub gone: Vec<(u64, PathBuf, bool)>,
     /// An accepted step whose weight files changed: it and every later step are abandoned.
     pub rewritten: Option<u64>,
     /// Directories ready for the gate, in step order.
@@ -117,7 +120,7 @@ impl Tracker {
         self.entries.retain(|p, e| {
             let keep = present.contains(p);
             if !keep && e.phase == Phase::Pending {
-                obs.gone.push((e.step, p.clone()));
+                obs.gone.push((e.step, p.clone(), e.marker_seen));
             }
             keep
         });
@@ -145,6 +148,7 @@ impl Tracker {
                     sig: sig.clone(),
                     since: now,
                     phase,
+                    marker_seen: false,
                 }
             });
             if entry.sig != *sig {
@@ -165,10 +169,13 @@ impl Tracker {
                     }
                 }
             }
-            let entry = &self.entries[&s.path];
+            let Some(entry) = self.entries.get_mut(&s.path) else {
+                continue;
+            };
             if entry.phase != Phase::Pending || !marker_ok(&s.path, s.step) {
                 continue;
             }
+            entry.marker_seen = true;
             let settle_at = entry.since + settle;
             if now < settle_at {
                 obs.next_settle = Some(obs.next_settle.map_or(settle_at, |n| n.min(settle_at)));
@@ -417,7 +424,28 @@ mod tests {
         assert!(o.gone.is_empty(), "accepted, not pending");
         assert_eq!(t.phase(&full.path), None);
         let o = observe(&mut t, &[], t0 + SETTLE * 3);
-        assert_eq!(o.gone, [(6, PathBuf::from("/w/checkpoint-6"))]);
+        assert_eq!(o.gone, [(6, PathBuf::from("/w/checkpoint-6"), true)]);
+    }
+
+    #[test]
+    fn a_complete_checkpoint_rotated_away_before_it_settled_is_lost() {
+        let mut t = Tracker::new();
+        let t0 = Instant::now();
+        // Seen without its marker, then gone: a directory being written and removed.
+        t.observe(&[ckpt(1, 1)], t0, SETTLE, None, |_| false, |_, _| false);
+        let o = t.observe(&[], t0 + SETTLE, SETTLE, None, |_| false, |_, _| false);
+        assert_eq!(o.gone, [(1, PathBuf::from("/w/checkpoint-1"), false)]);
+        // Marker seen (complete), then deleted while settling: lost.
+        t.observe(&[ckpt(2, 1)], t0, SETTLE, None, |_| false, |_, _| true);
+        let o = t.observe(
+            &[],
+            t0 + Duration::from_secs(1),
+            SETTLE,
+            None,
+            |_| false,
+            |_, _| true,
+        );
+        assert_eq!(o.gone, [(2, PathBuf::from("/w/checkpoint-2"), true)]);
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub rejected: Family<Labels, Counter>,
     /// Checkpoints skipped (outside the phase or interval).
     pub skipped: Counter,
+    /// Complete checkpoints deleted before pmad could use them.
+    pub lost: Counter,
     /// Emissions by recipe and result (ok, failed, cancelled).
     pub merges: Family<Labels, Counter>,
     /// Emission wall time by recipe.
@@ -73,6 +75,7 @@ impl Metrics {
             accepted: Counter::default(),
             rejected: Family::default(),
             skipped: Counter::default(),
+            lost: Counter::default(),
             merges: Family::default(),
             merge_duration: Family::new_with_constructor(|| {
                 Histogram::new([
@@ -128,6 +131,11 @@ impl Metrics {
                 "checkpoints_skipped",
                 "Checkpoints skipped (outside the phase or interval)",
                 m.skipped.clone(),
+            );
+            r.register(
+                "checkpoints_lost",
+                "Complete checkpoints deleted before pmad could use them",
+                m.lost.clone(),
             );
             r.register("merges", "Emissions by recipe and result", m.merges.clone());
             r.register_with_unit(
@@ -328,6 +336,7 @@ mod tests {
             "pmad_checkpoints_discovered_total 1",
             "pmad_scans_total 0",
             "pmad_checkpoints_accepted_total 0",
+            "pmad_checkpoints_lost_total 0",
             "pmad_checkpoints_rejected_total{reason=\"invalid\"} 1",
             "pmad_merges_total{recipe=\"sma10\",result=\"ok\"} 1",
             "pmad_merge_duration_seconds_bucket",

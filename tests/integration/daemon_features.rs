@@ -448,3 +448,54 @@ fn schedule_recipe_publishes_decay_emulating_averages() {
     );
     assert_eq!(o.code, 0, "{}", o.describe());
 }
+
+/// Started beside a run that already has ten checkpoints, pmad catches up in one pass and
+/// publishes only the outputs `keep` retains (three here), not ten of which retention would
+/// delete seven at once; it says so in one `watch.backlog` line. A recipe that keeps all
+/// (`keep = 0`) still publishes every output.
+#[test]
+fn a_backlog_publishes_only_what_retention_keeps() {
+    let env = TestEnv::new();
+    let watch = env.mkdir("ckpt");
+    for (i, step) in (100..=1000u32).step_by(100).enumerate() {
+        env.make(
+            &format!("ckpt/checkpoint-{step}"),
+            "bf16",
+            i as u32 + 1,
+            step,
+            &[],
+        );
+    }
+    let all = env.join("out/all");
+    let cfg = config(&env, &watch, |r| r.set("keep", 3usize))
+        .recipe(Recipe::sma("all", 2).set("keep", 0usize).out_dir(&all))
+        .write(&env.join("pmad.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
+    let backlog = d.expect("the backlog line", T, |e| e.event() == "watch.backlog");
+    assert_eq!(backlog.u("n"), Some(10), "{}", backlog.line());
+    assert_eq!(
+        backlog.s("not_published"),
+        Some("sma2:6"),
+        "{}",
+        backlog.line()
+    );
+    d.expect("the last output", T, |e| {
+        e.event() == "merge.emitted"
+            && e.s("recipe") == Some("sma2")
+            && e.s("steps") == Some("900..1000")
+    });
+    assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+    let emitted: Vec<String> = d
+        .log()
+        .iter()
+        .filter(|e| e.event() == "merge.emitted" && e.s("recipe") == Some("sma2"))
+        .filter_map(|e| e.s("steps").map(String::from))
+        .collect();
+    assert_eq!(emitted, ["700..800", "800..900", "900..1000"]);
+    assert_eq!(steps_published(&env.join("out/sma2")), vec![800, 900, 1000]);
+    assert_eq!(
+        steps_published(&all).len(),
+        9,
+        "keep = 0 publishes every output"
+    );
+}
