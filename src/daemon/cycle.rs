@@ -24,16 +24,16 @@ use super::spike::{self, Change, Sentinel};
 use super::state::{recipes_signature, AccBytes, Manifest, SavedCheckpoint, SavedRecipe, StateDir};
 use super::tracker::{Phase, Ready, Seen, Tracker};
 use super::watch::Scanner;
-use super::window::{Recovery, Snapshot, Window};
+use super::window::{Recovery, Saved, Window};
 use super::{emit, status};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::format::{Checkpoint, SourceState};
+use crate::format::{Checkpoint, Dir, Snapshot, SourceState};
 use crate::obs::log::{bytes, fmt_list, fmt_steps, rate, secs};
 use crate::obs::Shared;
 use crate::output::{OutDir, Progress};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -94,6 +94,9 @@ pub struct Daemon {
     accepted: BTreeMap<u64, PathBuf>,
     /// Pinned steps whose directory vanished (logged once).
     vanished: BTreeSet<u64>,
+    /// The files of complete, pending checkpoints, opened when their marker appeared (with
+    /// the signature they had then), so rotation cannot take them away before they are used.
+    pins: BTreeMap<PathBuf, (super::watch::Signature, Snapshot)>,
     intake: Intake,
     persist: Option<Persist>,
     /// The loss-spike sentinel and where its rescues go (with `[spike]`).
@@ -101,6 +104,14 @@ pub struct Daemon {
     rescues: Option<OutDir>,
     pool: rayon::ThreadPool,
     ctx: Ctx,
+}
+
+/// A checkpoint to decide on in this cycle.
+enum Next {
+    /// Its directory is quiet and complete.
+    Ready(Ready),
+    /// Complete, but its directory was deleted before it settled: use its pinned files.
+    Vanished(u64, PathBuf),
 }
 
 /// An empty window for the configured recipes.
@@ -156,6 +167,7 @@ impl Daemon {
             tracker: Tracker::new(),
             accepted: BTreeMap::new(),
             vanished: BTreeSet::new(),
+            pins: BTreeMap::new(),
             intake: Intake::default(),
             scanner,
             persist,
@@ -212,7 +224,7 @@ impl Daemon {
             warn!(event = "state.restored", restored = false, dir = %dir, reason = "the recipes in the config changed", "starting fresh");
             return;
         };
-        let snapshot = Snapshot {
+        let snapshot = Saved {
             layout: m.layout.clone(),
             accumulator: m.accumulator,
             generation: m.generation,
@@ -345,11 +357,14 @@ impl Daemon {
             |s| window.pinned(s).is_some(),
             |p, s| scanner.marker_ok(p, s),
         );
-        for (step, path, complete) in &obs.gone {
-            if *complete {
-                self.lost(*step, path);
-            } else {
-                debug!(event = "checkpoint.gone", step, path = %path.display());
+        // Pin what complete checkpoints hold now (again when their files changed), so a
+        // trainer rotating them away before they settle cannot take them from pmad.
+        for path in &obs.complete {
+            let sig = self.tracker.signature(path);
+            if sig.is_some() && self.pins.get(path).map(|p| &p.0) != sig {
+                if let (Some(sig), Ok(snap)) = (sig.cloned(), Snapshot::take(path)) {
+                    self.pins.insert(path.clone(), (sig, snap));
+                }
             }
         }
         for (step, path) in &obs.discovered {
@@ -362,13 +377,33 @@ impl Daemon {
         if let Some(t) = obs.next_settle {
             next = next.min(t);
         }
-        let n_ready = obs.ready.len();
+        // Ready checkpoints, and complete ones whose directory is already gone (used from
+        // their pinned files), in step order.
+        let mut todo: Vec<Next> = obs.ready.into_iter().map(Next::Ready).collect();
+        for (step, path, complete) in obs.gone {
+            if complete {
+                todo.push(Next::Vanished(step, path));
+            } else {
+                debug!(event = "checkpoint.gone", step, path = %path.display());
+            }
+        }
+        todo.sort_by_key(|n| match n {
+            Next::Ready(r) => r.step,
+            Next::Vanished(s, _) => *s,
+        });
+        let n = todo.len();
         let mut deferred = vec![0usize; self.window.recipe_count()];
-        for (i, r) in obs.ready.into_iter().enumerate() {
+        for (i, item) in todo.into_iter().enumerate() {
             if self.stopping() {
                 break;
             }
-            self.consider(r, n_ready - i - 1, &mut deferred);
+            let backlog = n - i - 1;
+            match item {
+                Next::Ready(r) => self.consider(r, backlog, &mut deferred),
+                Next::Vanished(step, path) => {
+                    self.vanished_before_use(step, &path, backlog, &mut deferred)
+                }
+            }
         }
         if deferred.iter().any(|d| *d > 0) {
             let skipped: Vec<String> = deferred
@@ -377,8 +412,12 @@ impl Daemon {
                 .filter(|(d, _)| **d > 0)
                 .map(|(d, r)| format!("{}:{d}", r.name))
                 .collect();
-            info!(event = "watch.backlog", n = n_ready, not_published = %skipped.join(","), "caught up with a backlog: published only the outputs each recipe's keep retains");
+            info!(event = "watch.backlog", n, not_published = %skipped.join(","), "caught up with a backlog: published only the outputs each recipe's keep retains");
         }
+        // Pins are only for checkpoints still waiting.
+        let tracker = &self.tracker;
+        self.pins
+            .retain(|p, _| tracker.phase(p) == Some(Phase::Pending));
         // Emissions may also become due by time alone.
         for ri in 0..self.window.recipe_count() {
             if self.stopping() {
@@ -407,12 +446,7 @@ impl Daemon {
             path,
             lookback,
         } = ready;
-        // One read of trainer_state.json serves the LR plateau and the spike sentinel. The
-        // sentinel takes in every complete checkpoint's history, even one the gate rejects
-        // (a diverged run's NaN weights): the curves matter, not the weights.
-        let trainer_state = (self.cfg.phase.lr_from_trainer_state || self.sentinel.is_some())
-            .then(|| std::fs::read(path.join("trainer_state.json")).ok())
-            .flatten();
+        let trainer_state = self.trainer_state(Dir::Live(&path));
         self.watch_spikes(step, trainer_state.as_deref());
         let before = self.tracker.signature(&path).cloned();
         let (pool, scanner, window) = (&self.pool, &self.scanner, &self.window);
@@ -426,16 +460,12 @@ impl Daemon {
             }
             Verdict::Gone => {
                 // Its marker was there: a complete checkpoint deleted while it was checked.
-                self.lost(step, &path);
                 self.tracker.forget(&path);
+                self.vanished_before_use(step, &path, backlog, deferred);
                 return;
             }
             Verdict::Reject { reason, error } => {
-                // A decision (reject) was made: remembered across restarts.
-                self.considered(step);
-                warn!(event = "checkpoint.rejected", step, path = %path.display(), reason, error = %error);
-                self.ctx.shared.metrics.reject(reason);
-                self.tracker.set(&path, Phase::Rejected);
+                self.rejected(step, &path, reason, &error);
                 return;
             }
             Verdict::Pass(c) => {
@@ -443,10 +473,95 @@ impl Daemon {
                 c
             }
         };
+        self.pins.remove(&path);
+        self.use_checkpoint(
+            step,
+            &path,
+            lookback,
+            ckpt,
+            trainer_state.as_deref(),
+            backlog,
+            deferred,
+        );
+    }
+
+    /// One read of `trainer_state.json` serves the LR plateau and the spike sentinel.
+    fn trainer_state(&self, dir: Dir<'_>) -> Option<Vec<u8>> {
+        if self.cfg.phase.lr_from_trainer_state || self.sentinel.is_some() {
+            dir.read("trainer_state.json").ok().flatten()
+        } else {
+            None
+        }
+    }
+
+    fn rejected(&mut self, step: u64, path: &Path, reason: &str, error: &Error) {
+        // A decision (reject) was made: remembered across restarts.
+        self.considered(step);
+        warn!(event = "checkpoint.rejected", step, path = %path.display(), reason, error = %error);
+        self.ctx.shared.metrics.reject(reason);
+        self.tracker.set(path, Phase::Rejected);
+        self.pins.remove(path);
+    }
+
+    /// A complete checkpoint's directory was deleted before pmad used it: use it from the
+    /// files pinned when its marker appeared, or count it lost.
+    fn vanished_before_use(
+        &mut self,
+        step: u64,
+        path: &Path,
+        backlog: usize,
+        deferred: &mut [usize],
+    ) {
+        let Some((_, snapshot)) = self.pins.remove(path) else {
+            self.lost(step, path);
+            return;
+        };
+        info!(event = "source.vanished", step, path = %path.display(), "deleted before it settled; using the files pinned when its marker appeared");
+        let trainer_state = self.trainer_state(Dir::Snapshot(&snapshot));
+        // The sentinel first: the curves matter even when the weights are rejected.
+        self.watch_spikes(step, trainer_state.as_deref());
+        let (pool, window) = (&self.pool, &self.window);
+        let allow = self.cfg.watch.allow_nonfinite;
+        match pool.install(|| gate::check_snapshot(&snapshot, window, allow)) {
+            Verdict::Pass(c) => {
+                self.considered(step);
+                let lookback = self.tracker.previous_step(step);
+                self.use_checkpoint(
+                    step,
+                    path,
+                    lookback,
+                    c,
+                    trainer_state.as_deref(),
+                    backlog,
+                    deferred,
+                );
+                // Logged once: the window's re-checks will find its directory gone too.
+                if self.window.pinned(step).is_some() {
+                    self.vanished.insert(step);
+                }
+            }
+            Verdict::Reject { reason, error } => self.rejected(step, path, reason, &error),
+            // A snapshot neither changes nor disappears.
+            Verdict::Unsettled(_) | Verdict::Gone => self.lost(step, path),
+        }
+    }
+
+    /// A checkpoint that passed the gate: select it, add it to the window, publish what is
+    /// due, save the state.
+    #[allow(clippy::too_many_arguments)]
+    fn use_checkpoint(
+        &mut self,
+        step: u64,
+        path: &Path,
+        lookback: Option<u64>,
+        ckpt: Checkpoint,
+        trainer_state: Option<&[u8]>,
+        backlog: usize,
+        deferred: &mut [usize],
+    ) {
+        let path = path.to_path_buf();
         let lr = if self.cfg.phase.lr_from_trainer_state {
-            trainer_state
-                .as_deref()
-                .and_then(|b| select::lr_history(b).ok())
+            trainer_state.and_then(|b| select::lr_history(b).ok())
         } else {
             None
         };

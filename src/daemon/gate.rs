@@ -10,7 +10,7 @@
 use super::watch::{Scanner, Signature};
 use super::window::Window;
 use crate::error::Error;
-use crate::format::Checkpoint;
+use crate::format::{Checkpoint, Snapshot};
 use crate::math::kernels;
 use crate::math::kinds::FloatKind;
 use rayon::prelude::*;
@@ -47,15 +47,7 @@ pub fn check(
     window: &Window,
     allow_nonfinite: bool,
 ) -> Verdict {
-    let opened = Checkpoint::open(path).and_then(|c| {
-        window.check_schema(&c)?;
-        if !allow_nonfinite {
-            nonfinite(&c)?;
-            // The scan read every byte: make sure they were the validated ones.
-            c.check_fds()?;
-        }
-        Ok(c)
-    });
+    let opened = validate(Checkpoint::open(path), window, allow_nonfinite);
     let after = scanner.signature(path).ok();
     if opened.is_ok() && (after.is_none() || after.as_ref() != before) {
         return Verdict::Unsettled(after);
@@ -63,15 +55,48 @@ pub fn check(
     match opened {
         Ok(c) => Verdict::Pass(c),
         Err(_) if !path.exists() => Verdict::Gone,
-        Err(error) => Verdict::Reject {
-            reason: match &error {
-                // Marker present and files quiet for `settle`, yet still short: the writer
-                // died or the file is corrupt. Retried if its files change.
-                Error::NotReady { .. } => "incomplete",
-                other => other.reason(),
-            },
-            error,
+        Err(error) => reject(error),
+    }
+}
+
+/// Check a checkpoint from the snapshot of its files taken when its marker appeared (the
+/// directory was deleted since: what it held then is all there is, and it cannot change).
+pub fn check_snapshot(snapshot: &Snapshot, window: &Window, allow_nonfinite: bool) -> Verdict {
+    match validate(
+        crate::format::open_snapshot(snapshot),
+        window,
+        allow_nonfinite,
+    ) {
+        Ok(c) => Verdict::Pass(c),
+        Err(error) => reject(error),
+    }
+}
+
+/// Schema and NaN/Inf checks of an opened checkpoint.
+fn validate(
+    opened: crate::Result<Checkpoint>,
+    window: &Window,
+    allow_nonfinite: bool,
+) -> crate::Result<Checkpoint> {
+    let c = opened?;
+    window.check_schema(&c)?;
+    if !allow_nonfinite {
+        nonfinite(&c)?;
+        // The scan read every byte: make sure they were the validated ones.
+        c.check_fds()?;
+    }
+    Ok(c)
+}
+
+fn reject(error: Error) -> Verdict {
+    Verdict::Reject {
+        reason: match &error {
+            // Marker present and files quiet for `settle`, yet still short: the writer died
+            // or the file is corrupt. Retried if its files change.
+            Error::NotReady { .. } => "incomplete",
+            other => other.reason(),
         },
+        error,
     }
 }
 

@@ -86,6 +86,9 @@ pub struct Observation {
     pub rewritten: Option<u64>,
     /// Directories ready for the gate, in step order.
     pub ready: Vec<Ready>,
+    /// Pending directories whose completion marker is there (ready or still settling): what
+    /// they hold now is worth pinning.
+    pub complete: Vec<PathBuf>,
     /// The earliest time a waiting directory's settle period ends.
     pub next_settle: Option<Instant>,
 }
@@ -176,6 +179,7 @@ impl Tracker {
                 continue;
             }
             entry.marker_seen = true;
+            obs.complete.push(s.path.clone());
             let settle_at = entry.since + settle;
             if now < settle_at {
                 obs.next_settle = Some(obs.next_settle.map_or(settle_at, |n| n.min(settle_at)));
@@ -235,6 +239,16 @@ impl Tracker {
             .filter(|e| e.phase == Phase::Pending)
             .map(|e| e.step)
             .collect()
+    }
+
+    /// The newest tracked step before `step` (for the LR plateau test of a checkpoint whose
+    /// directory is gone from the scan).
+    pub fn previous_step(&self, step: u64) -> Option<u64> {
+        self.entries
+            .values()
+            .map(|e| e.step)
+            .filter(|s| *s < step)
+            .max()
     }
 
     /// The phase of `path`, if it is tracked.
@@ -303,6 +317,8 @@ mod tests {
         );
         assert_eq!(ready_steps(&o), [100]);
         assert_eq!(t.pending(), [100, 200]);
+        assert_eq!(o.complete.len(), 2, "both have their marker");
+        assert_eq!(t.previous_step(200), Some(100));
         // Accepted: never offered again while its files stay the same.
         t.set(Path::new("/w/checkpoint-100"), Phase::Accepted);
         let o = observe(

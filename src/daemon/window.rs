@@ -125,7 +125,7 @@ pub struct Output<'a> {
 }
 
 /// A state snapshot to resume from (see [`Window::restore`]).
-pub struct Snapshot {
+pub struct Saved {
     /// Layout of the saved accumulators.
     pub layout: FlatLayout,
     /// Their precision.
@@ -403,7 +403,7 @@ impl Window {
     /// accumulator bytes (read into RAM, or adopted as the current generation of a file-backed
     /// store, without a copy). Recipes in `snapshot.rebuild` are recomputed from the pinned
     /// checkpoints. On error the window is left empty (as new).
-    pub fn restore(&mut self, snapshot: Snapshot) -> Result<()> {
+    pub fn restore(&mut self, snapshot: Saved) -> Result<()> {
         let r = self.try_restore(snapshot);
         if r.is_err() {
             self.acc = None;
@@ -416,8 +416,8 @@ impl Window {
         r
     }
 
-    fn try_restore(&mut self, snapshot: Snapshot) -> Result<()> {
-        let Snapshot {
+    fn try_restore(&mut self, snapshot: Saved) -> Result<()> {
+        let Saved {
             layout,
             accumulator,
             generation,
@@ -849,8 +849,8 @@ dtype = "{dtype}"
     }
 
     /// A snapshot of `w` as saved in generation `generation`.
-    fn snapshot(w: &Window, layout: &FlatLayout, generation: u64) -> Snapshot {
-        Snapshot {
+    fn snapshot(w: &Window, layout: &FlatLayout, generation: u64) -> Saved {
+        Saved {
             layout: layout.clone(),
             accumulator: Accumulator::F32,
             generation,

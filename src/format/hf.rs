@@ -8,6 +8,7 @@
 //! without safetensors weights gets an error that says what the trainer wrote instead.
 
 use super::checkpoint::{Checkpoint, Tensor};
+use super::dir::Dir;
 use super::safetensors::{self, header};
 use super::source::SourceFile;
 use crate::error::{Error, IoContext, Result};
@@ -98,12 +99,11 @@ pub fn is_weight_file(name: &str) -> bool {
 /// Open and validate a checkpoint directory or bare `.safetensors` file.
 pub fn open(path: &Path) -> Result<Checkpoint> {
     let meta = std::fs::metadata(path).ctx("stat", path)?;
-    let step = step_from_name(path);
     if meta.is_file() {
         let (tensors, files) = catalog(vec![safetensors::open_file(path)?], None)?;
         return Ok(Checkpoint {
             path: path.to_path_buf(),
-            step,
+            step: step_from_name(path),
             files,
             tensors,
             aux: Vec::new(),
@@ -115,70 +115,63 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
             "neither a directory nor a regular file",
         ));
     }
-    let index_path = path.join(INDEX_FILE);
-    let single = path.join(SINGLE_FILE);
-    let (files, index) = if index_path.exists() {
-        let bytes = std::fs::read(&index_path).ctx("read", &index_path)?;
+    open_dir(Dir::Live(path))
+}
+
+/// Open and validate a checkpoint directory, live or from a snapshot of its files.
+pub fn open_dir(dir: Dir<'_>) -> Result<Checkpoint> {
+    let path = dir.path();
+    // A weights file, validated and mapped; None when the directory has no such file.
+    let shard = |name: &str| -> Result<Option<(SourceFile, header::Header)>> {
+        dir.open(name)?
+            .map(|f| safetensors::open_fd(f, &dir.join(name)))
+            .transpose()
+    };
+    let (files, index) = if let Some(bytes) = dir.read(INDEX_FILE)? {
+        let index_path = dir.join(INDEX_FILE);
         if bytes.iter().all(|b| b.is_ascii_whitespace()) {
             return Err(Error::not_ready(&index_path, "index file is empty"));
         }
         let index = header::parse_index(&bytes).map_err(|d| Error::invalid(&index_path, d))?;
-        let canon_dir = std::fs::canonicalize(path).ctx("canonicalize", path)?;
         let mut files = Vec::new();
         for name in index.shards() {
-            let shard = path.join(&name);
-            confine(&canon_dir, &shard, &index_path)?;
-            files.push(safetensors::open_file(&shard)?);
+            dir.confine(&name, &index_path)?;
+            match shard(&name)? {
+                Some(f) => files.push(f),
+                None => {
+                    return Err(Error::not_ready(
+                        &index_path,
+                        format!(
+                            "names shard {} which does not exist (yet)",
+                            dir.join(&name).display()
+                        ),
+                    ))
+                }
+            }
         }
         (files, Some((index_path, index)))
-    } else if single.exists() {
-        (vec![safetensors::open_file(&single)?], None)
+    } else if let Some(f) = shard(SINGLE_FILE)? {
+        (vec![f], None)
     } else {
-        return Err(no_weights(path));
+        return Err(no_weights(&dir));
     };
     let (tensors, files) = catalog(files, index)?;
     let mut aux = Vec::new();
     for name in AUX_FILES {
-        let p = path.join(name);
-        if p.symlink_metadata().map(|m| m.is_file()).unwrap_or(false) {
-            aux.push((name.to_string(), std::fs::read(&p).ctx("read", &p)?));
+        // Regular files only: a link could point anywhere.
+        if dir.has_file(name) {
+            if let Some(bytes) = dir.read(name)? {
+                aux.push((name.to_string(), bytes));
+            }
         }
     }
     Ok(Checkpoint {
         path: path.to_path_buf(),
-        step,
+        step: step_of(&dir),
         files,
         tensors,
         aux,
     })
-}
-
-/// A shard path must be a regular file inside the checkpoint directory after resolving links.
-fn confine(canon_dir: &Path, shard: &Path, index: &Path) -> Result<()> {
-    let meta = match shard.symlink_metadata() {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::not_ready(
-                index,
-                format!("names shard {} which does not exist (yet)", shard.display()),
-            ))
-        }
-        Err(e) => return Err(Error::io("stat", shard, e)),
-    };
-    if meta.file_type().is_symlink() {
-        let target = std::fs::canonicalize(shard).ctx("resolve link", shard)?;
-        if target.parent() != Some(canon_dir) {
-            return Err(Error::invalid(
-                index,
-                format!(
-                    "shard {} is a link to {}, outside the checkpoint directory",
-                    shard.display(),
-                    target.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Build the sorted tensor catalog over opened files and their validated headers, checking
@@ -249,15 +242,9 @@ fn catalog(
 }
 
 /// The error for a directory without safetensors weights, saying what to do about it.
-fn no_weights(dir: &Path) -> Error {
-    let has = |pred: &dyn Fn(&str) -> bool| {
-        std::fs::read_dir(dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .any(|e| e.file_name().to_str().map(pred).unwrap_or(false))
-            })
-            .unwrap_or(false)
-    };
+fn no_weights(dir: &Dir<'_>) -> Error {
+    let names = dir.names();
+    let has = |pred: &dyn Fn(&str) -> bool| names.iter().any(|n| pred(n));
     let hint = if has(&|n| n == "pytorch_model.bin" || n.starts_with("pytorch_model-")) {
         "weights are in pytorch_model*.bin (pickle); save with safetensors (Trainer: save_safetensors=True)"
     } else if has(&|n| n.ends_with(".distcp") || n == ".metadata") {
@@ -269,7 +256,7 @@ fn no_weights(dir: &Path) -> Error {
     } else {
         "no model.safetensors or model.safetensors.index.json found"
     };
-    Error::invalid(dir, format!("no safetensors weights: {hint}"))
+    Error::invalid(dir.path(), format!("no safetensors weights: {hint}"))
 }
 
 /// Training step of a checkpoint: `global_step` from its `trainer_state.json` when present,
@@ -277,20 +264,33 @@ fn no_weights(dir: &Path) -> Error {
 /// `step-N`, `step_N`, `stepN`), else unknown.
 pub fn step_from_name(path: &Path) -> Option<u64> {
     if path.is_dir() {
-        if let Ok(bytes) = std::fs::read(path.join("trainer_state.json")) {
-            if let Some(s) = parse_python_json(&bytes)
-                .ok()
-                .and_then(|v| v.get("global_step").and_then(|g| g.as_u64()))
-            {
-                return Some(s);
-            }
-        }
+        return step_of(&Dir::Live(path));
     }
     let name = if path.is_file() {
         path.file_stem()?.to_str()?
     } else {
         path.file_name()?.to_str()?
     };
+    step_in_name(name)
+}
+
+/// The step of a checkpoint directory: its `trainer_state.json`'s `global_step`, else the
+/// number in its name.
+fn step_of(dir: &Dir<'_>) -> Option<u64> {
+    if let Ok(Some(bytes)) = dir.read("trainer_state.json") {
+        if let Some(s) = parse_python_json(&bytes)
+            .ok()
+            .and_then(|v| v.get("global_step").and_then(|g| g.as_u64()))
+        {
+            return Some(s);
+        }
+    }
+    step_in_name(dir.path().file_name()?.to_str()?)
+}
+
+/// The number in a known checkpoint name (`checkpoint-N`, `iter_N`, `global_stepN`,
+/// `step-N`, `step_N`, `stepN`).
+fn step_in_name(name: &str) -> Option<u64> {
     [
         "checkpoint-",
         "iter_",

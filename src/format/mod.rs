@@ -5,6 +5,7 @@
 //! - [`source`]: a pinned, fingerprinted, read-only mapped file; [`sigbus`] guards its map.
 //! - [`safetensors`]: the safetensors file format; its pure parsers in
 //!   [`safetensors::header`] are the fuzz targets.
+//! - [`dir`]: a checkpoint directory, live or as a [`Snapshot`] of its files kept open.
 //! - [`hf`]: the Hugging Face directory layout (single file or index + shards, aux files).
 //!
 //! Architecture invariant: this layer depends only on [`crate::error`] (and the OS); it knows
@@ -12,12 +13,14 @@
 //! whose opener returns a [`Checkpoint`]; [`open`] recognises it by the files it finds.
 
 pub mod checkpoint;
+pub mod dir;
 pub mod hf;
 pub mod safetensors;
 pub mod sigbus;
 pub mod source;
 
 pub use checkpoint::{Checkpoint, Schema, Tensor};
+pub use dir::{Dir, Snapshot};
 pub use source::{Fingerprint, SourceFile, SourceState};
 
 use crate::error::Result;
@@ -35,4 +38,10 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     // Today every readable format is safetensors in the HF layout (a directory of shards or a
     // bare file); `hf::open` also names the other formats it recognises but cannot read.
     hf::open(path)
+}
+
+/// Open and validate a checkpoint directory from a snapshot of its files (it may have been
+/// deleted since).
+pub fn open_snapshot(snapshot: &Snapshot) -> Result<Checkpoint> {
+    hf::open_dir(Dir::Snapshot(snapshot))
 }

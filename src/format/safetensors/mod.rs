@@ -17,7 +17,11 @@ use std::path::Path;
 
 /// Open, validate and map one safetensors file; returns it with its validated header.
 pub fn open_file(path: &Path) -> Result<(SourceFile, Header)> {
-    let file = File::open(path).ctx("open", path)?;
+    open_fd(File::open(path).ctx("open", path)?, path)
+}
+
+/// Validate and map an open safetensors file (`path` names it in messages).
+pub fn open_fd(file: File, path: &Path) -> Result<(SourceFile, Header)> {
     let meta = file.metadata().ctx("stat", path)?;
     if !meta.is_file() {
         return Err(Error::invalid(path, "not a regular file"));

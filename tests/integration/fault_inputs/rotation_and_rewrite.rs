@@ -551,3 +551,91 @@ fn truncated_while_being_read_does_not_kill_pmad() {
     );
     assert!(fails.is_empty(), "{}\n{}", fails.join("\n"), d.dump(40));
 }
+
+/// A trainer that rotates checkpoints away faster than `watch.settle` (keeps 2, saves every
+/// 300 ms, settle 1 s): pmad pins a checkpoint's files as soon as its marker appears, so every
+/// checkpoint is used although none of them settles on disk, and every output equals the
+/// float64 oracle of the checkpoints it names.
+#[test]
+fn checkpoints_rotated_away_before_they_settle_are_not_lost() {
+    use crate::harness::{Config, Daemon, Recipe};
+    let env = TestEnv::new();
+    let stage = env.mkdir("stage");
+    let watch = env.mkdir("ckpt");
+    let steps: Vec<u32> = (1..=8).map(|i| i * 100).collect();
+    let staged: Vec<PathBuf> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            env.make(
+                &format!("stage/checkpoint-{s}"),
+                "bf16",
+                i as u32 + 1,
+                *s,
+                &[],
+            )
+        })
+        .collect();
+    let out = env.join("out/sma2");
+    let cfg = Config::new(&watch)
+        .poll("100ms")
+        .settle("1s")
+        .recipe(Recipe::sma("sma2", 2).set("keep", 0usize).out_dir(&out))
+        .no_server()
+        .json_log("")
+        .write(&env.join("pmad.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
+    for (i, src) in staged.iter().enumerate() {
+        let dst = watch.join(src.file_name().unwrap());
+        copy_tree(src, &dst);
+        if i >= 2 {
+            std::fs::remove_dir_all(watch.join(staged[i - 2].file_name().unwrap())).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let last = *steps.last().unwrap() as u64;
+    d.expect("the last output", Duration::from_secs(30), |e| {
+        e.event() == "merge.emitted" && e.s("steps").is_some_and(|s| s.ends_with(&last.to_string()))
+    });
+    assert_eq!(
+        d.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        d.dump(40)
+    );
+    let log = d.log();
+    let accepted: Vec<u64> = log
+        .iter()
+        .filter(|e| e.event() == "checkpoint.accepted")
+        .filter_map(|e| e.step())
+        .collect();
+    assert_eq!(
+        accepted,
+        steps.iter().map(|s| *s as u64).collect::<Vec<_>>(),
+        "{}",
+        d.dump(60)
+    );
+    assert!(
+        log.iter().all(|e| e.event() != "checkpoint.lost"),
+        "{}",
+        d.dump(60)
+    );
+    // Most of them were used from their pinned files: their directory was already gone.
+    let from_pins = log
+        .iter()
+        .filter(|e| e.event() == "source.vanished" && e.line().contains("pinned when its marker"))
+        .count();
+    assert!(
+        from_pins >= 3,
+        "only {from_pins} used from pins\n{}",
+        d.dump(60)
+    );
+    for (step, dir) in outputs(&out) {
+        let ins: Vec<PathBuf> = merge_steps(&dir)
+            .iter()
+            .map(|s| stage.join(format!("checkpoint-{s}")))
+            .collect();
+        let o = env.oracle(&["--method", "sma"], &dir, &ins);
+        assert_eq!(o.code, 0, "step-{step}: {}", o.describe());
+    }
+}
