@@ -35,9 +35,11 @@ fn on_emit_runs_with_placeholders_and_times_out() {
     let rec = record.display().to_string();
     let script = format!("echo \"$1 $2 $3\" >> {rec}; [ \"$2\" = 300 ] && sleep 30; exit 0");
     let hook: &[&str] = &["sh", "-c", &script, "hook", "{path}", "{step}", "{recipe}"];
+    // The timeout must leave `sh` time to start and write its record line before the hook of
+    // step 300 is killed: 500 ms was not always enough on a loaded machine.
     let cfg = config(&env, &watch, |r| {
         r.set("on_emit", hook)
-            .set("on_emit_timeout", "500ms")
+            .set("on_emit_timeout", "2s")
             .set("keep", 2usize)
     })
     .write(&env.join("pmad.toml"));

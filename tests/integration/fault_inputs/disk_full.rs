@@ -4,7 +4,14 @@
 //! output and `LATEST` stay intact, the daemon keeps going, and once space is freed the next
 //! emission succeeds and matches the float64 oracle.
 
-use super::*;
+use super::{
+    expect_accepted, expect_emitted, fixtures, latest, make_args, merge_steps, run_oracle, strays,
+    write_ckpt, write_config, OracleCheck, FAST, SMA2, WAIT,
+};
+use crate::harness::{load_tensors, outputs, Daemon, TestEnv};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 /// A tmpfs mounted for the test; unmounted on drop (also when the test panics).
 struct TmpfsMount {

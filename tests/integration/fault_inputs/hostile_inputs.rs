@@ -4,7 +4,15 @@
 //! Each corrupt checkpoint is rejected exactly once, naming the file or tensor; nothing of it
 //! is published; fixed ones are accepted; the result is reported kind by kind.
 
-use super::*;
+use super::{
+    err_lines, expect_accepted, expect_emitted, fixtures, hostile_args, latest, lines_for,
+    make_args, merge_steps, pt_meta, reserialize, run_oracle, write_ckpt, write_config,
+    write_in_place, OracleCheck, FAST, POLL, SETTLE, SMA2, WAIT,
+};
+use crate::harness::{copy_tree, list_dir, outputs, Daemon, TestEnv};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
 
 /// How a hostile checkpoint of the table is made.
 #[derive(Debug, Clone, Copy)]

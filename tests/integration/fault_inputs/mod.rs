@@ -18,18 +18,13 @@ mod rotation_and_rewrite;
 mod watched_tree;
 mod writers_and_vanishing_dirs;
 
-use crate::harness::log::LogFollower;
-use crate::harness::tree::{diff_snapshots, maps_contain, path_state, tree_snapshot};
 use crate::harness::{
-    copy_tree, list_dir, load_tensors, ms_since, outputs, py_script_batch_parallel, read_json, s,
-    step_span, Config, Daemon, Event, Recipe, TestEnv,
+    list_dir, py_script_batch_parallel, read_json, s, Config, Daemon, Event, Recipe, TestEnv,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 const POLL: Duration = Duration::from_millis(100);
 const SETTLE: Duration = Duration::from_millis(200);

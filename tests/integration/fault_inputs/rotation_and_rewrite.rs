@@ -7,7 +7,18 @@
 //! - `truncated_while_being_read_does_not_kill_pmad`: the SIGBUS danger proper: a large
 //!   checkpoint truncated and rewritten in place while pmad reads it.
 
-use super::*;
+use super::{
+    expect_accepted, expect_emitted, fixtures, latest, lines_for, make_args, merge_steps, pt_meta,
+    reserialize, run_oracle, strays, write_ckpt, write_config, OracleCheck, Pace, Rec, FAST, POLL,
+    SMA2, WAIT,
+};
+use crate::harness::log::LogFollower;
+use crate::harness::tree::maps_contain;
+use crate::harness::{copy_tree, list_dir, ms_since, s, step_span, Daemon, Event, TestEnv};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 /// One version of one checkpoint and when it was written into the watch dir.
 #[derive(Debug, Clone)]

@@ -3,7 +3,17 @@
 //! other path keeps its bytes, mode, inode, mtime and ctime, nothing is created, and pmad
 //! holds no write-mode file descriptors or locks there.
 
-use super::*;
+use super::{
+    expect_accepted, expect_emitted, fixtures, hostile_args, make_args, write_ckpt, write_config,
+    Rec, FAST, POLL, WAIT,
+};
+use crate::harness::tree::{diff_snapshots, path_state, tree_snapshot};
+use crate::harness::{copy_tree, list_dir, outputs, s, Daemon, TestEnv};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 /// Inode numbers of everything under `dir` (best effort: pmad is writing there).
 fn inodes_under(dir: &Path) -> BTreeSet<u64> {

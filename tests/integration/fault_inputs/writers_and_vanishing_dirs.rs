@@ -3,7 +3,16 @@
 //! accepted before they are complete; directories created and removed under the scan (some
 //! the moment pmad maps a file of theirs) must not cause warnings, errors or bad outputs.
 
-use super::*;
+use super::{
+    ckpt_files, err_lines, expect_accepted, expect_emitted, fixtures, latest, lines_for, make_args,
+    merge_steps, run_oracle, write_ckpt, write_config, write_in_place, OracleCheck, Pace, FAST,
+    POLL, SETTLE, SMA2, WAIT,
+};
+use crate::harness::tree::maps_contain;
+use crate::harness::{ms_since, outputs, Daemon, TestEnv};
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
 
 #[test]
 fn slow_in_place_writer_is_never_accepted_early() {

@@ -4,7 +4,15 @@
 //! the fault and one more checkpoint arrives; the same fault points in `pmad merge`. A fault
 //! aimed at the accumulator file of a later save must still let a restart resume exactly.
 
-use super::*;
+use super::{
+    add_by_rename, ckpt_name, compare_with_reference, config, copy_ckpt, emission_ended, emitted,
+    failures, ms, recipe_of, reference_run, scan_out, stage_ckpts, state_tmps, OutCache, OutScan,
+    Recipe, RefOutputs, Spec,
+};
+use crate::harness::{self, list_dir, pmad_cmd, Daemon, Event, TestEnv};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 const T2_RECIPES: [Recipe; 2] = [
     Recipe {

@@ -6,7 +6,16 @@
 //! content (promise 3). Once with the accumulators in RAM, once file-backed.
 //! `PMAD_KILL_SEED=N` changes the seed.
 
-use super::*;
+use super::{
+    add_by_rename, ckpt_name, compare_with_reference, config, copy_ckpt, failures, ms,
+    reference_run, scan_out, stage_ckpts, state_tmps, OutCache, Recipe, Spec, TMP_PREFIX,
+};
+use crate::harness::{Daemon, TestEnv};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 const T1_RECIPES: [Recipe; 3] = [
     Recipe {

@@ -15,14 +15,12 @@ mod injected_faults;
 mod kill_loop;
 mod sigterm;
 
-use crate::harness::{self, list_dir, pmad_cmd, Config, Daemon, Event, TestEnv};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use crate::harness::{self, list_dir, Config, Daemon, Event, TestEnv};
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const TMP_PREFIX: &str = ".pmad-tmp-";
 

@@ -2,7 +2,12 @@
 //! emission is aborted cleanly (no temp dir, `LATEST` intact); with a long one it finishes and
 //! nothing new is started; both exit 0.
 
-use super::*;
+use super::{
+    ckpt_name, config, emitted, emitted_step, link_ckpt, ms, scan_out, stage_ckpts, OutCache,
+    Recipe, Spec, TMP_PREFIX,
+};
+use crate::harness::{list_dir, Daemon, Event, TestEnv};
+use std::time::{Duration, Instant};
 
 #[test]
 fn sigterm_during_emission_is_clean() {
