@@ -569,7 +569,7 @@ fn truncated_while_being_read_does_not_kill_pmad() {
 /// float64 oracle of the checkpoints it names.
 #[test]
 fn checkpoints_rotated_away_before_they_settle_are_not_lost() {
-    use crate::harness::{Config, Daemon, Recipe};
+    use crate::harness::{outputs, Config, Daemon, Recipe};
     let env = TestEnv::new();
     let stage = env.mkdir("stage");
     let watch = env.mkdir("ckpt");
