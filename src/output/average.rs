@@ -8,7 +8,7 @@
 //! plus ~20 MB, whatever the model size (docs/performance.md).
 
 use super::plan::ShardPlan;
-use super::write::{write_output, ChunkStat, NonFiniteReport, Progress, Unit};
+use super::write::{write_output, ChunkStat, Progress, Unit, WriteReport};
 use crate::error::{Error, Result};
 use crate::format::{Checkpoint, SourceFile, Tensor};
 use crate::math::kernels;
@@ -51,7 +51,7 @@ pub fn write_average(
     plan: &[ShardPlan],
     progress: &Progress,
     cancel: &AtomicBool,
-) -> Result<NonFiniteReport> {
+) -> Result<WriteReport> {
     let newest = inputs[inputs.len() - 1];
     // Resolve every output tensor to its source tensors once.
     let mut jobs: Vec<Vec<(Job, Vec<&Tensor>)>> = Vec::new();

@@ -76,32 +76,43 @@ pub fn plan_shards(
     groups
         .into_iter()
         .enumerate()
-        .map(|(i, mut g)| {
-            g.sort_by(|a, b| {
-                b.dtype
-                    .bitsize()
-                    .cmp(&a.dtype.bitsize())
-                    .then_with(|| a.name.cmp(&b.name))
-            });
-            let spec: Vec<_> = g
-                .iter()
-                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
-                .collect();
-            let (header, data_len) = header::build_header(metadata, &spec)
-                .map_err(|e| Error::Internal(format!("cannot build output header: {e}")))?;
-            let file_name = if k == 1 {
-                SINGLE_FILE.to_string()
-            } else {
-                format!("model-{:05}-of-{:05}.safetensors", i + 1, k)
-            };
-            Ok(ShardPlan {
-                file_name,
-                tensors: g,
-                header,
-                data_len,
-            })
-        })
+        .map(|(i, g)| shard_plan(g, shard_file_name(i, k), metadata))
         .collect()
+}
+
+/// The name `save_pretrained` gives shard `i` (from 0) of `k`.
+pub fn shard_file_name(i: usize, k: usize) -> String {
+    if k == 1 {
+        SINGLE_FILE.to_string()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, k)
+    }
+}
+
+/// One shard file holding `tensors`, ordered by dtype alignment (largest first) then name.
+pub fn shard_plan(
+    mut tensors: Vec<OutTensor>,
+    file_name: String,
+    metadata: &BTreeMap<String, String>,
+) -> Result<ShardPlan> {
+    tensors.sort_by(|a, b| {
+        b.dtype
+            .bitsize()
+            .cmp(&a.dtype.bitsize())
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    let spec: Vec<_> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let (header, data_len) = header::build_header(metadata, &spec)
+        .map_err(|e| Error::Internal(format!("cannot build output header: {e}")))?;
+    Ok(ShardPlan {
+        file_name,
+        tensors,
+        header,
+        data_len,
+    })
 }
 
 /// The HF index for a sharded output: sorted keys, `total_size` in bytes of tensor data.

@@ -52,13 +52,27 @@ pub struct Unit {
     pub elems: Range<usize>,
 }
 
-/// Non-finite values seen during a write, by first tensor.
+/// What a write produced: the files, and the non-finite values seen, by first tensor.
 #[derive(Debug, Default, Clone)]
-pub struct NonFiniteReport {
-    /// Total count.
+pub struct WriteReport {
+    /// Total count of non-finite values.
     pub count: u64,
-    /// Tensors affected, in output order (first one first), with the first input index.
+    /// Tensors holding non-finite values, in output order (first one first), with the first
+    /// input index.
     pub tensors: Vec<(String, Option<usize>)>,
+    /// Every file written, in plan order.
+    pub files: Vec<WrittenFile>,
+}
+
+/// A file as written: what a reader on another node checks it against.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WrittenFile {
+    /// File name inside the output directory.
+    pub name: String,
+    /// Size in bytes (header included).
+    pub bytes: u64,
+    /// XXH3-64 of the whole file, 16 lowercase hex digits.
+    pub xxh3: String,
 }
 
 /// Stream every shard of `plan` into `dir`, asking `produce` for each unit's bytes.
@@ -71,7 +85,7 @@ pub fn write_output<P, C>(
     check: C,
     progress: &Progress,
     cancel: &AtomicBool,
-) -> Result<NonFiniteReport>
+) -> Result<WriteReport>
 where
     P: Fn(&Unit, &mut [u8]) -> Result<ChunkStat> + Sync,
     C: Fn() -> Result<()>,
@@ -79,7 +93,7 @@ where
     let total: u64 = plan.iter().map(|s| s.data_len as u64).sum();
     progress.total.store(total, Ordering::Relaxed);
     let batch = (2 * rayon::current_num_threads()).max(2);
-    let mut report = NonFiniteReport::default();
+    let mut report = WriteReport::default();
     for (si, shard) in plan.iter().enumerate() {
         let mut writer = ShardWriter::create(dir, shard)?;
         let units = units_of(si, shard, chunk_bytes);
@@ -132,7 +146,7 @@ where
             pending = bufs;
         }
         flush(&mut pending, &mut writer)?;
-        writer.finish()?;
+        report.files.push(writer.finish()?);
     }
     Ok(report)
 }
@@ -167,6 +181,7 @@ pub struct ShardWriter {
     expected: usize,
     written: usize,
     header_len: usize,
+    hash: xxhash_rust::xxh3::Xxh3,
 }
 
 impl ShardWriter {
@@ -175,7 +190,10 @@ impl ShardWriter {
         let path = dir.join(&plan.file_name);
         let mut file = fsio::create(&path)?;
         fsio::write_all(&mut file, &path, &plan.header)?;
+        let mut hash = xxhash_rust::xxh3::Xxh3::new();
+        hash.update(&plan.header);
         Ok(ShardWriter {
+            hash,
             header_len: plan.header.len(),
             path,
             file,
@@ -193,6 +211,7 @@ impl ShardWriter {
             )));
         }
         fsio::write_all(&mut self.file, &self.path, bytes)?;
+        self.hash.update(bytes);
         // Start writeback of what was just written, so the fsync in `finish` finds little
         // left to do: the disk writes batch N while batch N+1 is computed.
         fsio::start_writeback(
@@ -205,7 +224,7 @@ impl ShardWriter {
     }
 
     /// Check the byte count against the header and fsync.
-    pub fn finish(self) -> Result<()> {
+    pub fn finish(self) -> Result<WrittenFile> {
         if self.written != self.expected {
             return Err(Error::Internal(format!(
                 "{}: wrote {} tensor bytes, header declares {}",
@@ -214,6 +233,15 @@ impl ShardWriter {
                 self.expected
             )));
         }
-        fsio::sync_file(&self.file, &self.path)
+        fsio::sync_file(&self.file, &self.path)?;
+        Ok(WrittenFile {
+            name: self
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            bytes: (self.header_len + self.written) as u64,
+            xxh3: format!("{:016x}", self.hash.digest()),
+        })
     }
 }
