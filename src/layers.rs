@@ -18,8 +18,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("fsio", &["error", "names"]),
     ("format", &["error", "sys"]),
     ("math", &["error", "names", "sys", "format"]),
-    ("output", &["error", "fsio", "format", "math"]),
-    ("config", &["error", "names", "sys", "math"]),
+    ("output", &["error", "names", "fsio", "format", "math"]),
+    ("config", &["error", "names", "sys", "math", "output"]),
     ("obs", &["error", "sys", "config"]),
     (
         "daemon",

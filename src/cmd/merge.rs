@@ -4,6 +4,7 @@
 use anyhow::Context;
 use pmad::math::{Accumulator, Method, MethodKind, OutDtype, Shape};
 use pmad::output::oneshot::{self, MergeSpec};
+use pmad::output::partition::{Part, PartitionBy};
 use pmad::output::Progress;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -53,6 +54,23 @@ pub struct MergeArgs {
     /// Output bytes per unit of work (peak RSS is about threads x this x (inputs + 4)).
     #[arg(long, default_value = "4MiB", hide = true)]
     chunk_size: String,
+    /// Write only part INDEX/COUNT of the output (e.g. 0/4), for a merge split between
+    /// processes or nodes; `--commit` publishes it once every part is written.
+    #[arg(long, value_name = "INDEX/COUNT", conflicts_with = "commit")]
+    partition: Option<Part>,
+    /// How `--partition` splits the output: by shard file, by tensor, or auto (by shard unless
+    /// that leaves the largest part more than 10% bigger).
+    #[arg(
+        long,
+        value_name = "auto|shard|tensor",
+        default_value = "auto",
+        requires = "partition"
+    )]
+    partition_by: PartitionBy,
+    /// Publish an output whose parts were written with `--partition` (same checkpoints and
+    /// options); fails, naming them, while parts are missing.
+    #[arg(long)]
+    commit: bool,
     /// Checkpoints (directories or .safetensors files), oldest first.
     #[arg(required = true, num_args = 1..)]
     checkpoints: Vec<PathBuf>,
@@ -133,14 +151,28 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         std::thread::spawn(move || draw_progress(&p, &d))
     });
     let result = pool.install(|| {
-        oneshot::merge_checkpoints(
-            &args.checkpoints,
-            &spec,
-            &args.out,
-            args.force,
-            &progress,
-            &cancel,
-        )
+        if args.commit {
+            oneshot::commit_parts(&args.checkpoints, &spec, &args.out, args.force)
+        } else if let Some(part) = args.partition {
+            oneshot::merge_part(
+                &args.checkpoints,
+                &spec,
+                &args.out,
+                part,
+                args.partition_by,
+                &progress,
+                &cancel,
+            )
+        } else {
+            oneshot::merge_checkpoints(
+                &args.checkpoints,
+                &spec,
+                &args.out,
+                args.force,
+                &progress,
+                &cancel,
+            )
+        }
     });
     done.store(true, Ordering::Relaxed);
     if let Some(b) = bar {
@@ -148,6 +180,33 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     }
     let s = result?;
     let secs = s.duration.as_secs_f64().max(1e-9);
+    if let (Some(part), Some(plan)) = (args.partition, &s.plan) {
+        println!(
+            "wrote part {}/{} of {} (plan {plan}) -> {}: {} tensors, {} file(s), {} in {:.2}s \
+             ({} read); publish with --commit once every part is written",
+            part.index,
+            part.count,
+            args.out.display(),
+            s.out.display(),
+            s.tensors,
+            s.shards,
+            bytesize::ByteSize(s.bytes_written).display().si(),
+            secs,
+            bytesize::ByteSize(s.bytes_read).display().si(),
+        );
+        return Ok(());
+    }
+    if let (true, Some(plan)) = (args.commit, &s.plan) {
+        println!(
+            "committed the parts of plan {plan} -> {}: {} tensors, {} shard(s), {} in {:.2}s",
+            s.out.display(),
+            s.tensors,
+            s.shards,
+            bytesize::ByteSize(s.bytes_written).display().si(),
+            secs,
+        );
+        return Ok(());
+    }
     println!(
         "merged {} checkpoints ({}) -> {}: {} tensors, {} shard(s), {} in {:.2}s ({}/s read){}",
         args.checkpoints.len(),

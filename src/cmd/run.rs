@@ -16,6 +16,22 @@ pub struct RunArgs {
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config)?;
+    if let Some(p) = cfg.partition.as_ref().filter(|p| p.count > 1) {
+        // Decided: refuse rather than have every instance publish whole outputs over each
+        // other. The daemon's split (plan per emission, staging, takeover) is the next step of
+        // the multi-node work; one-shot merges split today.
+        return Err(pmad::Error::Config {
+            file: Some(args.config.clone()),
+            detail: format!(
+                "partition: count = {} (from {}): this version of `pmad run` does not split \
+                 outputs between instances yet; run one pmad (remove [partition] or set \
+                 count = 1), or split one-shot merges with `pmad merge --partition I/N` and \
+                 `pmad merge --commit`",
+                p.count, p.count_from
+            ),
+        }
+        .into());
+    }
     // Before any thread starts: every thread pmad starts inherits it.
     let priority_failures = match cfg.priority {
         Priority::Background => pmad::sys::lower_priority(),

@@ -179,6 +179,23 @@ impl Config {
                 String::new()
             }
         );
+        if let Some(p) = &self.partition {
+            let _ = writeln!(s, "[partition]");
+            let _ = writeln!(s, "index          = {} (from {})", p.index, p.index_from);
+            let _ = writeln!(s, "count          = {} (from {})", p.count, p.count_from);
+            let _ = writeln!(s, "by             = {}", p.by);
+            let _ = writeln!(s, "commit         = {}", p.commit);
+            let _ = writeln!(
+                s,
+                "takeover_after = {}",
+                humantime::format_duration(p.takeover_after)
+            );
+            let _ = writeln!(
+                s,
+                "part_timeout   = {}",
+                humantime::format_duration(p.part_timeout)
+            );
+        }
         let _ = writeln!(s, "[spike]");
         match &self.spike {
             None => {

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::math::kinds::{Accumulator, OutDtype};
 use crate::math::Method;
 use crate::names::named_enum;
+pub use crate::output::partition::{CommitMode, PartitionBy};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -210,6 +211,8 @@ pub struct Config {
     pub progress_interval: Duration,
     /// `[spike]`, when enabled.
     pub spike: Option<SpikeConfig>,
+    /// `[partition]`: this instance's part of every output, when several pmads share them.
+    pub partition: Option<PartitionConfig>,
     /// `[daemon] priority`.
     pub priority: Priority,
     /// `[daemon] threads`: worker threads for passes and emissions.
@@ -232,6 +235,27 @@ named_enum! {
 /// so the trainer beside it keeps the rest.
 pub fn default_threads(usable_cores: usize) -> usize {
     (usable_cores / 4).max(1)
+}
+
+/// `[partition]`, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionConfig {
+    /// This instance's index, in `0..count`.
+    pub index: usize,
+    /// How many instances share every output.
+    pub count: usize,
+    /// Where `index` came from (`config` or an environment variable).
+    pub index_from: String,
+    /// Where `count` came from.
+    pub count_from: String,
+    /// How outputs are split.
+    pub by: PartitionBy,
+    /// How parts are committed.
+    pub commit: CommitMode,
+    /// After this, any instance may commit a step whose parts are all there.
+    pub takeover_after: Duration,
+    /// A step whose parts are not all there after this is abandoned.
+    pub part_timeout: Duration,
 }
 
 /// The fewest values `spike.window` may keep.
@@ -272,7 +296,13 @@ impl Config {
 
     /// Parse and resolve config text.
     pub fn parse(text: &str) -> Result<Config> {
-        raw::parse(text).map_err(|detail| Error::Config { file: None, detail })
+        Config::parse_with_env(text, &|var| std::env::var(var).ok())
+    }
+
+    /// Parse and resolve config text, reading `"auto"` settings from `env` (the process
+    /// environment in [`Config::parse`]).
+    pub fn parse_with_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+        raw::parse(text, env).map_err(|detail| Error::Config { file: None, detail })
     }
 
     /// The largest window over recipes (how many checkpoints stay pinned).
@@ -503,5 +533,158 @@ mod tests {
             }
         }
         assert!(n >= 3);
+    }
+
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| map.get(k).cloned()
+    }
+
+    fn with_partition(section: &str) -> String {
+        format!("{MIN}\n[partition]\n{section}")
+    }
+
+    #[test]
+    fn no_partition_section_means_one_instance() {
+        let c = Config::parse_with_env(MIN, &env_of(&[("SLURM_PROCID", "3")])).unwrap();
+        assert_eq!(c.partition, None);
+        assert!(!c.describe().contains("[partition]"));
+    }
+
+    #[test]
+    fn partition_index_and_count_come_from_each_launcher() {
+        let text = with_partition("");
+        type Case<'a> = (&'a [(&'a str, &'a str)], (usize, &'a str), (usize, &'a str));
+        let cases: &[Case] = &[
+            (
+                &[("PMAD_PARTITION_INDEX", "1"), ("PMAD_PARTITION_COUNT", "4")],
+                (1, "PMAD_PARTITION_INDEX"),
+                (4, "PMAD_PARTITION_COUNT"),
+            ),
+            (
+                &[("SLURM_PROCID", "2"), ("SLURM_NTASKS", "3"), ("RANK", "17")],
+                (2, "SLURM_PROCID"),
+                (3, "SLURM_NTASKS"),
+            ),
+            (
+                &[("LWS_WORKER_INDEX", "0"), ("LWS_GROUP_SIZE", "8")],
+                (0, "LWS_WORKER_INDEX"),
+                (8, "LWS_GROUP_SIZE"),
+            ),
+            (
+                &[("JOB_COMPLETION_INDEX", "5"), ("PMAD_PARTITION_COUNT", "6")],
+                (5, "JOB_COMPLETION_INDEX"),
+                (6, "PMAD_PARTITION_COUNT"),
+            ),
+            // pmad's own variables win over a launcher's.
+            (
+                &[
+                    ("PMAD_PARTITION_INDEX", "1"),
+                    ("PMAD_PARTITION_COUNT", "2"),
+                    ("SLURM_PROCID", "7"),
+                    ("SLURM_NTASKS", "8"),
+                ],
+                (1, "PMAD_PARTITION_INDEX"),
+                (2, "PMAD_PARTITION_COUNT"),
+            ),
+        ];
+        for (vars, (index, index_from), (count, count_from)) in cases {
+            let p = Config::parse_with_env(&text, &env_of(vars))
+                .unwrap()
+                .partition
+                .unwrap();
+            assert_eq!(
+                (
+                    p.index,
+                    p.index_from.as_str(),
+                    p.count,
+                    p.count_from.as_str()
+                ),
+                (*index, *index_from, *count, *count_from),
+                "{vars:?}"
+            );
+            assert_eq!(p.by, PartitionBy::Auto);
+            assert_eq!(p.commit, CommitMode::Auto);
+            assert_eq!(p.takeover_after, Duration::from_secs(600));
+            assert_eq!(p.part_timeout, Duration::from_secs(7200));
+        }
+        // Explicit numbers need no environment, and check-config says where they came from.
+        let c = Config::parse_with_env(
+            &with_partition("index = 1\ncount = 2\nby = \"tensor\"\ncommit = \"marker\""),
+            &env_of(&[]),
+        )
+        .unwrap();
+        let p = c.partition.as_ref().unwrap();
+        assert_eq!(
+            (p.index, p.count, p.by, p.commit),
+            (1, 2, PartitionBy::Tensor, CommitMode::Marker)
+        );
+        assert!(
+            c.describe().contains("index          = 1 (from config)"),
+            "{}",
+            c.describe()
+        );
+        let c = Config::parse_with_env(
+            &text,
+            &env_of(&[("SLURM_PROCID", "2"), ("SLURM_NTASKS", "3")]),
+        )
+        .unwrap();
+        assert!(
+            c.describe()
+                .contains("index          = 2 (from SLURM_PROCID)"),
+            "{}",
+            c.describe()
+        );
+        assert!(
+            c.describe()
+                .contains("count          = 3 (from SLURM_NTASKS)"),
+            "{}",
+            c.describe()
+        );
+    }
+
+    #[test]
+    fn partition_errors_name_the_key_and_the_variable() {
+        let text = with_partition("");
+        let error = |vars: &[(&str, &str)], text: &str| {
+            Config::parse_with_env(text, &env_of(vars))
+                .unwrap_err()
+                .to_string()
+        };
+        // RANK and WORLD_SIZE count GPUs, not nodes: never used.
+        let e = error(&[("RANK", "0"), ("WORLD_SIZE", "8")], &text);
+        assert!(
+            e.contains("partition.index") && e.contains("SLURM_PROCID"),
+            "{e}"
+        );
+        let e = error(&[("JOB_COMPLETION_INDEX", "1")], &text);
+        assert!(
+            e.contains("partition.count") && e.contains("PMAD_PARTITION_COUNT"),
+            "{e}"
+        );
+        assert!(e.contains("Indexed Job"), "{e}");
+        let e = error(&[("SLURM_PROCID", "x1"), ("SLURM_NTASKS", "2")], &text);
+        assert!(e.contains("SLURM_PROCID=\"x1\""), "{e}");
+        let e = error(&[("SLURM_PROCID", "4"), ("SLURM_NTASKS", "4")], &text);
+        assert!(
+            e.contains("4 (from SLURM_PROCID)") && e.contains("count 4 (from SLURM_NTASKS)"),
+            "{e}"
+        );
+        let e = error(&[], &with_partition("index = 0\ncount = 0"));
+        assert!(e.contains("partition.count") && e.contains("is 0"), "{e}");
+        let e = error(&[], &with_partition("index = 0\ncount = 2\nby = \"layer\""));
+        assert!(e.contains("partition.by"), "{e}");
+        let e = error(
+            &[],
+            &with_partition("index = 0\ncount = 2\ntakeover_after = \"soon\""),
+        );
+        assert!(e.contains("partition.takeover_after"), "{e}");
+        let e = error(&[], &with_partition("index = -1\ncount = 2"));
+        assert!(e.contains("partition.index"), "{e}");
+        let e = error(&[], &with_partition("index = 0\ncount = 2\nrank = 1"));
+        assert!(e.contains("rank"), "{e}");
     }
 }

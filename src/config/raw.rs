@@ -2,8 +2,8 @@
 //! the validated types of [`super`]. Every default and every check lives here, once.
 
 use super::{
-    Config, Layout, LogFormat, Marker, Pattern, PhaseConfig, Recipe, SpikeConfig, StateConfig,
-    WatchConfig, WatchMode,
+    Config, Layout, LogFormat, Marker, PartitionConfig, Pattern, PhaseConfig, Recipe, SpikeConfig,
+    StateConfig, WatchConfig, WatchMode,
 };
 use crate::math::kinds::{Accumulator, OutDtype};
 use crate::math::{Method, MethodKind, Shape};
@@ -24,9 +24,9 @@ fn named<T: FromStr<Err = String>>(key: &str, s: &str) -> Result<T, String> {
 }
 
 /// Parse and resolve config text.
-pub(super) fn parse(text: &str) -> Result<Config, String> {
+pub(super) fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-    resolve(raw)
+    resolve(raw, env)
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +46,36 @@ struct RawConfig {
     #[serde(default)]
     daemon: RawDaemon,
     spike: Option<RawSpike>,
+    partition: Option<RawPartition>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPartition {
+    #[serde(default = "d_auto")]
+    index: toml::Value,
+    #[serde(default = "d_auto")]
+    count: toml::Value,
+    #[serde(default = "d_auto_str")]
+    by: String,
+    #[serde(default = "d_auto_str")]
+    commit: String,
+    #[serde(default = "d_takeover")]
+    takeover_after: String,
+    #[serde(default = "d_part_timeout")]
+    part_timeout: String,
+}
+fn d_auto() -> toml::Value {
+    toml::Value::String("auto".into())
+}
+fn d_auto_str() -> String {
+    "auto".into()
+}
+fn d_takeover() -> String {
+    "10m".into()
+}
+fn d_part_timeout() -> String {
+    "2h".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,7 +324,7 @@ fn size(key: &str, s: &str) -> Result<u64, String> {
         })
 }
 
-fn resolve(raw: RawConfig) -> Result<Config, String> {
+fn resolve(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {
     let w = raw.watch;
     if w.dir.as_os_str().is_empty() {
         return Err(err("watch.dir", "must not be empty"));
@@ -560,6 +590,10 @@ fn resolve(raw: RawConfig) -> Result<Config, String> {
             ))
         }
     };
+    let partition = raw
+        .partition
+        .map(|p| resolve_partition(p, env))
+        .transpose()?;
     let spike = match raw.spike {
         Some(s) if s.enabled => Some(resolve_spike(s, &watch, &recipes)?),
         _ => None,
@@ -570,6 +604,7 @@ fn resolve(raw: RawConfig) -> Result<Config, String> {
         state,
         recipes,
         spike,
+        partition,
         listen,
         log_format,
         log_level: raw.log.level,
@@ -641,5 +676,102 @@ fn resolve_spike(
         recover_z,
         k: s.k,
         out_dir,
+    })
+}
+
+/// Where the index and the count come from when they are "auto", per launcher, in order.
+const LAUNCHERS: &[(&str, Option<&str>)] = &[
+    ("PMAD_PARTITION_INDEX", Some("PMAD_PARTITION_COUNT")),
+    ("SLURM_PROCID", Some("SLURM_NTASKS")),
+    ("LWS_WORKER_INDEX", Some("LWS_GROUP_SIZE")),
+    // Indexed Jobs and JobSets tell the index only.
+    ("JOB_COMPLETION_INDEX", None),
+];
+
+/// A partition number from the config (an integer) or the environment ("auto").
+fn number_from_env(
+    key: &str,
+    v: &toml::Value,
+    env: &dyn Fn(&str) -> Option<String>,
+    vars: &[&str],
+) -> Result<Option<(usize, String)>, String> {
+    match v {
+        toml::Value::Integer(n) if *n >= 0 => Ok(Some((*n as usize, "config".into()))),
+        toml::Value::String(s) if s == "auto" => {
+            for var in vars {
+                if let Some(text) = env(var) {
+                    let n = text
+                        .trim()
+                        .parse::<usize>()
+                        .map_err(|_| err(key, format!("{var}={text:?} is not a number")))?;
+                    return Ok(Some((n, (*var).to_string())));
+                }
+            }
+            Ok(None)
+        }
+        other => Err(err(key, format!("{other} is not \"auto\" or a number"))),
+    }
+}
+
+fn resolve_partition(
+    p: RawPartition,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PartitionConfig, String> {
+    let index_vars: Vec<&str> = LAUNCHERS.iter().map(|l| l.0).collect();
+    let (index, index_from) = number_from_env("partition.index", &p.index, env, &index_vars)?
+        .ok_or_else(|| {
+            err(
+                "partition.index",
+                format!(
+                    "is \"auto\" but none of {} is set (one pmad per node: the launcher sets one; \
+                     never RANK, which counts GPUs)",
+                    index_vars.join(", ")
+                ),
+            )
+        })?;
+    // The count from the same launcher as the index, else PMAD_PARTITION_COUNT.
+    let mut count_vars: Vec<&str> = LAUNCHERS
+        .iter()
+        .filter(|l| l.0 == index_from)
+        .filter_map(|l| l.1)
+        .collect();
+    if !count_vars.contains(&"PMAD_PARTITION_COUNT") {
+        count_vars.push("PMAD_PARTITION_COUNT");
+    }
+    let (count, count_from) = number_from_env("partition.count", &p.count, env, &count_vars)?
+        .ok_or_else(|| {
+            err(
+                "partition.count",
+                format!(
+                    "is \"auto\" but {} is not set{}",
+                    count_vars.join(" or "),
+                    if index_from == "JOB_COMPLETION_INDEX" {
+                        " (an Indexed Job tells the index only: set partition.count)"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        })?;
+    if count == 0 {
+        return Err(err("partition.count", format!("is 0 (from {count_from})")));
+    }
+    if index >= count {
+        return Err(err(
+            "partition.index",
+            format!(
+                "{index} (from {index_from}) is not below partition.count {count} (from {count_from})"
+            ),
+        ));
+    }
+    Ok(PartitionConfig {
+        index,
+        count,
+        index_from,
+        count_from,
+        by: named("partition.by", &p.by)?,
+        commit: named("partition.commit", &p.commit)?,
+        takeover_after: duration("partition.takeover_after", &p.takeover_after)?,
+        part_timeout: duration("partition.part_timeout", &p.part_timeout)?,
     })
 }

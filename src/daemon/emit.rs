@@ -220,6 +220,7 @@ fn publish(
         bytes,
         nonfinite: nf.count,
         created_unix: unix_now(),
+        partition: None,
     }
     .write(staging.path())?;
     if let Some((name, bytes)) = &a.extra {

@@ -1,15 +1,18 @@
 //! The one-shot merge behind `pmad merge`: open and validate the inputs, average them,
-//! copy the aux files, write `merge.json` and publish atomically at `--out`.
+//! copy the aux files, write `merge.json` and publish atomically at `--out` — in one process
+//! ([`merge_checkpoints`]), or split between processes ([`merge_part`] on each, then
+//! [`commit_parts`] once; see [`super::partition`]).
 //!
 //! Invariant: nothing appears at `--out` unless the whole merge succeeded, and an existing
 //! output is only ever replaced with `force`, atomically, and never when it holds an input.
 
 use super::average::{write_average, Averaging};
+use super::partition::{self, Part, PartMarker, PartitionBy, PartitionPlan, PartsState};
 use super::plan;
-use super::record::{unix_now, MergeRecord};
+use super::record::{unix_now, MergeRecord, PartRecord, PartitionRecord};
 use super::staging::Staging;
-use super::write::Progress;
-use crate::error::{Error, Result};
+use super::write::{Progress, WriteReport};
+use crate::error::{Error, IoContext, Result};
 use crate::format::Checkpoint;
 use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
 use crate::math::{Method, MethodKind};
@@ -56,6 +59,8 @@ pub struct MergeSummary {
     pub nonfinite: u64,
     /// Wall time.
     pub duration: Duration,
+    /// The partition plan's hash, for a part or a commit.
+    pub plan: Option<String>,
 }
 
 /// Refuse outputs that would overwrite something we must not: an existing output without
@@ -90,18 +95,19 @@ fn check_out(inputs: &[PathBuf], out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// One-shot merge: open and validate the inputs, merge, copy aux files, write merge.json and
-/// publish atomically at `out`.
-pub fn merge_checkpoints(
-    paths: &[PathBuf],
-    spec: &MergeSpec,
-    out: &Path,
-    force: bool,
-    progress: &Progress,
-    cancel: &AtomicBool,
-) -> Result<MergeSummary> {
-    let started = Instant::now();
-    check_out(paths, out, force)?;
+/// The inputs of a merge, opened and checked, and what follows from them.
+struct Prepared {
+    inputs: Vec<Checkpoint>,
+    weights: Vec<f64>,
+    accumulator: Accumulator,
+    tensors: Vec<plan::OutTensor>,
+    steps: Vec<Option<u64>>,
+    meta: std::collections::BTreeMap<String, String>,
+    parent: PathBuf,
+    name: String,
+}
+
+fn prepare(paths: &[PathBuf], spec: &MergeSpec, out: &Path) -> Result<Prepared> {
     let weights = spec.method.weights(paths.len()).map_err(|e| {
         let flag = match spec.method.kind() {
             MethodKind::Ema => "--alpha",
@@ -129,84 +135,355 @@ pub fn merge_checkpoints(
     let tensors = plan::output_tensors(newest, spec.dtype)?;
     let steps: Vec<Option<u64>> = inputs.iter().map(|c| c.step).collect();
     let meta = plan::header_metadata(&spec.method, &steps);
-    let plan = plan::plan_shards(tensors, spec.shard_size, &meta)?;
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
     let name = out
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::Usage(format!("--out {}: not a usable name", out.display())))?;
-    let staging = Staging::new(parent, name)?;
-    let refs: Vec<&Checkpoint> = inputs.iter().collect();
-    let how = Averaging {
-        weights: &weights,
-        accumulator,
-        fix_nonfinite: spec.allow_nonfinite,
-        chunk_bytes: spec.chunk_bytes,
-    };
-    let nf = write_average(&refs, &how, staging.path(), &plan, progress, cancel)?;
-    if nf.count > 0 && !spec.allow_nonfinite {
-        let (tensor, first) = nf.tensors[0].clone();
-        let more = if nf.tensors.len() > 1 {
-            format!(" (also in {} other tensor(s))", nf.tensors.len() - 1)
-        } else {
-            String::new()
-        };
-        return Err(Error::NonFinite {
-            path: first
-                .map(|i| inputs[i].path.clone())
-                .unwrap_or_else(|| newest.path.clone()),
-            tensor,
-            count: nf.count,
-            more,
-            allow: "--allow-nonfinite",
-        });
-    }
-    // Nothing may have changed under us while we read.
-    for c in &inputs {
-        c.verify()?;
-    }
-    plan::write_index(staging.path(), &plan)?;
-    plan::write_aux(newest, staging.path())?;
-    let bytes_written: u64 = plan.iter().map(|s| s.data_len as u64).sum();
-    let record = MergeRecord {
-        pmad_version: env!("CARGO_PKG_VERSION").into(),
-        recipe: None,
-        method: spec.method.kind(),
-        alpha: spec.method.alpha(),
-        shape: spec.method.schedule().map(|s| s.0),
-        final_lr_ratio: spec.method.schedule().map(|s| s.1),
-        weights: weights.clone(),
-        steps,
-        inputs: inputs
-            .iter()
-            .map(|c| {
-                std::fs::canonicalize(&c.path)
-                    .unwrap_or_else(|_| c.path.clone())
-                    .display()
-                    .to_string()
-            })
-            .collect(),
-        dtype: spec.dtype,
-        accumulator,
-        tensors: newest.tensors.len(),
-        bytes: bytes_written,
-        nonfinite: nf.count,
-        created_unix: unix_now(),
-    };
-    record.write(staging.path())?;
-    let out = staging.commit(name, force)?;
-    Ok(MergeSummary {
-        out,
+        .ok_or_else(|| Error::Usage(format!("--out {}: not a usable name", out.display())))?
+        .to_string();
+    Ok(Prepared {
+        inputs,
         weights,
         accumulator,
-        bytes_written,
-        bytes_read: inputs.iter().map(|c| c.data_bytes()).sum(),
-        tensors: newest.tensors.len(),
-        shards: plan.len(),
-        nonfinite: nf.count,
-        duration: started.elapsed(),
+        tensors,
+        steps,
+        meta,
+        parent,
+        name,
     })
+}
+
+impl Prepared {
+    /// Average into `dir` the shards of `plan`, refuse non-finite values unless allowed, and
+    /// re-check that no input changed while it was read.
+    fn write(
+        &self,
+        spec: &MergeSpec,
+        dir: &Path,
+        plan: &[plan::ShardPlan],
+        progress: &Progress,
+        cancel: &AtomicBool,
+    ) -> Result<WriteReport> {
+        let refs: Vec<&Checkpoint> = self.inputs.iter().collect();
+        let how = Averaging {
+            weights: &self.weights,
+            accumulator: self.accumulator,
+            fix_nonfinite: spec.allow_nonfinite,
+            chunk_bytes: spec.chunk_bytes,
+        };
+        let report = write_average(&refs, &how, dir, plan, progress, cancel)?;
+        if report.count > 0 && !spec.allow_nonfinite {
+            let (tensor, first) = report.tensors[0].clone();
+            let more = if report.tensors.len() > 1 {
+                format!(" (also in {} other tensor(s))", report.tensors.len() - 1)
+            } else {
+                String::new()
+            };
+            return Err(Error::NonFinite {
+                path: first
+                    .map(|i| self.inputs[i].path.clone())
+                    .unwrap_or_else(|| self.newest().path.clone()),
+                tensor,
+                count: report.count,
+                more,
+                allow: "--allow-nonfinite",
+            });
+        }
+        // Nothing may have changed under us while we read.
+        for c in &self.inputs {
+            c.verify()?;
+        }
+        Ok(report)
+    }
+
+    fn newest(&self) -> &Checkpoint {
+        &self.inputs[self.inputs.len() - 1]
+    }
+
+    fn record(&self, spec: &MergeSpec, bytes: u64, nonfinite: u64) -> MergeRecord {
+        MergeRecord {
+            pmad_version: env!("CARGO_PKG_VERSION").into(),
+            recipe: None,
+            method: spec.method.kind(),
+            alpha: spec.method.alpha(),
+            shape: spec.method.schedule().map(|s| s.0),
+            final_lr_ratio: spec.method.schedule().map(|s| s.1),
+            weights: self.weights.clone(),
+            steps: self.steps.clone(),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|c| {
+                    std::fs::canonicalize(&c.path)
+                        .unwrap_or_else(|_| c.path.clone())
+                        .display()
+                        .to_string()
+                })
+                .collect(),
+            dtype: spec.dtype,
+            accumulator: self.accumulator,
+            tensors: self.newest().tensors.len(),
+            bytes,
+            nonfinite,
+            created_unix: unix_now(),
+            partition: None,
+        }
+    }
+
+    /// Input bytes behind the tensors of `shards`.
+    fn bytes_read(&self, shards: &[plan::ShardPlan]) -> u64 {
+        let wanted: std::collections::HashSet<&str> = shards
+            .iter()
+            .flat_map(|s| s.tensors.iter().map(|t| t.name.as_str()))
+            .collect();
+        self.inputs
+            .iter()
+            .flat_map(|c| c.tensors.iter())
+            .filter(|t| wanted.contains(t.name.as_str()))
+            .map(|t| t.range.len() as u64)
+            .sum()
+    }
+
+    /// What decides the output's bytes besides the tensors and the split: the inputs (by
+    /// directory name, step and data files, not by path, which differs between nodes), the
+    /// method's weights, the accumulator and the non-finite policy.
+    fn identity(&self, spec: &MergeSpec) -> Vec<u8> {
+        let mut id = Vec::new();
+        for c in &self.inputs {
+            let name = c.path.file_name().map(|n| n.to_string_lossy().into_owned());
+            id.extend(format!("{name:?} {:?}\n", c.step).bytes());
+            for f in &c.files {
+                let fname = f.path.file_name().map(|n| n.to_string_lossy().into_owned());
+                id.extend(format!(" {fname:?} {}\n", f.fingerprint.size).bytes());
+            }
+        }
+        for w in &self.weights {
+            id.extend(w.to_bits().to_le_bytes());
+        }
+        id.extend(self.accumulator.name().bytes());
+        id.push(spec.allow_nonfinite as u8);
+        id
+    }
+
+    fn partition_plan(
+        &self,
+        spec: &MergeSpec,
+        count: usize,
+        by: PartitionBy,
+    ) -> Result<PartitionPlan> {
+        PartitionPlan::new(
+            self.tensors.clone(),
+            spec.shard_size,
+            &self.meta,
+            count,
+            by,
+            &self.identity(spec),
+        )
+    }
+}
+
+/// One-shot merge: open and validate the inputs, merge, copy aux files, write merge.json and
+/// publish atomically at `out`.
+pub fn merge_checkpoints(
+    paths: &[PathBuf],
+    spec: &MergeSpec,
+    out: &Path,
+    force: bool,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<MergeSummary> {
+    let started = Instant::now();
+    check_out(paths, out, force)?;
+    let p = prepare(paths, spec, out)?;
+    let plan = plan::plan_shards(p.tensors.clone(), spec.shard_size, &p.meta)?;
+    let staging = Staging::new(&p.parent, &p.name)?;
+    let report = p.write(spec, staging.path(), &plan, progress, cancel)?;
+    plan::write_index(staging.path(), &plan)?;
+    plan::write_aux(p.newest(), staging.path())?;
+    let bytes_written: u64 = plan.iter().map(|s| s.data_len as u64).sum();
+    p.record(spec, bytes_written, report.count)
+        .write(staging.path())?;
+    let out = staging.commit(&p.name, force)?;
+    Ok(MergeSummary {
+        out,
+        weights: p.weights.clone(),
+        accumulator: p.accumulator,
+        bytes_written,
+        bytes_read: p.inputs.iter().map(|c| c.data_bytes()).sum(),
+        tensors: p.newest().tensors.len(),
+        shards: plan.len(),
+        nonfinite: report.count,
+        duration: started.elapsed(),
+        plan: None,
+    })
+}
+
+/// Write part `part` of a merge split between instances: this instance's files of the
+/// [`PartitionPlan`] into the shared staging directory next to `out`, then its marker.
+/// Idempotent: a part whose marker is already there is not written again. Whether `out` may
+/// be replaced is decided by [`commit_parts`].
+pub fn merge_part(
+    paths: &[PathBuf],
+    spec: &MergeSpec,
+    out: &Path,
+    part: Part,
+    by: PartitionBy,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<MergeSummary> {
+    let started = Instant::now();
+    let p = prepare(paths, spec, out)?;
+    let plan = p.partition_plan(spec, part.count, by)?;
+    let dir = plan.staging_dir(&p.parent, &p.name);
+    std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+    let mine = plan.shards_of(part.index);
+    let marker = dir.join(partition::marker_name(part.index, part.count));
+    let bytes_written: u64 = mine.iter().map(|s| s.data_len as u64).sum();
+    let summary = |nonfinite| MergeSummary {
+        out: dir.clone(),
+        weights: p.weights.clone(),
+        accumulator: p.accumulator,
+        bytes_written,
+        bytes_read: p.bytes_read(&mine),
+        tensors: mine.iter().map(|s| s.tensors.len()).sum(),
+        shards: mine.len(),
+        nonfinite,
+        duration: started.elapsed(),
+        plan: Some(plan.hash.clone()),
+    };
+    if marker.exists() {
+        return Ok(summary(0));
+    }
+    let report = p.write(spec, &dir, &mine, progress, cancel)?;
+    partition::write_marker(
+        &dir,
+        &PartMarker {
+            plan: plan.hash.clone(),
+            index: part.index,
+            count: part.count,
+            by: plan.by,
+            pmad_version: env!("CARGO_PKG_VERSION").into(),
+            nonfinite: report.count,
+            files: report.files,
+        },
+    )?;
+    Ok(summary(report.count))
+}
+
+/// Publish a merge whose parts were written by [`merge_part`] (with the same inputs and
+/// options): find its staging directory, check every part, write the index, aux files and
+/// `merge.json`, and rename it to `out`. Committing an output already published from the
+/// same plan does nothing.
+pub fn commit_parts(
+    paths: &[PathBuf],
+    spec: &MergeSpec,
+    out: &Path,
+    force: bool,
+) -> Result<MergeSummary> {
+    let started = Instant::now();
+    let p = prepare(paths, spec, out)?;
+    let root = p.parent.join(partition::STAGING_DIR);
+    let prefix = format!("{}.", p.name);
+    let mut candidates: Vec<PathBuf> = match std::fs::read_dir(&root) {
+        Ok(rd) => rd
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io("list", &root, e)),
+    };
+    candidates.sort();
+    // The plan each staging directory was written for, recomputed from this merge's inputs
+    // and options with the count and split its markers name.
+    let mut others = Vec::new();
+    let mut found = None;
+    for dir in &candidates {
+        let Some(m) = partition::any_marker(dir)? else {
+            continue;
+        };
+        let plan = p.partition_plan(spec, m.count, m.by)?;
+        if plan.staging_dir(&p.parent, &p.name) == *dir {
+            found = Some((dir.clone(), plan));
+            break;
+        }
+        others.push(dir.display().to_string());
+    }
+    let summary = |out: PathBuf, plan: &PartitionPlan, nonfinite| MergeSummary {
+        out,
+        weights: p.weights.clone(),
+        accumulator: p.accumulator,
+        bytes_written: plan.shards.iter().map(|s| s.data_len as u64).sum(),
+        bytes_read: 0,
+        tensors: p.newest().tensors.len(),
+        shards: plan.shards.len(),
+        nonfinite,
+        duration: started.elapsed(),
+        plan: Some(plan.hash.clone()),
+    };
+    let Some((dir, plan)) = found else {
+        // Already published from these inputs and options: nothing to do.
+        if let Ok(Some(rec)) = MergeRecord::read(out) {
+            if let Some(part) = &rec.partition {
+                let plan = p.partition_plan(spec, part.count, part.by)?;
+                if plan.hash == part.plan {
+                    return Ok(summary(out.to_path_buf(), &plan, rec.nonfinite));
+                }
+            }
+        }
+        return Err(Error::Usage(format!(
+            "no parts of {} to commit under {}{}: run `pmad merge --partition I/N` with the same \
+             checkpoints and options first",
+            out.display(),
+            root.display(),
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (parts of other merges, different inputs or options: {})",
+                    others.join(", ")
+                )
+            }
+        )));
+    };
+    let markers = match partition::check_parts(&dir, &plan)? {
+        PartsState::Complete(m) => m,
+        PartsState::Missing(missing) => {
+            let list: Vec<String> = missing
+                .iter()
+                .map(|i| format!("{i}/{}", plan.count))
+                .collect();
+            return Err(Error::Usage(format!(
+                "{}: parts {} of {} are not written yet; nothing published",
+                dir.display(),
+                list.join(", "),
+                plan.count
+            )));
+        }
+    };
+    check_out(paths, out, force)?;
+    plan::write_index(&dir, &plan.shards)?;
+    plan::write_aux(p.newest(), &dir)?;
+    let nonfinite = markers.iter().map(|m| m.nonfinite).sum();
+    let bytes = plan.shards.iter().map(|s| s.data_len as u64).sum();
+    let mut record = p.record(spec, bytes, nonfinite);
+    record.partition = Some(PartitionRecord {
+        plan: plan.hash.clone(),
+        count: plan.count,
+        by: plan.by,
+        parts: markers
+            .into_iter()
+            .map(|m| PartRecord {
+                index: m.index,
+                files: m.files,
+            })
+            .collect(),
+    });
+    record.write(&dir)?;
+    let out = partition::publish(&dir, &p.parent, &p.name, force)?;
+    Ok(summary(out, &plan, nonfinite))
 }

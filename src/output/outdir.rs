@@ -217,6 +217,7 @@ mod tests {
             bytes: 0,
             nonfinite: 0,
             created_unix: 0,
+            partition: None,
         };
         rec.write(s.path()).unwrap();
         out.publish(s, 20, 0).unwrap();

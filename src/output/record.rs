@@ -1,6 +1,8 @@
 //! `merge.json`: the provenance record written next to every output (one-shot and daemon),
 //! and read back at restart to tell which steps an existing output holds.
 
+use super::partition::PartitionBy;
+use super::write::WrittenFile;
 use crate::error::{Error, Result};
 use crate::fsio;
 use crate::math::kinds::{Accumulator, OutDtype};
@@ -46,6 +48,31 @@ pub struct MergeRecord {
     pub nonfinite: u64,
     /// Seconds since the epoch when published.
     pub created_unix: u64,
+    /// How the output was split between instances, when it was.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub partition: Option<PartitionRecord>,
+}
+
+/// `merge.json`'s record of an output written in parts by several instances.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PartitionRecord {
+    /// The plan's hash.
+    pub plan: String,
+    /// Instances.
+    pub count: usize,
+    /// The split used.
+    pub by: PartitionBy,
+    /// Each instance's files with their sizes and checksums, in instance order.
+    pub parts: Vec<PartRecord>,
+}
+
+/// One instance's files in [`PartitionRecord`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PartRecord {
+    /// The instance.
+    pub index: usize,
+    /// Its files.
+    pub files: Vec<WrittenFile>,
 }
 
 impl MergeRecord {

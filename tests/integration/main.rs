@@ -16,6 +16,7 @@
 //! - `fault_kill`: SIGKILL loop, injected I/O failures, SIGTERM mid-emission (one file each).
 //! - `inspect`: `pmad inspect`.
 //! - `merge_cli`: `pmad merge`.
+//! - `partition`: `pmad merge --partition I/N` and `--commit`.
 //! - `server`: the HTTP endpoints of `pmad run`.
 //! - `spike`: the loss-spike sentinel and its rescue output.
 //!
@@ -32,5 +33,6 @@ mod fault_inputs;
 mod fault_kill;
 mod inspect;
 mod merge_cli;
+mod partition;
 mod server;
 mod spike;
