@@ -142,7 +142,7 @@ fn publish(
             // The sums are kept pre-scaled: they are the output.
             let (acc, slot) = (*acc, *slot);
             let layout = acc.layout();
-            let produce = |u: &Unit, buf: &mut [u8]| -> Result<ChunkStat> {
+            let produce_unit = |u: &Unit, buf: &mut [u8]| -> Result<()> {
                 let t = &shards[u.shard].tensors[u.tensor];
                 match FloatKind::of(t.dtype) {
                     Some(kind) => {
@@ -170,6 +170,13 @@ fn publish(
                             ..src.range.start + u.elems.end * sz;
                         buf.copy_from_slice(newest.files[src.file].slice(r));
                     }
+                }
+                Ok(())
+            };
+            let produce = |task: &[Unit], buf: &mut [u8]| -> Result<ChunkStat> {
+                let shard = &shards[task[0].shard];
+                for (u, b) in write::split(shard, task, buf) {
+                    produce_unit(u, b)?;
                 }
                 Ok(ChunkStat::default())
             };

@@ -373,6 +373,8 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
             }
             touched.store(true, std::sync::atomic::Ordering::Relaxed);
             let mut scratch = vec![A::default(); inputs.len() * BLOCK];
+            // Per used input: (file, start, end) of the bytes read and not yet released.
+            let mut spans: Vec<Option<(usize, usize, usize)>> = vec![None; used.len()];
             let mut ti = layout.find(lo);
             let mut pos = lo;
             while pos < hi {
@@ -397,14 +399,29 @@ impl<A: Acc + bytemuck::Pod> Accumulators<A> {
                     apply(region, ops, &scratch, off, len);
                     b = e;
                 }
-                for &i in &used {
+                // Release what this page read once per stretch of each input file, not per
+                // tensor: a page of thousands of small tensors makes a few madvise calls.
+                for (&i, span) in used.iter().zip(spans.iter_mut()) {
                     let (fi, start) = locs[i][ti];
                     let isz = t.kind.size();
                     let r = start + (pos - t.start) * isz..start + (seg_end - t.start) * isz;
-                    inputs[i].files[fi].release(r);
+                    match span {
+                        Some((f, _, hi)) if *f == fi && r.start == *hi => *hi = r.end,
+                        _ => {
+                            if let Some((f, lo, hi)) = span.take() {
+                                inputs[i].files[f].release(lo..hi);
+                            }
+                            *span = Some((fi, r.start, r.end));
+                        }
+                    }
                 }
                 pos = seg_end;
                 ti += 1;
+            }
+            for (&i, span) in used.iter().zip(spans) {
+                if let Some((f, lo, hi)) = span {
+                    inputs[i].files[f].release(lo..hi);
+                }
             }
             Ok(())
         };

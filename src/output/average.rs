@@ -1,14 +1,14 @@
 //! The producer that averages pinned checkpoints element by element: used by `pmad merge`
 //! and by the daemon's `weights` recipes.
 //!
-//! Owns the input side of the memory bound: a unit merges its inputs in steps of 256 KiB per
-//! input and releases each step's input pages from this process's mappings at once (they stay
-//! in the page cache), so the inputs add only `threads x K x 256 KiB` to the writer's
+//! Owns the input side of the memory bound: a task merges its inputs in steps of 256 KiB per
+//! input and releases the whole folios behind each step from this process's mappings at once
+//! (they stay in the page cache), so the inputs add only `threads x K x 256 KiB` to the writer's
 //! `4 x threads x chunk_bytes`. Peak RSS is about `threads x (4 x chunk_bytes + K x 256 KiB)`
 //! plus ~20 MB, whatever the model size (docs/performance.md).
 
 use super::plan::ShardPlan;
-use super::write::{write_output, ChunkStat, Progress, Unit, WriteReport};
+use super::write::{split, write_output, ChunkStat, Progress, Unit, WriteReport};
 use crate::error::{Error, Result};
 use crate::format::{Checkpoint, SourceFile, Tensor};
 use crate::math::kernels;
@@ -19,6 +19,49 @@ use std::sync::atomic::AtomicBool;
 
 /// Input bytes per checkpoint merged between two checks for whole folios to release.
 const RELEASE_STEP: usize = 256 << 10;
+
+/// A stretch of one input file a task has read: `[lo, hi)`, of which `[lo, freed)` is
+/// already released from the mapping.
+struct Span<'f> {
+    file: &'f SourceFile,
+    freed: usize,
+    hi: usize,
+}
+
+impl<'f> Span<'f> {
+    /// The task has just read `r` of `file`: extend the span (releasing the whole folios it
+    /// has left behind), or, when `r` is elsewhere, finish the span and start a new one.
+    fn advance(span: &mut Option<Span<'f>>, file: &'f SourceFile, r: Range<usize>) {
+        match span {
+            Some(s) if std::ptr::eq(s.file, file) && r.start >= s.freed && r.start <= s.hi => {
+                s.hi = s.hi.max(r.end);
+                let cut = file.folio_floor(s.hi);
+                if cut > s.freed {
+                    file.release_exact(s.freed..cut);
+                    s.freed = cut;
+                }
+            }
+            _ => {
+                if let Some(old) = span.take() {
+                    old.finish();
+                }
+                *span = Some(Span {
+                    file,
+                    freed: file.folio_floor(r.start),
+                    hi: r.end,
+                });
+            }
+        }
+    }
+
+    /// Release what is left, up to the end of the folio of the last byte read.
+    fn finish(self) {
+        let end = self.file.folio_ceil(self.hi);
+        if end > self.freed {
+            self.file.release_exact(self.freed..end);
+        }
+    }
+}
 
 /// How an average is computed.
 #[derive(Debug, Clone, Copy)]
@@ -76,81 +119,80 @@ pub fn write_average(
         jobs.push(v);
     }
     let (weights, fix) = (how.weights, how.fix_nonfinite);
-    let produce = |u: &Unit, out: &mut [u8]| -> Result<ChunkStat> {
-        let (job, srcs) = &jobs[u.shard][u.tensor];
+    let produce = |task: &[Unit], out: &mut [u8]| -> Result<ChunkStat> {
+        let shard = &plan[task[0].shard];
         let mut stat = ChunkStat::default();
-        match job {
-            Job::Copy => {
-                let t = srcs[srcs.len() - 1];
-                let sz = out.len() / u.elems.len().max(1);
-                let r = t.range.start + u.elems.start * sz..t.range.start + u.elems.end * sz;
-                let f = &newest.files[t.file];
-                out.copy_from_slice(f.slice(r.clone()));
-                f.release(r);
-            }
-            Job::Average { kind, out: ok } => {
-                // In steps of RELEASE_STEP input bytes, each step's input pages released as
-                // soon as it is merged: what one unit keeps mapped is K x RELEASE_STEP, not
-                // K x the unit, so memory does not grow with the number of inputs.
-                let (isz, osz) = (kind.size(), ok.size());
-                let step = (RELEASE_STEP / isz).max(1);
-                let files: Vec<&SourceFile> = inputs
-                    .iter()
-                    .zip(srcs)
-                    .map(|(c, t)| &c.files[t.file])
-                    .collect();
-                // Per input: the offset from which this unit has not released its pages yet.
-                let mut freed: Vec<usize> = files
-                    .iter()
-                    .zip(srcs)
-                    .map(|(f, t)| f.folio_floor(t.range.start + u.elems.start * isz))
-                    .collect();
-                let mut e0 = u.elems.start;
-                while e0 < u.elems.end {
-                    let e1 = (e0 + step).min(u.elems.end);
-                    let ranges: Vec<Range<usize>> = srcs
+        // Per input: the span of one file this task has read and not yet released. Input
+        // pages are released in whole folios behind the read position as it advances, and
+        // the rest when the task ends, so a task of thousands of small tensors makes a few
+        // madvise calls, not one per tensor per input.
+        let mut spans: Vec<Option<Span<'_>>> = (0..inputs.len()).map(|_| None).collect();
+        for (ui, (u, out)) in split(shard, task, out).enumerate() {
+            let (job, srcs) = &jobs[u.shard][u.tensor];
+            match job {
+                Job::Copy => {
+                    let i = srcs.len() - 1;
+                    let t = srcs[i];
+                    let sz = out.len() / u.elems.len().max(1);
+                    let r = t.range.start + u.elems.start * sz..t.range.start + u.elems.end * sz;
+                    let f = &newest.files[t.file];
+                    out.copy_from_slice(f.slice(r.clone()));
+                    Span::advance(&mut spans[i], f, r);
+                }
+                Job::Average { kind, out: ok } => {
+                    // In steps of RELEASE_STEP input bytes, releasing whole folios behind each
+                    // step: what a task keeps mapped is K x RELEASE_STEP, not K x the task, so
+                    // memory does not grow with the number of inputs.
+                    let (isz, osz) = (kind.size(), ok.size());
+                    let step = (RELEASE_STEP / isz).max(1);
+                    let files: Vec<&SourceFile> = inputs
                         .iter()
-                        .map(|t| t.range.start + e0 * isz..t.range.start + e1 * isz)
+                        .zip(srcs)
+                        .map(|(c, t)| &c.files[t.file])
                         .collect();
-                    let slices: Vec<&[u8]> = files
-                        .iter()
-                        .zip(&ranges)
-                        .map(|(f, r)| f.slice(r.clone()))
-                        .collect();
-                    let o = &mut out[(e0 - u.elems.start) * osz..(e1 - u.elems.start) * osz];
-                    let bad = match how.accumulator {
-                        Accumulator::F32 => {
-                            kernels::merge_chunk::<f32>(&slices, *kind, weights, *ok, o, fix)
-                        }
-                        Accumulator::F64 => {
-                            kernels::merge_chunk::<f64>(&slices, *kind, weights, *ok, o, fix)
-                        }
-                    };
-                    if bad > 0 {
-                        for (i, s) in slices.iter().enumerate() {
-                            let c = kernels::count_nonfinite(*kind, s);
-                            if c > 0 && stat.first_input.is_none_or(|f| i < f) {
-                                stat.first_input = Some(i);
+                    let mut e0 = u.elems.start;
+                    while e0 < u.elems.end {
+                        let e1 = (e0 + step).min(u.elems.end);
+                        let ranges: Vec<Range<usize>> = srcs
+                            .iter()
+                            .map(|t| t.range.start + e0 * isz..t.range.start + e1 * isz)
+                            .collect();
+                        let slices: Vec<&[u8]> = files
+                            .iter()
+                            .zip(&ranges)
+                            .map(|(f, r)| f.slice(r.clone()))
+                            .collect();
+                        let o = &mut out[(e0 - u.elems.start) * osz..(e1 - u.elems.start) * osz];
+                        let bad = match how.accumulator {
+                            Accumulator::F32 => {
+                                kernels::merge_chunk::<f32>(&slices, *kind, weights, *ok, o, fix)
                             }
-                            stat.nonfinite += c;
-                        }
-                    }
-                    // Whole folios behind the read position are done with: drop them now
-                    // (a partial one would be mapped whole again by the next read).
-                    for ((f, r), fr) in files.iter().zip(&ranges).zip(freed.iter_mut()) {
-                        let cut = if e1 == u.elems.end {
-                            f.folio_ceil(r.end)
-                        } else {
-                            f.folio_floor(r.end)
+                            Accumulator::F64 => {
+                                kernels::merge_chunk::<f64>(&slices, *kind, weights, *ok, o, fix)
+                            }
                         };
-                        if cut > *fr {
-                            f.release_exact(*fr..cut);
-                            *fr = cut;
+                        if bad > 0 {
+                            let mut first = None;
+                            let mut count = 0;
+                            for (i, s) in slices.iter().enumerate() {
+                                let c = kernels::count_nonfinite(*kind, s);
+                                if c > 0 && first.is_none() {
+                                    first = Some(i);
+                                }
+                                count += c;
+                            }
+                            stat.add(ui, count, first);
                         }
+                        for ((span, f), r) in spans.iter_mut().zip(&files).zip(ranges) {
+                            Span::advance(span, f, r);
+                        }
+                        e0 = e1;
                     }
-                    e0 = e1;
                 }
             }
+        }
+        for span in spans.into_iter().flatten() {
+            span.finish();
         }
         Ok(stat)
     };

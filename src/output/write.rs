@@ -1,9 +1,12 @@
 //! The writing pipeline: streams every shard of a plan into a directory with bounded memory.
 //!
-//! Owns the memory bound of writing. Tensors are cut into units of at most `chunk_bytes` of
-//! output; a batch of `2 x threads` units is computed in parallel on rayon (by a producer the
-//! caller passes: an average of pinned inputs, or the daemon's running sums) while the previous
-//! batch is written, so at most two batches of output buffers exist at once
+//! Owns the memory bound of writing. Work is batched by bytes, not by tensors: tensors are cut
+//! into units of at most `chunk_bytes` of output, and consecutive small units of a shard are
+//! packed into one task of at most `chunk_bytes` (a model of thousands of few-KB expert
+//! tensors costs one task, one write and one check per 4 MiB, not per tensor). A batch of
+//! `2 x threads` tasks is computed in parallel on rayon (by a producer the caller passes: an
+//! average of pinned inputs, or the daemon's running sums) while the previous batch is
+//! written, so at most two batches of output buffers exist at once
 //! (`4 x threads x chunk_bytes`). Results do not depend on the batching: every element is
 //! computed from the same inputs in the same order.
 //!
@@ -32,16 +35,24 @@ pub struct Progress {
     pub total: AtomicU64,
 }
 
-/// What a unit of work produced besides its bytes.
-#[derive(Debug, Default, Clone, Copy)]
+/// What a task produced besides its bytes: non-finite input values, per unit that held some.
+#[derive(Debug, Default, Clone)]
 pub struct ChunkStat {
-    /// Non-finite input values found.
-    pub nonfinite: u64,
-    /// The first input (index, oldest = 0) holding one.
-    pub first_input: Option<usize>,
+    /// (index of the unit in the task, values found, the first input holding one (oldest = 0)).
+    pub nonfinite: Vec<(usize, u64, Option<usize>)>,
 }
 
-/// A unit of work: a range of elements of one output tensor.
+impl ChunkStat {
+    /// Record `count` non-finite values in unit `unit`, the first in input `first`.
+    pub fn add(&mut self, unit: usize, count: u64, first: Option<usize>) {
+        if count > 0 {
+            self.nonfinite.push((unit, count, first));
+        }
+    }
+}
+
+/// A unit of work: a range of elements of one output tensor. A task is a run of units of one
+/// shard whose output bytes follow each other.
 #[derive(Debug, Clone)]
 pub struct Unit {
     /// Index of the shard.
@@ -87,7 +98,7 @@ pub fn write_output<P, C>(
     cancel: &AtomicBool,
 ) -> Result<WriteReport>
 where
-    P: Fn(&Unit, &mut [u8]) -> Result<ChunkStat> + Sync,
+    P: Fn(&[Unit], &mut [u8]) -> Result<ChunkStat> + Sync,
     C: Fn() -> Result<()>,
 {
     let total: u64 = plan.iter().map(|s| s.data_len as u64).sum();
@@ -96,7 +107,7 @@ where
     let mut report = WriteReport::default();
     for (si, shard) in plan.iter().enumerate() {
         let mut writer = ShardWriter::create(dir, shard)?;
-        let units = units_of(si, shard, chunk_bytes);
+        let tasks = tasks_of(si, shard, chunk_bytes);
         let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut spare: Vec<Vec<u8>> = Vec::new();
         let flush = |bufs: &mut Vec<Vec<u8>>, w: &mut ShardWriter| -> Result<()> {
@@ -108,16 +119,16 @@ where
             }
             Ok(())
         };
-        for group in units.chunks(batch) {
+        for group in tasks.chunks(batch) {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
             check()?;
             let mut bufs: Vec<Vec<u8>> = group
                 .iter()
-                .map(|u| {
+                .map(|task| {
                     let mut b = spare.pop().unwrap_or_default();
-                    b.resize(u.elems.len() * elem_size(&shard.tensors[u.tensor]), 0);
+                    b.resize(task_bytes(shard, task), 0);
                     b
                 })
                 .collect();
@@ -127,18 +138,17 @@ where
                     group
                         .par_iter()
                         .zip(bufs.par_iter_mut())
-                        .map(|(u, b)| produce(u, b))
+                        .map(|(task, b)| produce(task, b))
                         .collect::<Vec<Result<ChunkStat>>>()
                 },
             );
             written?;
-            for (u, s) in group.iter().zip(stats) {
-                let s = s?;
-                if s.nonfinite > 0 {
-                    report.count += s.nonfinite;
-                    let name = &shard.tensors[u.tensor].name;
+            for (task, s) in group.iter().zip(stats) {
+                for (ui, count, first) in s?.nonfinite {
+                    report.count += count;
+                    let name = &shard.tensors[task[ui].tensor].name;
                     if report.tensors.last().map(|(n, _)| n) != Some(name) {
-                        report.tensors.push((name.clone(), s.first_input));
+                        report.tensors.push((name.clone(), first));
                     }
                 }
             }
@@ -155,23 +165,58 @@ fn elem_size(t: &OutTensor) -> usize {
     (t.dtype.bitsize() / 8).max(1)
 }
 
-fn units_of(si: usize, shard: &ShardPlan, chunk_bytes: usize) -> Vec<Unit> {
-    let mut units = Vec::new();
+fn unit_bytes(shard: &ShardPlan, u: &Unit) -> usize {
+    u.elems.len() * elem_size(&shard.tensors[u.tensor])
+}
+
+fn task_bytes(shard: &ShardPlan, task: &[Unit]) -> usize {
+    task.iter().map(|u| unit_bytes(shard, u)).sum()
+}
+
+/// The shard's tasks in output order: each tensor cut into units of at most `chunk_bytes`,
+/// consecutive units packed into tasks of at most `chunk_bytes` (a unit of that size is a task
+/// of its own).
+fn tasks_of(si: usize, shard: &ShardPlan, chunk_bytes: usize) -> Vec<Vec<Unit>> {
+    let mut tasks: Vec<Vec<Unit>> = Vec::new();
+    let mut cur: Vec<Unit> = Vec::new();
+    let mut cur_bytes = 0;
     for (ti, t) in shard.tensors.iter().enumerate() {
         let n: usize = t.shape.iter().product();
         let per = (chunk_bytes / elem_size(t)).max(1);
         let mut s = 0;
         while s < n {
             let e = (s + per).min(n);
-            units.push(Unit {
+            let bytes = (e - s) * elem_size(t);
+            if !cur.is_empty() && cur_bytes + bytes > chunk_bytes {
+                tasks.push(std::mem::take(&mut cur));
+                cur_bytes = 0;
+            }
+            cur.push(Unit {
                 shard: si,
                 tensor: ti,
                 elems: s..e,
             });
+            cur_bytes += bytes;
             s = e;
         }
     }
-    units
+    if !cur.is_empty() {
+        tasks.push(cur);
+    }
+    tasks
+}
+
+/// Each unit of `task` with its part of the task's output buffer.
+pub fn split<'t, 'b>(
+    shard: &'t ShardPlan,
+    task: &'t [Unit],
+    mut buf: &'b mut [u8],
+) -> impl Iterator<Item = (&'t Unit, &'b mut [u8])> + use<'t, 'b> {
+    task.iter().map(move |u| {
+        let (head, rest) = std::mem::take(&mut buf).split_at_mut(unit_bytes(shard, u));
+        buf = rest;
+        (u, head)
+    })
 }
 
 /// Streams one safetensors file: the header first, then tensor bytes in plan order.
@@ -243,5 +288,61 @@ impl ShardWriter {
             bytes: (self.header_len + self.written) as u64,
             xxh3: format!("{:016x}", self.hash.digest()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::plan::{shard_plan, OutTensor};
+    use safetensors::Dtype;
+    use std::collections::BTreeMap;
+
+    fn shard(sizes: &[usize]) -> ShardPlan {
+        let ts = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| OutTensor {
+                name: format!("t{i:03}"),
+                dtype: Dtype::BF16,
+                shape: vec![*n],
+            })
+            .collect();
+        shard_plan(ts, "s.safetensors".into(), &BTreeMap::new()).unwrap()
+    }
+
+    #[test]
+    fn small_tensors_are_packed_and_large_ones_cut_by_bytes() {
+        // 100 tensors of 2 KB, one of 10 KB, with 8 KB tasks.
+        let mut sizes = vec![1000; 100];
+        sizes.push(5000);
+        let s = shard(&sizes);
+        let tasks = tasks_of(0, &s, 8000);
+        for t in &tasks {
+            assert!(task_bytes(&s, t) <= 8000, "{t:?}");
+        }
+        // 2 KB units: four per task; the big tensor: 8 KB + 2 KB units.
+        assert_eq!(tasks.len(), 25 + 2);
+        // Every element of every tensor exactly once, in output order.
+        let units: Vec<&Unit> = tasks.iter().flatten().collect();
+        let mut next = vec![0usize; s.tensors.len()];
+        let mut last = 0;
+        for u in units {
+            assert!(u.tensor >= last);
+            last = u.tensor;
+            assert_eq!(u.elems.start, next[u.tensor]);
+            next[u.tensor] = u.elems.end;
+        }
+        let want: Vec<usize> = s.tensors.iter().map(|t| t.shape[0]).collect();
+        assert_eq!(next, want);
+        // split hands each unit its own bytes of the task buffer, in order.
+        let t = &tasks[0];
+        let mut buf = vec![0u8; task_bytes(&s, t)];
+        for (k, (u, b)) in split(&s, t, &mut buf).enumerate() {
+            assert_eq!(b.len(), u.elems.len() * 2);
+            b.fill(k as u8 + 1);
+        }
+        assert_eq!(buf[0], 1);
+        assert_eq!(buf[buf.len() - 1], t.len() as u8);
     }
 }
