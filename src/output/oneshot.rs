@@ -16,6 +16,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::Checkpoint;
 use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
 use crate::math::{Method, MethodKind};
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -116,9 +117,13 @@ fn prepare(paths: &[PathBuf], spec: &MergeSpec, out: &Path) -> Result<Prepared> 
         };
         Error::Usage(format!("{flag}: {e}"))
     })?;
+    // Opened in parallel (parsing the headers of a model of many small tensors is most of the
+    // work of opening); the first error in input order is the one reported.
     let inputs = paths
-        .iter()
+        .par_iter()
         .map(|p| Checkpoint::open(p))
+        .collect::<Vec<Result<Checkpoint>>>()
+        .into_iter()
         .collect::<Result<Vec<_>>>()?;
     for c in &inputs[1..] {
         inputs[0].check_compatible(c)?;

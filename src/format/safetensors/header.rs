@@ -12,6 +12,7 @@ use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -72,26 +73,28 @@ fn short<T>(msg: impl Into<String>) -> Result<T, HeaderError> {
     Err(HeaderError::Truncated(msg.into()))
 }
 
-/// One raw header entry, kept in document order with duplicates preserved.
-enum RawEntry {
-    Metadata(serde_json::Value),
-    Tensor(String, serde_json::Value),
+/// One raw header entry, kept in document order with duplicates preserved. Values stay
+/// unparsed JSON text borrowed from the header (no tree of allocations per tensor: headers of
+/// MoE checkpoints hold tens of thousands of entries).
+enum RawEntry<'a> {
+    Metadata(&'a RawValue),
+    Tensor(String, &'a RawValue),
 }
 
-struct RawHeader(Vec<RawEntry>);
+struct RawHeader<'a>(Vec<RawEntry<'a>>);
 
-impl<'de> Deserialize<'de> for RawHeader {
+impl<'de> Deserialize<'de> for RawHeader<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = RawHeader;
+            type Value = RawHeader<'de>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object of tensors")
             }
-            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<RawHeader, M::Error> {
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<RawHeader<'de>, M::Error> {
                 let mut out = Vec::new();
                 while let Some(k) = m.next_key::<String>()? {
-                    let v: serde_json::Value = m.next_value()?;
+                    let v: &'de RawValue = m.next_value()?;
                     if k == "__metadata__" {
                         out.push(RawEntry::Metadata(v));
                     } else {
@@ -115,7 +118,8 @@ struct RawTensor {
 
 /// Parse a dtype name as written in headers; unknown names are refused by name.
 pub fn parse_dtype(s: &str) -> Option<Dtype> {
-    serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    // The reference crate's own names, through its serde implementation (no allocation).
+    Dtype::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s)).ok()
 }
 
 /// The dtype's name as written in headers.
@@ -197,7 +201,7 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<Header, HeaderError>
                 }
                 seen_meta = true;
                 // `null` means "no metadata" to the reference reader too.
-                match serde_json::from_value::<Option<BTreeMap<String, String>>>(v) {
+                match serde_json::from_str::<Option<BTreeMap<String, String>>>(v.get()) {
                     Ok(m) => metadata = m,
                     Err(_) => return bad("__metadata__ must map strings to strings"),
                 }
@@ -206,7 +210,7 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<Header, HeaderError>
                 if !seen.insert(name.clone()) {
                     return bad(format!("tensor {name}: name appears twice in the header"));
                 }
-                let t: RawTensor = match serde_json::from_value(v) {
+                let t: RawTensor = match serde_json::from_str(v.get()) {
                     Ok(t) => t,
                     Err(e) => return bad(format!("tensor {name}: malformed entry: {e}")),
                 };
