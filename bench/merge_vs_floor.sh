@@ -25,6 +25,7 @@
 #   --dir DIR          where checkpoints and outputs go   (env PMAD_BENCH_DIR,  default /tmp/pmad-bench)
 #   --count K          number of checkpoints              (env PMAD_BENCH_K,    default 8)
 #   --size SIZE        tensor bytes per checkpoint        (env PMAD_BENCH_SIZE, default 500MB)
+#   --shape S          llama or moe: ~9.4k tensors of a few KB at 40MB (env PMAD_BENCH_SHAPE, default llama)
 #   --reps R           timed repetitions                  (env PMAD_BENCH_REPS, default 5)
 #   --threads N        pmad --threads (default: pmad's own default, all cores)
 #   --chunk-size SIZE  pmad --chunk-size (hidden option, default 4MiB)
@@ -43,6 +44,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DIR=${PMAD_BENCH_DIR:-}
 K=${PMAD_BENCH_K:-8}
 SIZE=${PMAD_BENCH_SIZE:-500MB}
+SHAPE=${PMAD_BENCH_SHAPE:-llama}
 REPS=${PMAD_BENCH_REPS:-5}
 THREADS=${PMAD_BENCH_THREADS:-}
 CHUNK=""
@@ -60,6 +62,7 @@ while [[ $# -gt 0 ]]; do
     --dir) DIR=$2; shift 2 ;;
     --count) K=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
+    --shape) SHAPE=$2; shift 2 ;;
     --reps) REPS=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --chunk-size) CHUNK=$2; shift 2 ;;
@@ -96,8 +99,8 @@ PMAD=${PMAD:-$TARGET/release/pmad}
 [[ -x $GEN ]] || die "$GEN is not built (drop --no-build)"
 
 # --- inputs ----------------------------------------------------------------------------------
-echo "== checkpoints: $K x $SIZE bf16 in $DIR" >&2
-mapfile -t CKPTS < <("$GEN" --dir "$DIR" --count "$K" --size "$SIZE")
+echo "== checkpoints: $K x $SIZE bf16 ($SHAPE) in $DIR" >&2
+mapfile -t CKPTS < <("$GEN" --dir "$DIR" --count "$K" --size "$SIZE" --shape "$SHAPE")
 [[ ${#CKPTS[@]} -eq $K ]] || die "generator returned ${#CKPTS[@]} checkpoints, wanted $K"
 
 INPUT_FILES=()
