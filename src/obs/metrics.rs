@@ -54,6 +54,8 @@ pub struct Metrics {
     pub spikes: Family<Labels, Counter>,
     /// 1 while a spike is in progress (checkpoints are not absorbed), else 0.
     pub spike_active: Gauge,
+    /// 1 when `/readyz` would answer 200, else 0 (set at each scrape).
+    pub ready: Gauge,
     process_rss: Gauge,
     process_cpu: Gauge<f64, AtomicU64>,
     process_fds: Gauge,
@@ -92,6 +94,7 @@ impl Metrics {
             output_free: Family::default(),
             spikes: Family::default(),
             spike_active: Gauge::default(),
+            ready: Gauge::default(),
             process_rss: Gauge::default(),
             process_cpu: Gauge::default(),
             process_fds: Gauge::default(),
@@ -192,6 +195,11 @@ impl Metrics {
                 "spike_active",
                 "1 while a loss spike is in progress and checkpoints are not absorbed",
                 m.spike_active.clone(),
+            );
+            r.register(
+                "ready",
+                "1 when /readyz answers 200 (first scan done, watcher running, outputs writable)",
+                m.ready.clone(),
             );
             r.register_with_unit(
                 "output_free",
@@ -350,6 +358,7 @@ mod tests {
             "pmad_output_free_bytes{recipe=\"sma10\"} 123",
             "pmad_spikes_total{series=\"loss\"} 1",
             "pmad_spike_active 0",
+            "pmad_ready 0",
             "process_resident_memory_bytes",
             "process_cpu_seconds",
             "process_open_fds",
