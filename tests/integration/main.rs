@@ -16,6 +16,8 @@
 //! - `fault_kill`: SIGKILL loop, injected I/O failures, SIGTERM mid-emission (one file each).
 //! - `inspect`: `pmad inspect`.
 //! - `merge_cli`: `pmad merge`.
+//! - `monitoring`: the alert rules and dashboard of `deploy/` against a real scrape, and a
+//!   real Prometheus scraping `pmad run`.
 //! - `server`: the HTTP endpoints of `pmad run`.
 //! - `spike`: the loss-spike sentinel and its rescue output.
 //!
@@ -32,5 +34,6 @@ mod fault_inputs;
 mod fault_kill;
 mod inspect;
 mod merge_cli;
+mod monitoring;
 mod server;
 mod spike;
