@@ -57,7 +57,8 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+/// Why pmad is not ready (empty when it is): first scan, watcher, writable outputs.
+async fn not_ready(s: &AppState) -> Vec<String> {
     let mut problems = Vec::new();
     if !s.shared.scanned.load(Ordering::Relaxed) {
         problems.push("first scan not finished".to_string());
@@ -83,6 +84,11 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     for d in unwritable {
         problems.push(format!("{} is not writable", d.display()));
     }
+    problems
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let problems = not_ready(&s).await;
     if problems.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
@@ -94,6 +100,9 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    // pmad_ready: what /readyz would answer now (alerting cannot probe /readyz itself).
+    let ready = not_ready(&s).await.is_empty();
+    s.shared.metrics.ready.set(ready as i64);
     // Rendering reads the process metrics from /proc: off the async runtime.
     let shared = s.shared.clone();
     let text = tokio::task::spawn_blocking(move || shared.metrics.render())

@@ -9,7 +9,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 
@@ -54,8 +53,12 @@ pub struct Metrics {
     pub spikes: Family<Labels, Counter>,
     /// 1 while a spike is in progress (checkpoints are not absorbed), else 0.
     pub spike_active: Gauge,
+    /// 1 when `/readyz` would answer 200, else 0 (set at each scrape).
+    pub ready: Gauge,
     process_rss: Gauge,
-    process_cpu: Gauge<f64, AtomicU64>,
+    process_cpu: Counter<f64, AtomicU64>,
+    /// Serialises [`Metrics::refresh_process`]: the CPU counter advances by a difference.
+    refresh: std::sync::Mutex<()>,
     process_fds: Gauge,
     process_start: Gauge<f64, AtomicU64>,
 }
@@ -92,21 +95,25 @@ impl Metrics {
             output_free: Family::default(),
             spikes: Family::default(),
             spike_active: Gauge::default(),
+            ready: Gauge::default(),
             process_rss: Gauge::default(),
-            process_cpu: Gauge::default(),
+            process_cpu: Counter::default(),
+            refresh: std::sync::Mutex::new(()),
             process_fds: Gauge::default(),
             process_start: Gauge::default(),
         };
         {
             let r = registry.sub_registry_with_prefix("pmad");
-            r.register(
-                "build",
-                "pmad build information",
-                Info::new(vec![(
+            // A gauge fixed at 1, not an OpenMetrics info: the same sample, and parsers of the
+            // classic text format (promtool check metrics) know the type.
+            let build = Family::<Labels, Gauge>::default();
+            build
+                .get_or_create(&vec![(
                     "version".to_string(),
                     env!("CARGO_PKG_VERSION").to_string(),
-                )]),
-            );
+                )])
+                .set(1);
+            r.register("build_info", "pmad build information", build);
             r.register(
                 "scans",
                 "Full scans of the watched directory",
@@ -193,6 +200,11 @@ impl Metrics {
                 "1 while a loss spike is in progress and checkpoints are not absorbed",
                 m.spike_active.clone(),
             );
+            r.register(
+                "ready",
+                "1 when /readyz answers 200 (first scan done, watcher running, outputs writable)",
+                m.ready.clone(),
+            );
             r.register_with_unit(
                 "output_free",
                 "Free bytes on the output filesystem, by recipe",
@@ -278,6 +290,7 @@ impl Metrics {
     }
 
     fn refresh_process(&self) {
+        let _one_at_a_time = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
         let page = crate::sys::page_size() as i64;
         if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
             if let Some(rss) = statm
@@ -294,7 +307,11 @@ impl Metrics {
                 let f: Vec<&str> = rest.split_whitespace().collect();
                 let tick = crate::sys::clock_ticks_per_second() as f64;
                 let num = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-                self.process_cpu.set((num(11) + num(12)) / tick);
+                let cpu = (num(11) + num(12)) / tick;
+                let seen = self.process_cpu.get();
+                if cpu > seen {
+                    self.process_cpu.inc_by(cpu - seen);
+                }
                 let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
                     s.lines()
                         .find(|l| l.starts_with("btime "))
@@ -332,6 +349,7 @@ mod tests {
         m.spike("loss");
         let text = m.render();
         for name in [
+            "# TYPE pmad_build_info gauge",
             "pmad_build_info{version=",
             "pmad_checkpoints_discovered_total 1",
             "pmad_scans_total 0",
@@ -350,8 +368,9 @@ mod tests {
             "pmad_output_free_bytes{recipe=\"sma10\"} 123",
             "pmad_spikes_total{series=\"loss\"} 1",
             "pmad_spike_active 0",
+            "pmad_ready 0",
             "process_resident_memory_bytes",
-            "process_cpu_seconds",
+            "process_cpu_seconds_total",
             "process_open_fds",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");

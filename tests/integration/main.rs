@@ -16,6 +16,8 @@
 //! - `fault_kill`: SIGKILL loop, injected I/O failures, SIGTERM mid-emission (one file each).
 //! - `inspect`: `pmad inspect`.
 //! - `merge_cli`: `pmad merge`.
+//! - `monitoring`: the alert rules and dashboard of `deploy/` against a real scrape, and a
+//!   real Prometheus scraping `pmad run`.
 //! - `partition`: `pmad merge --partition I/N` and `--commit`.
 //! - `server`: the HTTP endpoints of `pmad run`.
 //! - `spike`: the loss-spike sentinel and its rescue output.
@@ -33,6 +35,7 @@ mod fault_inputs;
 mod fault_kill;
 mod inspect;
 mod merge_cli;
+mod monitoring;
 mod partition;
 mod server;
 mod spike;

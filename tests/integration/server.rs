@@ -81,6 +81,7 @@ fn endpoints_report_health_readiness_metrics_and_status() {
         "pmad_build_info",
         "pmad_checkpoints_discovered_total 0",
         "pmad_window_checkpoints 0",
+        "pmad_ready 1",
         "process_resident_memory_bytes",
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
