@@ -51,9 +51,13 @@ pub struct MergeArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Output bytes per unit of work (peak RSS is about threads x this x (inputs + 4)).
+    /// Output bytes per unit of work, at most (hidden: --memory-budget decides).
     #[arg(long, default_value = "4MiB", hide = true)]
     chunk_size: String,
+    /// Peak memory to stay under, whatever the number of checkpoints and threads: past what
+    /// zero-copy maps allow, inputs are read through small buffers instead.
+    #[arg(long, default_value = "256MB")]
+    memory_budget: String,
     /// Write only part INDEX/COUNT of the output (e.g. 0/4), for a merge split between
     /// processes or nodes; `--commit` publishes it once every part is written.
     #[arg(long, value_name = "INDEX/COUNT", conflicts_with = "commit")]
@@ -134,6 +138,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         shard_size: parse_size("--shard-size", &args.shard_size)?,
         allow_nonfinite: args.allow_nonfinite,
         chunk_bytes: parse_size("--chunk-size", &args.chunk_size)? as usize,
+        memory_budget: parse_size("--memory-budget", &args.memory_budget)?,
     };
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(t) = args.threads {

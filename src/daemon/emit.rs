@@ -12,7 +12,7 @@ use crate::config::Recipe;
 use crate::error::{Error, Result};
 use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
 use crate::math::Method;
-use crate::output::average::{write_average, Averaging};
+use crate::output::average::{write_average, Averaging, DEFAULT_MEMORY_BUDGET};
 use crate::output::record::{unix_now, MergeRecord};
 use crate::output::write::{self, ChunkStat, Progress, Unit, DEFAULT_CHUNK_BYTES};
 use crate::output::{plan, OutDir};
@@ -135,6 +135,7 @@ fn publish(
                 accumulator: a.accumulator,
                 fix_nonfinite: true,
                 chunk_bytes: DEFAULT_CHUNK_BYTES,
+                memory_budget: DEFAULT_MEMORY_BUDGET,
             };
             write_average(members, &how, staging.path(), &shards, progress, cancel)?
         }

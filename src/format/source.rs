@@ -157,6 +157,23 @@ impl SourceFile {
         }
     }
 
+    /// Copy the bytes at an absolute range of the file into `buf` with `pread` on the pinned
+    /// descriptor (nothing is mapped, so nothing counts towards RSS). A file that has become
+    /// shorter is reported as changed.
+    pub fn read_at(&self, range: Range<usize>, buf: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        debug_assert_eq!(range.len(), buf.len());
+        self.file
+            .read_exact_at(buf, range.start as u64)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::SourceChanged {
+                    path: self.path.clone(),
+                    detail: format!("shorter than byte {} it held when validated", range.end),
+                },
+                _ => Error::io("read", &self.path, e),
+            })
+    }
+
     /// Bytes at an absolute range of the file. The caller must have called
     /// [`SourceFile::check_fd`] recently (see the module docs).
     pub fn slice(&self, range: Range<usize>) -> &[u8] {

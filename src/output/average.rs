@@ -1,11 +1,17 @@
 //! The producer that averages pinned checkpoints element by element: used by `pmad merge`
 //! and by the daemon's `weights` recipes.
 //!
-//! Owns the input side of the memory bound: a task merges its inputs in steps of 256 KiB per
-//! input and releases the whole folios behind each step from this process's mappings at once
-//! (they stay in the page cache), so the inputs add only `threads x K x 256 KiB` to the writer's
-//! `4 x threads x chunk_bytes`. Peak RSS is about `threads x (4 x chunk_bytes + K x 256 KiB)`
-//! plus ~20 MB, whatever the model size (docs/performance.md).
+//! Owns the memory bound of averaging: peak RSS stays under a budget (256 MB by default)
+//! whatever the number of inputs K and of threads. The budget, less a reserve for everything
+//! else, is split between the writer's output buffers (`4 x threads x chunk`, the chunk shrunk
+//! when needed) and the inputs. Inputs are read in one of two ways, chosen per merge:
+//! - **mapped** (zero-copy) when `threads x K x` [`MAPPED_INPUT_COST`] fits: a task merges its
+//!   inputs in steps of 256 KiB per input and releases the whole folios behind each step from
+//!   this process's mappings at once (they stay in the page cache). What stays mapped per
+//!   input is about one page-cache folio (up to 2 MiB), so this costs K x ~3 MiB per thread.
+//! - **read** otherwise: each step's bytes of every input are copied with `pread` into a
+//!   per-thread buffer of `K x step` bytes, the step sized to fit (16-256 KiB); nothing is
+//!   mapped. Same values, same order of operations, so the output is bit-identical.
 
 use super::plan::ShardPlan;
 use super::write::{split, write_output, ChunkStat, Progress, Unit, WriteReport};
@@ -19,6 +25,56 @@ use std::sync::atomic::AtomicBool;
 
 /// Input bytes per checkpoint merged between two checks for whole folios to release.
 const RELEASE_STEP: usize = 256 << 10;
+
+/// The default bound on peak RSS of an average (`pmad merge --memory-budget`).
+pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
+
+/// What one mapped input costs per thread at most: the page-cache folio around the read
+/// position (up to 2 MiB on current kernels) plus a step (measured: ~3 MiB per input per
+/// thread at K = 8..32).
+pub const MAPPED_INPUT_COST: u64 = 3 << 20;
+
+/// Part of the budget kept for everything but the write path: the binary, the heap, the
+/// inputs' tensor catalogs.
+const RESERVE: u64 = 40 << 20;
+
+/// Smallest step of a read-mode merge.
+const MIN_READ_STEP: usize = 16 << 10;
+
+/// How a merge fits its budget (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Output bytes per unit of work.
+    pub chunk_bytes: usize,
+    /// `None`: inputs are mapped; `Some(step)`: read in steps of this many bytes per input.
+    pub read_step: Option<usize>,
+}
+
+impl MemoryPlan {
+    /// Fit `k` inputs on `threads` threads into `budget` bytes, with chunks of at most
+    /// `max_chunk`.
+    pub fn new(budget: u64, k: usize, threads: usize, max_chunk: usize) -> MemoryPlan {
+        let (k, threads) = (k.max(1) as u64, threads.max(1) as u64);
+        let half = budget.saturating_sub(RESERVE) / 2;
+        let chunk = (half / (4 * threads)).clamp(64 << 10, max_chunk.max(64 << 10) as u64);
+        let per_thread = half / threads;
+        let read_step = if k * MAPPED_INPUT_COST <= per_thread {
+            None
+        } else {
+            let step = (per_thread / k) as usize / 4096 * 4096;
+            Some(step.clamp(MIN_READ_STEP, RELEASE_STEP))
+        };
+        MemoryPlan {
+            chunk_bytes: chunk as usize,
+            read_step,
+        }
+    }
+}
+
+thread_local! {
+    /// A read-mode merge's per-thread input buffer (K x step bytes), kept between tasks.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// A stretch of one input file a task has read: `[lo, hi)`, of which `[lo, freed)` is
 /// already released from the mapping.
@@ -73,8 +129,10 @@ pub struct Averaging<'a> {
     /// Recompute non-finite results as the plain weighted sum (merging NaN/Inf on purpose)
     /// instead of only counting them.
     pub fix_nonfinite: bool,
-    /// Output bytes per unit of work.
+    /// Output bytes per unit of work, at most (less when the budget needs it).
     pub chunk_bytes: usize,
+    /// Bound on peak RSS.
+    pub memory_budget: u64,
 }
 
 /// How one output tensor is computed from the inputs.
@@ -119,6 +177,12 @@ pub fn write_average(
         jobs.push(v);
     }
     let (weights, fix) = (how.weights, how.fix_nonfinite);
+    let mem = MemoryPlan::new(
+        how.memory_budget,
+        inputs.len(),
+        rayon::current_num_threads(),
+        how.chunk_bytes,
+    );
     let produce = |task: &[Unit], out: &mut [u8]| -> Result<ChunkStat> {
         let shard = &plan[task[0].shard];
         let mut stat = ChunkStat::default();
@@ -136,15 +200,19 @@ pub fn write_average(
                     let sz = out.len() / u.elems.len().max(1);
                     let r = t.range.start + u.elems.start * sz..t.range.start + u.elems.end * sz;
                     let f = &newest.files[t.file];
-                    out.copy_from_slice(f.slice(r.clone()));
-                    Span::advance(&mut spans[i], f, r);
+                    if mem.read_step.is_some() {
+                        f.read_at(r, out)?;
+                    } else {
+                        out.copy_from_slice(f.slice(r.clone()));
+                        Span::advance(&mut spans[i], f, r);
+                    }
                 }
                 Job::Average { kind, out: ok } => {
                     // In steps of RELEASE_STEP input bytes, releasing whole folios behind each
                     // step: what a task keeps mapped is K x RELEASE_STEP, not K x the task, so
                     // memory does not grow with the number of inputs.
                     let (isz, osz) = (kind.size(), ok.size());
-                    let step = (RELEASE_STEP / isz).max(1);
+                    let step = (mem.read_step.unwrap_or(RELEASE_STEP) / isz).max(1);
                     let files: Vec<&SourceFile> = inputs
                         .iter()
                         .zip(srcs)
@@ -157,35 +225,59 @@ pub fn write_average(
                             .iter()
                             .map(|t| t.range.start + e0 * isz..t.range.start + e1 * isz)
                             .collect();
-                        let slices: Vec<&[u8]> = files
-                            .iter()
-                            .zip(&ranges)
-                            .map(|(f, r)| f.slice(r.clone()))
-                            .collect();
                         let o = &mut out[(e0 - u.elems.start) * osz..(e1 - u.elems.start) * osz];
-                        let bad = match how.accumulator {
-                            Accumulator::F32 => {
-                                kernels::merge_chunk::<f32>(&slices, *kind, weights, *ok, o, fix)
-                            }
-                            Accumulator::F64 => {
-                                kernels::merge_chunk::<f64>(&slices, *kind, weights, *ok, o, fix)
-                            }
-                        };
-                        if bad > 0 {
-                            let mut first = None;
-                            let mut count = 0;
-                            for (i, s) in slices.iter().enumerate() {
-                                let c = kernels::count_nonfinite(*kind, s);
-                                if c > 0 && first.is_none() {
-                                    first = Some(i);
+                        let mut merge = |slices: &[&[u8]]| -> (u64, Option<usize>) {
+                            let bad = match how.accumulator {
+                                Accumulator::F32 => {
+                                    kernels::merge_chunk::<f32>(slices, *kind, weights, *ok, o, fix)
                                 }
-                                count += c;
+                                Accumulator::F64 => {
+                                    kernels::merge_chunk::<f64>(slices, *kind, weights, *ok, o, fix)
+                                }
+                            };
+                            let (mut count, mut first) = (0, None);
+                            if bad > 0 {
+                                for (i, s) in slices.iter().enumerate() {
+                                    let c = kernels::count_nonfinite(*kind, s);
+                                    if c > 0 && first.is_none() {
+                                        first = Some(i);
+                                    }
+                                    count += c;
+                                }
                             }
-                            stat.add(ui, count, first);
-                        }
-                        for ((span, f), r) in spans.iter_mut().zip(&files).zip(ranges) {
-                            Span::advance(span, f, r);
-                        }
+                            (count, first)
+                        };
+                        let (count, first) = if mem.read_step.is_some() {
+                            SCRATCH.with(|scratch| -> Result<(u64, Option<usize>)> {
+                                let mut scratch = scratch.borrow_mut();
+                                let len = (e1 - e0) * isz;
+                                if scratch.len() < len * files.len() {
+                                    scratch.resize(len * files.len(), 0);
+                                }
+                                let mut parts = scratch.chunks_mut(len);
+                                let mut slices: Vec<&[u8]> = Vec::with_capacity(files.len());
+                                for (f, r) in files.iter().zip(&ranges) {
+                                    let b = parts.next().ok_or_else(|| {
+                                        Error::Internal("read buffer too small".into())
+                                    })?;
+                                    f.read_at(r.clone(), b)?;
+                                    slices.push(b);
+                                }
+                                Ok(merge(&slices))
+                            })?
+                        } else {
+                            let slices: Vec<&[u8]> = files
+                                .iter()
+                                .zip(&ranges)
+                                .map(|(f, r)| f.slice(r.clone()))
+                                .collect();
+                            let found = merge(&slices);
+                            for ((span, f), r) in spans.iter_mut().zip(&files).zip(ranges) {
+                                Span::advance(span, f, r);
+                            }
+                            found
+                        };
+                        stat.add(ui, count, first);
                         e0 = e1;
                     }
                 }
@@ -204,5 +296,49 @@ pub fn write_average(
         }
         Ok(())
     };
-    write_output(dir, plan, how.chunk_bytes, produce, check, progress, cancel)
+    write_output(dir, plan, mem.chunk_bytes, produce, check, progress, cancel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_plan_maps_while_it_fits_and_reads_in_small_steps_beyond() {
+        let mib = 1u64 << 20;
+        // The dense default: 8 inputs, 2 threads, 256 MB: mapped, full chunks.
+        let p = MemoryPlan::new(DEFAULT_MEMORY_BUDGET, 8, 2, 4 << 20);
+        assert_eq!(
+            p,
+            MemoryPlan {
+                chunk_bytes: 4 << 20,
+                read_step: None
+            }
+        );
+        for k in [8, 32, 64, 1000] {
+            for threads in [1, 2, 8, 64] {
+                let p = MemoryPlan::new(DEFAULT_MEMORY_BUDGET, k, threads, 4 << 20);
+                let (t, k) = (threads as u64, k as u64);
+                let inputs = match p.read_step {
+                    None => t * k * MAPPED_INPUT_COST,
+                    Some(step) => {
+                        assert!(step % 4096 == 0 && (MIN_READ_STEP..=RELEASE_STEP).contains(&step));
+                        t * k * step as u64
+                    }
+                };
+                let writer = 4 * t * p.chunk_bytes as u64;
+                // Within the budget, except where even the smallest steps and chunks are
+                // over it (a thousand inputs on 64 threads).
+                if k * t <= 64 * 8 {
+                    assert!(
+                        RESERVE + writer + inputs <= DEFAULT_MEMORY_BUDGET,
+                        "k {k} threads {t}: {p:?}"
+                    );
+                }
+                assert!(p.chunk_bytes >= 64 << 10 && p.chunk_bytes <= 4 << 20);
+            }
+        }
+        // A bigger budget maps more.
+        assert_eq!(MemoryPlan::new(4096 * mib, 64, 8, 4 << 20).read_step, None);
+    }
 }

@@ -37,6 +37,8 @@ pub struct MergeSpec {
     pub allow_nonfinite: bool,
     /// Output bytes per unit of work.
     pub chunk_bytes: usize,
+    /// Bound on peak RSS (see [`super::average`]).
+    pub memory_budget: u64,
 }
 
 /// Summary of a finished one-shot merge.
@@ -179,6 +181,7 @@ impl Prepared {
             accumulator: self.accumulator,
             fix_nonfinite: spec.allow_nonfinite,
             chunk_bytes: spec.chunk_bytes,
+            memory_budget: spec.memory_budget,
         };
         let report = write_average(&refs, &how, dir, plan, progress, cancel)?;
         if report.count > 0 && !spec.allow_nonfinite {

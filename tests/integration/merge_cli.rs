@@ -433,28 +433,34 @@ fn oracle_bare_file_inputs() {
 // ------------------------------------------------- 2. determinism / independence of batching
 
 #[test]
-fn output_is_independent_of_threads_and_chunk_size() {
+fn output_is_independent_of_threads_chunk_size_and_memory_budget() {
     let env = TestEnv::new();
     let inputs = env.make_series("ckpts", "f32", 4, &[]);
-    let runs: [(&str, Option<&str>); 6] = [
-        ("1", None),
-        ("2", None),
-        ("1", Some("64B")),
-        ("2", Some("64B")),
-        ("1", Some("1KiB")),
-        ("2", Some("1KiB")),
+    // (threads, chunk, memory budget): a 41MB budget leaves no room to map the inputs, so
+    // they are read through small buffers instead.
+    let runs: [(&str, Option<&str>, Option<&str>); 8] = [
+        ("1", None, None),
+        ("2", None, None),
+        ("1", Some("64B"), None),
+        ("2", Some("64B"), None),
+        ("1", Some("1KiB"), None),
+        ("2", Some("1KiB"), None),
+        ("1", None, Some("41MB")),
+        ("2", Some("1KiB"), Some("41MB")),
     ];
     let mut failures = Vec::new();
     for (method, tag) in [(WMA, "wma"), (EMA, "ema-bf16")] {
         let mut reference: Option<(String, Vec<u8>)> = None;
-        for (threads, chunk) in runs {
+        for (threads, chunk, budget) in runs {
             let label = format!(
-                "{tag} threads={threads} chunk={}",
-                chunk.unwrap_or("default")
+                "{tag} threads={threads} chunk={} budget={}",
+                chunk.unwrap_or("default"),
+                budget.unwrap_or("default")
             );
             let out = env.join(format!(
-                "out-{tag}-{threads}-{}",
-                chunk.unwrap_or("default")
+                "out-{tag}-{threads}-{}-{}",
+                chunk.unwrap_or("default"),
+                budget.unwrap_or("default")
             ));
             let mut args = method.to_vec();
             if tag == "ema-bf16" {
@@ -463,6 +469,9 @@ fn output_is_independent_of_threads_and_chunk_size() {
             args.extend(["--threads", threads]);
             if let Some(c) = chunk {
                 args.extend(["--chunk-size", c]);
+            }
+            if let Some(b) = budget {
+                args.extend(["--memory-budget", b]);
             }
             env.merge(&args, &out, &inputs).expect_ok();
             let bytes = std::fs::read(out.join("model.safetensors")).expect("model.safetensors");
