@@ -8,6 +8,7 @@ scored in nats per byte (file-boundary tokens are not scored).
     python eval.py --step 1000           # checkpoint-1000 vs every recipe's step-1000 output
     python eval.py --verify              # also recompute each merge in float64 from merge.json
     python eval.py --also-checkpoints 3  # also score the 3 checkpoints before the newest
+    python eval.py --extra "REAL decay=run/decay/fork-linear/checkpoint-2000"   # see decay.sh
 
 Also reported per merged output: the steps it averages (from merge.json) and, with --verify,
 the largest relative difference between pmad's tensors and a float64 recomputation from the
@@ -108,6 +109,9 @@ def main():
     p.add_argument("--verify", action="store_true", help="recompute each merge in float64 and report the max relative error")
     p.add_argument("--also-checkpoints", type=int, default=0, metavar="K",
                    help="also score the K checkpoints before the compared one (how noisy is a single checkpoint?)")
+    p.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR",
+                   help="also score this model directory (e.g. a real LR-decay fork); adds a column with every "
+                        "model's share of its gain over the compared checkpoint (repeatable)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -168,6 +172,16 @@ def main():
             row["max_rel_err"] = verify(mdir, rec)
         rows.append(row)
 
+    extras = []
+    for spec in args.extra:
+        label, sep, path = spec.partition("=")
+        if not sep or not os.path.isdir(path):
+            sys.exit(f"--extra {spec!r}: want LABEL=DIR with an existing DIR")
+        loss, _ = val_loss(path, val_tokens, args.block_size, args.batch_size, args.max_blocks)
+        row = {"model": label, "inputs": "", "n": 1, "path": path, "loss": loss}
+        rows.append(row)
+        extras.append(row)
+
     base = rows[0]["loss"]
     print()
     print(f"Validation: {info['val_files']} held-out stdlib files, {scored} bytes scored; block {args.block_size}.")
@@ -177,6 +191,9 @@ def main():
     if args.verify:
         hdr += " max rel. err vs f64 recompute |"
         sep += "---|"
+    for x in extras:
+        hdr += f" % of {x['model']}'s gain |"
+        sep += "---|"
     print(hdr)
     print(sep)
     for r in rows:
@@ -185,6 +202,11 @@ def main():
         if args.verify:
             e = r.get("max_rel_err")
             line += " " + ("" if "max_rel_err" not in r else ("inputs gone" if e is None else f"{e:.1e}")) + " |"
+        for x in extras:
+            gain = base - x["loss"]
+            share = "" if r is rows[0] or gain == 0 else f"{100 * (base - r['loss']) / gain:.0f}%"
+            r.setdefault("share_of_gain", {})[x["model"]] = share
+            line += f" {share} |"
         print(line)
     print()
     print(f"(all {len(rows)} model(s) loaded with AutoModelForCausalLM.from_pretrained; eval took {time.time() - t0:.0f}s)")

@@ -9,10 +9,19 @@ Schedule: linear warmup for --warmup-steps, then a constant LR (`constant_with_w
 stable phase of a warmup-stable-decay run, where averaging checkpoints pays off.
 
     python train.py --output-dir run/output --max-steps 2000
+
+A real LR-decay fork (decay.sh): resume the same run from a constant-LR checkpoint and decay the
+LR from --decay-start to --max-steps with --decay-shape (the "D" of warmup-stable-decay). The
+Trainer restores the optimizer, RNG and data position, so the fork sees the same batches as
+the constant-LR run did over those steps:
+
+    python train.py --output-dir run/decay/linear --max-steps 2000 \
+        --resume-from run/output/checkpoint-1500 --decay-start 1500 --decay-shape linear
 """
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -38,6 +47,10 @@ def main():
     # One thread is the fastest for a model this small: its ops are tiny, and with two threads
     # OpenMP barriers stall whenever anything else (pmad, a build) wants a core.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--resume-from", help="resume from this checkpoint-<step> directory")
+    p.add_argument("--decay-start", type=int, default=0, help="decay the LR from this step to --max-steps (0 = never)")
+    p.add_argument("--decay-shape", default="linear", choices=["linear", "cosine", "minus_sqrt"])
+    p.add_argument("--final-lr-ratio", type=float, default=0.0, help="the decay's final LR as a fraction of --lr")
     args = p.parse_args()
 
     transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar per save
@@ -95,9 +108,13 @@ def main():
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=train_ds)
+    trainer_cls = Trainer
+    if args.decay_start:
+        trainer_cls = decay_trainer(args)
+        print(f"schedule: {args.decay_shape} decay from step {args.decay_start} to {args.max_steps} (final LR ratio {args.final_lr_ratio:g})", flush=True)
+    trainer = trainer_cls(model=model, args=targs, train_dataset=train_ds)
     t1 = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from)
     took = time.time() - t1
     print(f"training: {args.max_steps} steps in {took:.0f}s ({took / args.max_steps:.2f}s/step)", flush=True)
     with open(os.path.join(args.output_dir, "train_summary.json"), "w") as fh:
@@ -113,6 +130,37 @@ def main():
             fh,
             indent=2,
         )
+
+
+def decay_trainer(args):
+    """A Trainer whose LR follows constant_with_warmup, then decays from --decay-start.
+
+    The multiplier is a function of the absolute step, so resuming (which restores the
+    scheduler's step count, not its function) continues it exactly."""
+    length = args.max_steps - args.decay_start
+    shapes = {
+        "linear": lambda x: 1.0 - x,
+        "cosine": lambda x: 0.5 * (1.0 + math.cos(math.pi * x)),
+        "minus_sqrt": lambda x: 1.0 - math.sqrt(x),
+    }
+    f = shapes[args.decay_shape]
+    r = args.final_lr_ratio
+
+    def multiplier(step):
+        if step < args.warmup_steps:
+            return step / max(1, args.warmup_steps)
+        if step < args.decay_start:
+            return 1.0
+        x = min(1.0, (step - args.decay_start) / length)
+        return r + (1.0 - r) * f(x)
+
+    class DecayTrainer(Trainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, multiplier)
+            return self.lr_scheduler
+
+    return DecayTrainer
 
 
 if __name__ == "__main__":
