@@ -13,6 +13,7 @@
 //! - Rounding to the output dtype is round-to-nearest-even; NaN stays NaN.
 
 use crate::math::kinds::FloatKind;
+use crate::names::named_enum;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
 
@@ -56,9 +57,11 @@ impl Acc for f32 {
     fn finite(self) -> bool {
         self.is_finite()
     }
+    #[inline(always)]
     fn decode(kind: FloatKind, src: &[u8], dst: &mut [f32]) {
         decode_f32(kind, src, dst)
     }
+    #[inline(always)]
     fn encode(kind: FloatKind, src: &[f32], dst: &mut [u8]) {
         encode_f32(kind, src, dst)
     }
@@ -77,6 +80,7 @@ impl Acc for f64 {
     fn finite(self) -> bool {
         self.is_finite()
     }
+    #[inline(always)]
     fn decode(kind: FloatKind, src: &[u8], dst: &mut [f64]) {
         if kind == FloatKind::F64 {
             for (d, c) in dst.iter_mut().zip(src.chunks_exact(8)) {
@@ -93,6 +97,7 @@ impl Acc for f64 {
             }
         }
     }
+    #[inline(always)]
     fn encode(kind: FloatKind, src: &[f64], dst: &mut [u8]) {
         match kind {
             FloatKind::F64 => {
@@ -129,6 +134,7 @@ impl Acc for f64 {
 ///
 /// Inputs may be unaligned (third-party files), so values are assembled with `from_le_bytes`;
 /// these loops auto-vectorise.
+#[inline(always)]
 pub fn decode_f32(kind: FloatKind, src: &[u8], dst: &mut [f32]) {
     debug_assert_eq!(src.len(), dst.len() * kind.size());
     match kind {
@@ -183,6 +189,7 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
 }
 
 /// Encode f32 values into little-endian `kind` bytes, rounding to nearest even.
+#[inline(always)]
 pub fn encode_f32(kind: FloatKind, src: &[f32], dst: &mut [u8]) {
     debug_assert_eq!(dst.len(), src.len() * kind.size());
     match kind {
@@ -295,6 +302,114 @@ fn f8_encode(kind: FloatKind, x: f64) -> u8 {
 /// number of non-finite results. With `fix_nonfinite`, elements whose result is non-finite are
 /// recomputed as the plain weighted sum (so N identical infinities give infinity, not NaN).
 pub fn merge_chunk<A: Acc>(
+    srcs: &[&[u8]],
+    in_kind: FloatKind,
+    weights: &[f64],
+    out_kind: FloatKind,
+    out: &mut [u8],
+    fix_nonfinite: bool,
+) -> u64 {
+    merge_chunk_with::<A>(
+        Kernel::best(),
+        srcs,
+        in_kind,
+        weights,
+        out_kind,
+        out,
+        fix_nonfinite,
+    )
+}
+
+named_enum! {
+    /// A build of the kernels for an instruction set. Every kernel computes the same
+    /// operations in the same order per element (no fused multiply-add, no reassociation:
+    /// only wider vectors), so results are bit-identical across kernels.
+    pub enum Kernel {
+        /// The baseline of the target (SSE2 on x86-64).
+        Portable = "portable",
+        /// x86-64 with AVX2: 256-bit vectors for decode, weighting and encode.
+        Avx2 = "avx2",
+    }
+}
+
+impl Kernel {
+    /// Whether this CPU can run `self`.
+    pub fn available(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => std::is_x86_feature_detected!("avx2"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx2 => false,
+        }
+    }
+
+    /// Every kernel this CPU can run.
+    pub fn all_available() -> Vec<Kernel> {
+        [Kernel::Portable, Kernel::Avx2]
+            .into_iter()
+            .filter(|k| k.available())
+            .collect()
+    }
+
+    /// The fastest kernel this CPU can run, decided once; `PMAD_KERNEL=portable` forces the
+    /// baseline (benchmarks, or to rule the vector code out).
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let forced = std::env::var("PMAD_KERNEL")
+                .ok()
+                .and_then(|v| v.parse::<Kernel>().ok())
+                .filter(|k| k.available());
+            forced.unwrap_or(if Kernel::Avx2.available() {
+                Kernel::Avx2
+            } else {
+                Kernel::Portable
+            })
+        })
+    }
+}
+
+/// [`merge_chunk`] with a chosen kernel (which must be [`Kernel::available`]; an unavailable
+/// one runs the portable code).
+pub fn merge_chunk_with<A: Acc>(
+    kernel: Kernel,
+    srcs: &[&[u8]],
+    in_kind: FloatKind,
+    weights: &[f64],
+    out_kind: FloatKind,
+    out: &mut [u8],
+    fix_nonfinite: bool,
+) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 && kernel.available() {
+        // SAFETY: the CPU supports AVX2 (checked at run time just above), the only
+        // requirement of a `target_feature(enable = "avx2")` function.
+        return unsafe {
+            merge_chunk_avx2::<A>(srcs, in_kind, weights, out_kind, out, fix_nonfinite)
+        };
+    }
+    let _ = kernel;
+    merge_chunk_impl::<A>(srcs, in_kind, weights, out_kind, out, fix_nonfinite)
+}
+
+/// The kernel body compiled for AVX2: the same code, inlined into a function the compiler
+/// may vectorise with 256-bit instructions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn merge_chunk_avx2<A: Acc>(
+    srcs: &[&[u8]],
+    in_kind: FloatKind,
+    weights: &[f64],
+    out_kind: FloatKind,
+    out: &mut [u8],
+    fix_nonfinite: bool,
+) -> u64 {
+    merge_chunk_impl::<A>(srcs, in_kind, weights, out_kind, out, fix_nonfinite)
+}
+
+#[inline(always)]
+fn merge_chunk_impl<A: Acc>(
     srcs: &[&[u8]],
     in_kind: FloatKind,
     weights: &[f64],
@@ -562,6 +677,32 @@ mod tests {
                 merge_all::<f32>(&inputs, kind, &w, kind, 777)
             };
             prop_assert_eq!(out, x);
+        }
+
+        /// Every kernel this CPU runs gives the same bits, for every input kind, output kind,
+        /// accumulator, and with non-finite values being fixed.
+        #[test]
+        fn kernels_agree_bit_for_bit((kind, inputs) in inputs_strategy(),
+                                     out_kind in kind_strategy(),
+                                     alpha in 0.05f64..0.9, fix in any::<bool>()) {
+            let w = Method::Ema { alpha }.weights(inputs.len()).unwrap();
+            let srcs: Vec<&[u8]> = inputs.iter().map(|b| b.as_slice()).collect();
+            let elems = inputs[0].len() / kind.size();
+            let run = |k: Kernel, wide: bool| {
+                let mut out = vec![0u8; elems * out_kind.size()];
+                let bad = if wide {
+                    merge_chunk_with::<f64>(k, &srcs, kind, &w, out_kind, &mut out, fix)
+                } else {
+                    merge_chunk_with::<f32>(k, &srcs, kind, &w, out_kind, &mut out, fix)
+                };
+                (bad, out)
+            };
+            for wide in [false, true] {
+                let reference = run(Kernel::Portable, wide);
+                for k in Kernel::all_available() {
+                    prop_assert_eq!(&run(k, wide), &reference, "kernel {}", k);
+                }
+            }
         }
 
         #[test]
