@@ -161,4 +161,4 @@ if ((${#failed[@]})); then
     printf 'FAILED: %s\n' "${failed[@]}"
     exit 1
 fi
-echo "all deployment checks passed (linted and schema-validated only: no image was built, nothing was deployed)"
+echo "all deployment checks passed (linted and schema-validated only: no image was built, nothing was deployed; deploy/test-image.sh builds and runs the image)"
