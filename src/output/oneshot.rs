@@ -366,6 +366,7 @@ pub fn merge_part(
     if marker.exists() {
         return Ok(summary(0));
     }
+    partition::clear_part(&dir, &plan, part.index)?;
     let report = p.write(spec, &dir, &mine, progress, cancel)?;
     partition::write_marker(
         &dir,
@@ -411,10 +412,18 @@ pub fn commit_parts(
     let mut others = Vec::new();
     let mut found = None;
     for dir in &candidates {
-        let Some(m) = partition::any_marker(dir)? else {
-            continue;
+        // The count and split from a marker, or from the record of a commit that stopped
+        // after removing them.
+        let (count, by) = match partition::any_marker(dir)? {
+            Some(m) => (m.count, m.by),
+            None => match MergeRecord::read(dir) {
+                Ok(Some(MergeRecord {
+                    partition: Some(r), ..
+                })) => (r.count, r.by),
+                _ => continue,
+            },
         };
-        let plan = p.partition_plan(spec, m.count, m.by)?;
+        let plan = p.partition_plan(spec, count, by)?;
         if plan.staging_dir(&p.parent, &p.name) == *dir {
             found = Some((dir.clone(), plan));
             break;
@@ -458,6 +467,16 @@ pub fn commit_parts(
             }
         )));
     };
+    // A commit that stopped after writing its record (and perhaps removing the markers) is
+    // finished from the record: every file of the plan must be there, whole.
+    if let Ok(Some(rec)) = MergeRecord::read(&dir) {
+        if rec.partition.as_ref().is_some_and(|r| r.plan == plan.hash) {
+            check_out(paths, out, force)?;
+            partition::check_files(&dir, &plan)?;
+            let out = partition::publish(&dir, &p.parent, &p.name, force)?;
+            return Ok(summary(out, &plan, rec.nonfinite));
+        }
+    }
     let markers = match partition::check_parts(&dir, &plan)? {
         PartsState::Complete(m) => m,
         PartsState::Missing(missing) => {
@@ -474,6 +493,7 @@ pub fn commit_parts(
         }
     };
     check_out(paths, out, force)?;
+    partition::clear_commit(&dir, &plan)?;
     plan::write_index(&dir, &plan.shards)?;
     plan::write_aux(p.newest(), &dir)?;
     let nonfinite = markers.iter().map(|m| m.nonfinite).sum();

@@ -261,6 +261,42 @@ pub fn write_marker(dir: &Path, marker: &PartMarker) -> Result<()> {
     fsio::sync_dir(dir)
 }
 
+/// Remove what a failed run of part `index` may have left in `dir` (its own files, whole or
+/// not, and its marker's temp file), so that running the part again starts clean. Files of
+/// other parts are not touched: each file of a plan has exactly one owner.
+pub fn clear_part(dir: &Path, plan: &PartitionPlan, index: usize) -> Result<()> {
+    let tmp = format!(".{}.tmp", marker_name(index, plan.count));
+    let names = plan.shards_of(index).into_iter().map(|s| s.file_name);
+    for name in names.chain(std::iter::once(tmp)) {
+        remove_if_there(&dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// Remove what a failed commit may have left in `dir`: everything that is neither a planned
+/// part file nor a marker (the index, aux files, `merge.json`, temp files), so that the
+/// commit writes them again from scratch.
+pub fn clear_commit(dir: &Path, plan: &PartitionPlan) -> Result<()> {
+    let planned: std::collections::HashSet<&str> =
+        plan.shards.iter().map(|s| s.file_name.as_str()).collect();
+    for e in std::fs::read_dir(dir).ctx("list", dir)?.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        let marker = n.starts_with("part-") && n.ends_with(".json");
+        if !marker && !planned.contains(n.as_ref()) {
+            remove_if_there(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_if_there(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
+        _ => Ok(()),
+    }
+}
+
 /// Some marker in `dir`, if there is one (to learn the count and split a plan was made for).
 pub fn any_marker(dir: &Path) -> Result<Option<PartMarker>> {
     let rd = match std::fs::read_dir(dir) {
@@ -334,24 +370,7 @@ pub fn check_parts(dir: &Path, plan: &PartitionPlan) -> Result<PartsState> {
             ));
         }
         for (f, s) in m.files.iter().zip(&expected) {
-            let fp = dir.join(&f.name);
-            let len = fp.metadata().ctx("stat", &fp)?.len();
-            let planned = (s.header.len() + s.data_len) as u64;
-            if len != f.bytes || len != planned {
-                return Err(Error::invalid(
-                    &fp,
-                    format!(
-                        "{len} bytes, its marker says {} and the plan {planned}",
-                        f.bytes
-                    ),
-                ));
-            }
-            let mut head = vec![0u8; s.header.len()];
-            let mut file = std::fs::File::open(&fp).ctx("open", &fp)?;
-            std::io::Read::read_exact(&mut file, &mut head).ctx("read", &fp)?;
-            if head != s.header {
-                return Err(Error::invalid(&fp, "its header is not the plan's"));
-            }
+            check_file(dir, s, Some(f.bytes))?;
         }
         markers.push(m);
     }
@@ -360,6 +379,40 @@ pub fn check_parts(dir: &Path, plan: &PartitionPlan) -> Result<PartsState> {
     } else {
         Ok(PartsState::Missing(missing))
     }
+}
+
+/// Check that every file of `plan` is in `dir` with its planned size and header (what a
+/// commit resumed from its record relies on; the markers may be gone).
+pub fn check_files(dir: &Path, plan: &PartitionPlan) -> Result<()> {
+    for s in &plan.shards {
+        check_file(dir, s, None)?;
+    }
+    Ok(())
+}
+
+/// One planned file in `dir`: its size (and the marker's, if given) and its header.
+fn check_file(dir: &Path, s: &ShardPlan, marker_bytes: Option<u64>) -> Result<()> {
+    let fp = dir.join(&s.file_name);
+    let len = fp.metadata().ctx("stat", &fp)?.len();
+    let planned = (s.header.len() + s.data_len) as u64;
+    if len != planned || marker_bytes.is_some_and(|b| b != len) {
+        return Err(Error::invalid(
+            &fp,
+            format!(
+                "{len} bytes, the plan says {planned}{}",
+                marker_bytes
+                    .map(|b| format!(" and its marker {b}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    let mut head = vec![0u8; s.header.len()];
+    let mut file = std::fs::File::open(&fp).ctx("open", &fp)?;
+    std::io::Read::read_exact(&mut file, &mut head).ctx("read", &fp)?;
+    if head != s.header {
+        return Err(Error::invalid(&fp, "its header is not the plan's"));
+    }
+    Ok(())
 }
 
 /// Publish a checked staging directory as `<parent>/<name>`: remove the markers (the caller

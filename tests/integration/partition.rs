@@ -224,3 +224,60 @@ fn the_partition_section_resolves_from_the_launcher_and_the_daemon_says_what_it_
     assert!(r.stderr.contains("pmad merge --partition"), "{}", r.stderr);
     assert!(!env.join("out").exists());
 }
+
+/// Injected I/O failures (`PMAD_FAULT=op:N`) at every step of writing a part and of the
+/// commit: a failed step publishes nothing (or, past the rename, the whole output), and
+/// running the same command again finishes the job with the single-process bytes.
+#[test]
+fn a_failed_part_or_commit_is_finished_by_running_it_again() {
+    let env = TestEnv::new();
+    let inputs = env.make_series("run", "bf16", 3, &[]);
+    let single = env.join("single");
+    env.merge(&merge_args(&[]), &single, &inputs).expect_ok();
+    let run_with = |fault: Option<&str>, extra: &[&str], out: &Path| {
+        let mut cmd = crate::harness::pmad_cmd(env.path());
+        cmd.arg("merge")
+            .args(merge_args(extra))
+            .arg("--out")
+            .arg(out);
+        cmd.args(&inputs);
+        if let Some(f) = fault {
+            cmd.env("PMAD_FAULT", f);
+        }
+        crate::harness::run(&mut cmd)
+    };
+    let mut failed = 0;
+    let mut case = 0;
+    for op in ["create", "write", "fsync", "rename", "mkdir"] {
+        for n in 1..=5 {
+            case += 1;
+            let out = env.join(format!("merged/case-{case}"));
+            let fault = format!("{op}:{n}");
+            // A fault while writing part 0: nothing of it counts until it is written again.
+            let r = run_with(Some(&fault), &["--partition", "0/2"], &out);
+            if r.code != 0 {
+                failed += 1;
+                assert!(r.stderr.contains("os error 5"), "{fault}: {}", r.describe());
+            }
+            run_with(None, &["--partition", "0/2"], &out).expect_ok();
+            run_with(None, &["--partition", "1/2"], &out).expect_ok();
+            // A fault during the commit: nothing or everything is published.
+            let r = run_with(Some(&fault), &["--commit"], &out);
+            if r.code != 0 {
+                failed += 1;
+                if out.exists() {
+                    assert_same_files(&out, &single);
+                }
+            }
+            run_with(None, &["--commit"], &out).expect_ok();
+            assert_same_files(&out, &single);
+        }
+    }
+    assert!(failed >= 20, "only {failed} injected faults hit a step");
+    assert_eq!(
+        list_dir(&env.join("merged")).len(),
+        case,
+        "no staging left: {:?}",
+        list_dir(&env.join("merged"))
+    );
+}
