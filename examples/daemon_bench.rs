@@ -157,10 +157,14 @@ out_dir = {ema:?}
                 &cfg.recipes[0],
                 &OutDir::new(&cfg.recipes[0].out_dir),
                 &paths,
+                None,
                 &progress,
                 &cancel,
             )
         })?;
+        let pmad::daemon::emit::Emission::Published(e) = e else {
+            anyhow::bail!("an emission without [partition] wrote a part");
+        };
         let emit = t2.elapsed();
         let wf = out.join("write-floor.bin");
         let t3 = Instant::now();

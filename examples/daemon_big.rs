@@ -235,10 +235,14 @@ keep = 1
             &cfg.recipes[0],
             &OutDir::new(&cfg.recipes[0].out_dir),
             &paths,
+            None,
             &progress,
             &cancel,
         )
     })?;
+    let pmad::daemon::emit::Emission::Published(e) = e else {
+        anyhow::bail!("an emission without [partition] wrote a part");
+    };
     let emit = t2.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();

@@ -16,18 +16,21 @@ pub struct RunArgs {
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config)?;
-    if let Some(p) = cfg.partition.as_ref().filter(|p| p.count > 1) {
-        // Decided: refuse rather than have every instance publish whole outputs over each
-        // other. The daemon's split (plan per emission, staging, takeover) is the next step of
-        // the multi-node work; one-shot merges split today.
+    if let Some(p) = cfg
+        .partition
+        .as_ref()
+        .filter(|p| p.count > 1 && p.commit == pmad::config::CommitMode::Marker)
+    {
+        // Decided: marker mode (object-store mounts without an atomic directory rename) is
+        // not in this version; refuse rather than publish in a way readers cannot trust.
         return Err(pmad::Error::Config {
             file: Some(args.config.clone()),
             detail: format!(
-                "partition: count = {} (from {}): this version of `pmad run` does not split \
-                 outputs between instances yet; run one pmad (remove [partition] or set \
-                 count = 1), or split one-shot merges with `pmad merge --partition I/N` and \
-                 `pmad merge --commit`",
-                p.count, p.count_from
+                "partition.commit = \"marker\" (with count = {}): this version of `pmad run` \
+                 commits parts by renaming a staging directory only; put out_dir on a \
+                 filesystem with an atomic rename (local, NFS, Lustre, GPFS) and use \
+                 commit = \"rename\" or \"auto\"",
+                p.count
             ),
         }
         .into());

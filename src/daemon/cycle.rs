@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::format::{Checkpoint, Dir, Snapshot, SourceState};
 use crate::obs::log::{bytes, fmt_list, fmt_steps, rate, secs};
 use crate::obs::Shared;
+use crate::output::partition::{self, Part, Share};
 use crate::output::{OutDir, Progress};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -104,7 +105,27 @@ pub struct Daemon {
     rescues: Option<OutDir>,
     pool: rayon::ThreadPool,
     ctx: Ctx,
+    /// With `[partition]`: outputs this instance wrote a part of that are not published yet.
+    pending: Vec<Pending>,
+    /// Recipes whose partition plan was logged (`partition.plan`, once per recipe and run).
+    plans_logged: BTreeSet<usize>,
 }
+
+/// An output this instance wrote its part of, waiting for the other parts and the commit.
+struct Pending {
+    ri: usize,
+    part: emit::PartWritten,
+    /// When this instance's part was written (or found written).
+    since: Instant,
+    /// When `partition.waiting` was last logged.
+    logged: Option<Instant>,
+}
+
+/// Outputs staged at once per recipe: a newer one abandons the oldest beyond this.
+const MAX_STAGED: usize = 2;
+
+/// How often a waiting output's parts are looked at again.
+const COMMIT_POLL: Duration = Duration::from_secs(1);
 
 /// A checkpoint to decide on in this cycle.
 enum Next {
@@ -116,12 +137,30 @@ enum Next {
 
 /// An empty window for the configured recipes.
 fn fresh_window(cfg: &Config) -> Window {
-    Window::new(
+    let w = Window::new(
         &cfg.recipes,
         cfg.state.accumulator,
         cfg.state.dir.clone(),
         cfg.state.memory_budget,
-    )
+    );
+    match share(cfg) {
+        Some(s) => w.with_share(s, &cfg.recipes),
+        None => w,
+    }
+}
+
+/// This instance's share of every output (with `[partition]` and more than one instance).
+fn share(cfg: &Config) -> Option<Share> {
+    cfg.partition
+        .as_ref()
+        .filter(|p| p.count > 1)
+        .map(|p| Share {
+            part: Part {
+                index: p.index,
+                count: p.count,
+            },
+            by: p.by,
+        })
 }
 
 impl Daemon {
@@ -154,7 +193,7 @@ impl Daemon {
                 recover_z: s.recover_z,
             })
         });
-        Ok(Daemon {
+        let d = Daemon {
             rescues: cfg.spike.as_ref().map(|s| OutDir::new(&s.out_dir)),
             sentinel,
             window: fresh_window(&cfg),
@@ -174,7 +213,13 @@ impl Daemon {
             pool,
             ctx,
             cfg,
-        })
+            pending: Vec::new(),
+            plans_logged: BTreeSet::new(),
+        };
+        for (ri, out) in d.outputs.iter().enumerate() {
+            d.sweep_staging(ri, out.latest());
+        }
+        Ok(d)
     }
 
     /// The scanner (shared with the inotify callback).
@@ -266,6 +311,20 @@ impl Daemon {
                     if out.set_latest(step).is_ok() {
                         self.schedule.published_before(ri, step);
                     }
+                }
+            }
+        }
+        // With [partition]: a part written before the restart whose output is not published
+        // yet is looked up again (found complete, not rewritten) so it is committed.
+        if share(&self.cfg).is_some() {
+            for ri in 0..self.outputs.len() {
+                let held = self.window.held(ri);
+                let newest = held.last().copied();
+                if newest.is_some()
+                    && self.schedule.saved(ri).1 == newest
+                    && !newest.is_some_and(|n| self.outputs[ri].published_as(n, held))
+                {
+                    self.emit(ri);
                 }
             }
         }
@@ -428,6 +487,12 @@ impl Daemon {
                 Due::At(t) => next = next.min(t),
                 Due::No => {}
             }
+        }
+        if !self.pending.is_empty() {
+            self.commit_pending();
+        }
+        if !self.pending.is_empty() {
+            next = next.min(Instant::now() + COMMIT_POLL);
         }
         next
     }
@@ -768,6 +833,11 @@ impl Daemon {
             return;
         }
         self.window.hold(&steps);
+        if self.part_index() != 0 {
+            // Decided: with [partition], instance 0 publishes rescues whole (rare, and read
+            // from the pinned checkpoints every instance holds); the others keep them pinned.
+            return;
+        }
         let values = self
             .sentinel
             .as_ref()
@@ -950,6 +1020,7 @@ impl Daemon {
                     recipe,
                     &self.outputs[ri],
                     &self.accepted,
+                    share(&self.cfg),
                     &progress,
                     &self.ctx.cancel,
                 )
@@ -960,39 +1031,47 @@ impl Daemon {
         });
         let m = &self.ctx.shared.metrics;
         match result {
-            Ok(e) => {
-                m.merge(&name, "ok", Some(e.duration.as_secs_f64()));
-                m.emitted(&name, e.step, e.bytes);
-                self.schedule.emitted(ri, e.step, Instant::now());
-                // Lag: from the newest averaged checkpoint's weights being written to its
-                // average being published.
-                let written_ns = self
-                    .window
-                    .pinned(e.step)
-                    .and_then(|c| c.files.iter().map(|f| f.fingerprint.mtime_ns).max());
-                let lag = written_ns
-                    .and_then(|ns| u64::try_from(ns).ok())
-                    .map(|ns| SystemTime::UNIX_EPOCH + Duration::from_nanos(ns))
-                    .and_then(|t| SystemTime::now().duration_since(t).ok())
-                    .unwrap_or_default();
-                m.lag.set(lag.as_secs_f64());
+            Ok(emit::Emission::Part(p)) => {
+                m.written_bytes.inc_by(if p.reused { 0 } else { p.bytes });
+                if self.plans_logged.insert(ri) {
+                    let loads = p.plan.loads();
+                    let total: u64 = loads.iter().sum();
+                    let max = loads.iter().copied().max().unwrap_or(0);
+                    let mean = total as f64 / p.plan.count.max(1) as f64;
+                    info!(
+                        event = "partition.plan",
+                        recipe = %name,
+                        index = self.part_index(),
+                        count = p.plan.count,
+                        by = p.plan.by.name(),
+                        files = p.plan.shards_of(self.part_index()).len(),
+                        files_total = p.plan.shards.len(),
+                        size = %bytes(p.bytes),
+                        size_total = %bytes(total),
+                        imbalance = %format!("{:.3}", if mean > 0.0 { max as f64 / mean } else { 1.0 }),
+                        "this instance writes its part of every output; instance 0 commits"
+                    );
+                }
                 info!(
-                    event = "merge.emitted",
+                    event = "partition.part_written",
                     recipe = %name,
-                    steps = %fmt_steps(&e.steps),
-                    n = e.steps.len(),
-                    out = %e.path.display(),
-                    size = %bytes(e.bytes),
-                    took = %secs(e.duration),
-                    rate = %rate(e.bytes, e.duration),
-                    lag = %secs(lag),
+                    step = p.step,
+                    part = %format!("{}/{}", self.part_index(), p.plan.count),
+                    plan = %p.plan.hash,
+                    files = p.plan.shards_of(self.part_index()).len(),
+                    size = %bytes(p.bytes),
+                    took = %secs(p.duration),
+                    reused = p.reused,
+                    dir = %p.dir.display(),
                 );
-                for p in &e.removed {
-                    debug!(event = "merge.retired", recipe = %name, path = %p.display());
-                }
-                if let Some(job) = HookJob::after_emission(recipe, e.step, &e.path) {
-                    let _ = self.ctx.hooks.send(job);
-                }
+                self.schedule.emitted(ri, p.step, Instant::now());
+                self.stage(ri, *p);
+                self.save(false);
+                self.commit_pending();
+            }
+            Ok(emit::Emission::Published(e)) => {
+                m.merge(&name, "ok", Some(e.duration.as_secs_f64()));
+                self.published(ri, e, None);
                 self.save(false);
             }
             Err(Error::Cancelled) => {
@@ -1013,6 +1092,288 @@ impl Daemon {
                 self.schedule.failed(ri, Instant::now());
             }
         }
+    }
+
+    /// This instance's index among the instances (0 without `[partition]`).
+    fn part_index(&self) -> usize {
+        share(&self.cfg).map_or(0, |s| s.part.index)
+    }
+
+    /// An output of recipe `ri` was published: by this instance (`by_other` is None), or by
+    /// another instance that committed the parts (this instance counted its own bytes when it
+    /// wrote its part). Metrics, the log line, the hook (run by the publisher only).
+    fn published(&mut self, ri: usize, e: emit::Emitted, by_other: Option<&Path>) {
+        let recipe = &self.cfg.recipes[ri];
+        let name = recipe.name.clone();
+        let m = &self.ctx.shared.metrics;
+        let own = by_other.is_none() && share(&self.cfg).is_none();
+        m.emitted(&name, e.step, if own { e.bytes } else { 0 });
+        self.schedule.emitted(ri, e.step, Instant::now());
+        // Lag: from the newest averaged checkpoint's weights being written to its average
+        // being published.
+        let written_ns = self
+            .window
+            .pinned(e.step)
+            .and_then(|c| c.files.iter().map(|f| f.fingerprint.mtime_ns).max());
+        let lag = written_ns
+            .and_then(|ns| u64::try_from(ns).ok())
+            .map(|ns| SystemTime::UNIX_EPOCH + Duration::from_nanos(ns))
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default();
+        m.lag.set(lag.as_secs_f64());
+        if let Some(path) = by_other {
+            info!(
+                event = "partition.committed",
+                recipe = %name,
+                step = e.step,
+                out = %path.display(),
+                by = "other",
+                lag = %secs(lag),
+                "published by another instance"
+            );
+            return;
+        }
+        info!(
+            event = "merge.emitted",
+            recipe = %name,
+            steps = %fmt_steps(&e.steps),
+            n = e.steps.len(),
+            out = %e.path.display(),
+            size = %bytes(e.bytes),
+            took = %secs(e.duration),
+            rate = %rate(e.bytes, e.duration),
+            lag = %secs(lag),
+        );
+        for p in &e.removed {
+            debug!(event = "merge.retired", recipe = %name, path = %p.display());
+        }
+        if let Some(job) = HookJob::after_emission(recipe, e.step, &e.path) {
+            let _ = self.ctx.hooks.send(job);
+        }
+    }
+
+    /// Add a part just written to the outputs waiting for their commit; beyond
+    /// [`MAX_STAGED`] per recipe the oldest is abandoned.
+    fn stage(&mut self, ri: usize, part: emit::PartWritten) {
+        self.pending
+            .retain(|p| !(p.ri == ri && p.part.step == part.step));
+        self.pending.push(Pending {
+            ri,
+            part,
+            since: Instant::now(),
+            logged: None,
+        });
+        let mine: Vec<usize> = (0..self.pending.len())
+            .filter(|i| self.pending[*i].ri == ri)
+            .collect();
+        if mine.len() > MAX_STAGED {
+            let oldest = mine[0];
+            let p = self.pending.remove(oldest);
+            self.abandon(&p, "too many outputs staged at once (a part is missing)");
+        }
+    }
+
+    /// Give up on a waiting output: log, count, and (instance 0) remove its staging
+    /// directory. Its checkpoints are not published as this step; later steps are.
+    fn abandon(&self, p: &Pending, why: &str) {
+        let name = &self.cfg.recipes[p.ri].name;
+        let missing = partition::check_parts(&p.part.dir, &p.part.plan)
+            .ok()
+            .and_then(|s| match s {
+                partition::PartsState::Missing(m) => Some(fmt_parts(&m)),
+                partition::PartsState::Complete(_) => None,
+            })
+            .unwrap_or_else(|| "-".into());
+        warn!(
+            event = "partition.abandoned",
+            recipe = %name,
+            step = p.part.step,
+            missing = %missing,
+            waited = %secs(p.since.elapsed()),
+            reason = why,
+            "output not published"
+        );
+        self.ctx
+            .shared
+            .metrics
+            .parts_abandoned
+            .get_or_create(&vec![("recipe".into(), name.clone())])
+            .inc();
+        if self.part_index() == 0 {
+            let _ = std::fs::remove_dir_all(&p.part.dir);
+        }
+    }
+
+    /// Look at every output waiting for its parts: publish those complete (instance 0 at
+    /// once, any other after `partition.takeover_after`, by claim), note those published by
+    /// another instance, abandon those past `partition.part_timeout` or overtaken by a newer
+    /// published step, and say which parts are missing once a minute.
+    fn commit_pending(&mut self) {
+        let Some(pc) = self.cfg.partition.clone() else {
+            return;
+        };
+        let pending = std::mem::take(&mut self.pending);
+        let mut keep = Vec::new();
+        let mut oldest_wait: BTreeMap<usize, (usize, f64)> = BTreeMap::new();
+        for mut p in pending {
+            let ri = p.ri;
+            let recipe = &self.cfg.recipes[ri];
+            let out = &self.outputs[ri];
+            let waited = p.since.elapsed();
+            let may = pc.index == 0 || waited >= pc.takeover_after;
+            let r = emit::commit(&p.part, out, recipe.keep, pc.index, may, pc.takeover_after);
+            let name = recipe.name.clone();
+            match r {
+                Ok(emit::Committed::Published(e)) => {
+                    self.ctx.shared.metrics.merge(
+                        &name,
+                        "ok",
+                        Some(p.since.elapsed().as_secs_f64() + p.part.duration.as_secs_f64()),
+                    );
+                    info!(
+                        event = "partition.committed",
+                        recipe = %name,
+                        step = e.step,
+                        out = %e.path.display(),
+                        by = if pc.index == 0 { "committer" } else { "takeover" },
+                        parts = p.part.plan.count,
+                        waited = %secs(waited),
+                        plan = %p.part.plan.hash,
+                    );
+                    let step = e.step;
+                    self.published(ri, e, None);
+                    self.sweep_staging(ri, Some(step));
+                }
+                Ok(emit::Committed::Already(path)) => {
+                    let e = emit::Emitted {
+                        path: path.clone(),
+                        step: p.part.step,
+                        steps: p.part.steps.clone(),
+                        bytes: p.part.record.bytes,
+                        duration: waited,
+                        removed: Vec::new(),
+                    };
+                    self.published(ri, e, Some(&path));
+                }
+                Ok(emit::Committed::Gone) => {
+                    self.abandon(&p, "its staging directory was removed by another instance");
+                }
+                Ok(state @ (emit::Committed::Waiting(_) | emit::Committed::NotMine)) => {
+                    let overtaken = out.latest().is_some_and(|l| l > p.part.step);
+                    if overtaken {
+                        self.abandon(&p, "a newer step was published first");
+                        continue;
+                    }
+                    if waited >= pc.part_timeout {
+                        self.abandon(&p, "partition.part_timeout passed");
+                        continue;
+                    }
+                    let present = match &state {
+                        emit::Committed::Waiting(m) => p.part.plan.count - m.len(),
+                        _ => p.part.plan.count,
+                    };
+                    let e = oldest_wait.entry(ri).or_insert((present, 0.0));
+                    if waited.as_secs_f64() >= e.1 {
+                        *e = (present, waited.as_secs_f64());
+                    }
+                    let due = p
+                        .logged
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+                    if let (emit::Committed::Waiting(missing), true) = (&state, due) {
+                        if p.logged.is_some() || waited >= Duration::from_secs(5) {
+                            p.logged = Some(Instant::now());
+                            let others = self.other_plans(&p);
+                            info!(
+                                event = "partition.waiting",
+                                recipe = %name,
+                                step = p.part.step,
+                                missing = %fmt_parts(missing),
+                                present,
+                                count = p.part.plan.count,
+                                waited = %secs(waited),
+                                other_plans = %if others.is_empty() { "-".to_string() } else { others.join(",") },
+                                "waiting for the other instances' parts"
+                            );
+                            if !others.is_empty() {
+                                self.ctx
+                                    .shared
+                                    .metrics
+                                    .plan_mismatches
+                                    .inc_by(others.len() as u64);
+                                warn!(
+                                    event = "partition.plan_mismatch",
+                                    recipe = %name,
+                                    step = p.part.step,
+                                    plan = %p.part.plan.hash,
+                                    other_plans = %others.join(","),
+                                    "other instances wrote parts of this step under another plan: they disagree on the checkpoints, the recipe options or the pmad version; those parts are never mixed in"
+                                );
+                            }
+                        }
+                    }
+                    keep.push(p);
+                }
+                Err(e) => {
+                    self.ctx.shared.metrics.merge(&name, "failed", None);
+                    error!(event = "merge.failed", recipe = %name, step = p.part.step, reason = e.reason(), error = %e, "commit failed; trying again");
+                    if waited >= pc.part_timeout {
+                        self.abandon(&p, "partition.part_timeout passed");
+                    } else {
+                        keep.push(p);
+                    }
+                }
+            }
+        }
+        let m = &self.ctx.shared.metrics;
+        for (ri, r) in self.cfg.recipes.iter().enumerate() {
+            let l = vec![("recipe".to_string(), r.name.clone())];
+            let (present, waited) = oldest_wait.get(&ri).copied().unwrap_or((0, 0.0));
+            m.parts_present.get_or_create(&l).set(present as i64);
+            m.commit_wait.get_or_create(&l).set(waited);
+        }
+        self.pending = keep;
+    }
+
+    /// Instance 0 removes staging directories of recipe `ri` that can no longer be
+    /// published (steps at or below `published`, or untouched for `partition.part_timeout`:
+    /// left by a crash); the outputs still waiting are kept.
+    fn sweep_staging(&self, ri: usize, published: Option<u64>) {
+        let Some(pc) = self
+            .cfg
+            .partition
+            .as_ref()
+            .filter(|p| p.count > 1 && p.index == 0)
+        else {
+            return;
+        };
+        let out = &self.outputs[ri];
+        let n = partition::sweep(
+            out.path(),
+            |name| OutDir::step_of(name).is_some_and(|s| published.is_some_and(|p| s <= p)),
+            pc.part_timeout,
+        );
+        if n > 0 {
+            info!(event = "startup.swept", dir = %out.path().join(partition::STAGING_DIR).display(), removed = n, "removed staging directories that can no longer be published");
+        }
+    }
+
+    /// Hashes of other plans staged for the same step as `p` (instances that disagree).
+    fn other_plans(&self, p: &Pending) -> Vec<String> {
+        let Some(root) = p.part.dir.parent() else {
+            return Vec::new();
+        };
+        let prefix = format!("{}.", OutDir::step_name(p.part.step));
+        std::fs::read_dir(root)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        let hash = n.strip_prefix(&prefix)?.to_string();
+                        (hash != p.part.plan.hash).then_some(hash)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The manifest describing the current state (`None` before the first checkpoint).
@@ -1108,4 +1469,10 @@ fn with_heartbeat<T>(shared: &Arc<Shared>, f: impl FnOnce() -> T) -> T {
         ticker.thread().unpark();
         r
     })
+}
+
+/// Instance indexes for a log line: `1,3`.
+fn fmt_parts(parts: &[usize]) -> String {
+    let v: Vec<String> = parts.iter().map(|i| i.to_string()).collect();
+    v.join(",")
 }

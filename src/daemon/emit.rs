@@ -9,16 +9,21 @@
 use super::spike::Onset;
 use super::window::{Source, Window};
 use crate::config::Recipe;
+use crate::error::IoContext;
 use crate::error::{Error, Result};
+use crate::format::Checkpoint;
 use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
 use crate::math::Method;
 use crate::output::average::{write_average, Averaging, DEFAULT_MEMORY_BUDGET};
+use crate::output::partition::{self, PartMarker, PartitionPlan, PartsState, Share};
 use crate::output::record::{unix_now, MergeRecord};
-use crate::output::write::{self, ChunkStat, Progress, Unit, DEFAULT_CHUNK_BYTES};
+use crate::output::record::{PartRecord, PartitionRecord};
+use crate::output::write::{self, ChunkStat, Progress, Unit, WriteReport, DEFAULT_CHUNK_BYTES};
 use crate::output::{plan, OutDir};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A published output.
@@ -41,15 +46,17 @@ pub struct Emitted {
 /// Publish recipe `ri` (configured as `recipe`, publishing into `out`). `paths` maps accepted
 /// steps to their directories (for merge.json; an EMA's inputs may have been rotated away).
 /// Runs on the current rayon pool.
+#[allow(clippy::too_many_arguments)]
 pub fn emit(
     window: &Window,
     ri: usize,
     recipe: &Recipe,
     out: &OutDir,
     paths: &BTreeMap<u64, PathBuf>,
+    share: Option<Share>,
     progress: &Progress,
     cancel: &AtomicBool,
-) -> Result<Emitted> {
+) -> Result<Emission> {
     let step = *window.held(ri).last().ok_or_else(|| {
         Error::Internal(format!(
             "recipe {}: emission with nothing held",
@@ -82,6 +89,7 @@ pub fn emit(
         },
         out,
         paths,
+        share,
         progress,
         cancel,
     )
@@ -101,20 +109,53 @@ struct Average<'a> {
     steps: &'a [u64],
     weights: &'a [f64],
     /// The newest input: non-float tensors and aux files come from it.
-    newest: &'a crate::format::Checkpoint,
+    newest: &'a Arc<Checkpoint>,
     source: Source<'a>,
     /// One more file to write into the output (name, bytes).
     extra: Option<(&'a str, Vec<u8>)>,
 }
 
-/// Plan, stream, record and publish an average as `<out>/step-<newest step>`.
+/// What an emission did.
+pub enum Emission {
+    /// The whole output was published.
+    Published(Emitted),
+    /// This instance's part was written into the shared staging directory; the output is
+    /// published once every part is there (see [`commit`]).
+    Part(Box<PartWritten>),
+}
+
+/// A part written (or found already written) for an output that is not published yet.
+pub struct PartWritten {
+    /// Newest step averaged (the output's `step-<N>`).
+    pub step: u64,
+    /// Steps averaged, oldest first.
+    pub steps: Vec<u64>,
+    /// The shared staging directory.
+    pub dir: PathBuf,
+    /// The plan the part belongs to.
+    pub plan: PartitionPlan,
+    /// `merge.json` without its `partition` record (the committer adds it).
+    pub record: MergeRecord,
+    /// The newest input: its aux files go into the output.
+    pub newest: Arc<Checkpoint>,
+    /// Tensor data bytes this instance wrote.
+    pub bytes: u64,
+    /// Whether the part was already there (written before a restart).
+    pub reused: bool,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+/// Plan, stream, record and publish an average as `<out>/step-<newest step>`; or, with a
+/// `share`, write this instance's part of it into the shared staging directory.
 fn publish(
     a: Average<'_>,
     out: &OutDir,
     paths: &BTreeMap<u64, PathBuf>,
+    share: Option<Share>,
     progress: &Progress,
     cancel: &AtomicBool,
-) -> Result<Emitted> {
+) -> Result<Emission> {
     let started = Instant::now();
     let step = *a
         .steps
@@ -126,9 +167,199 @@ fn publish(
     let opt_steps: Vec<Option<u64>> = a.steps.iter().map(|s| Some(*s)).collect();
     let mut meta = plan::header_metadata(a.method, &opt_steps);
     meta.insert("pmad_recipe".into(), a.label.to_string());
+    let record = |bytes: u64, nonfinite: u64| MergeRecord {
+        pmad_version: env!("CARGO_PKG_VERSION").into(),
+        recipe: Some(a.label.to_string()),
+        method: a.method.kind(),
+        alpha: a.method.alpha(),
+        shape: a.method.schedule().map(|s| s.0),
+        final_lr_ratio: a.method.schedule().map(|s| s.1),
+        weights: a.weights.to_vec(),
+        steps: opt_steps.clone(),
+        inputs: a
+            .steps
+            .iter()
+            .map(|s| {
+                paths
+                    .get(s)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            })
+            .collect(),
+        dtype: a.dtype,
+        accumulator: a.accumulator,
+        tensors: newest.tensors.len(),
+        bytes,
+        nonfinite,
+        created_unix: unix_now(),
+        partition: None,
+    };
+    if let Some(share) = share {
+        // Everything that decides the bytes beyond the headers: which inputs, their weights,
+        // the accumulator. Instances that disagree on any of it get different plans.
+        let mut identity = Vec::new();
+        for (s, w) in a.steps.iter().zip(a.weights) {
+            identity.extend_from_slice(&s.to_le_bytes());
+            identity.extend_from_slice(&w.to_bits().to_le_bytes());
+        }
+        identity.extend_from_slice(a.accumulator.name().as_bytes());
+        let plan = PartitionPlan::new(
+            tensors,
+            a.shard_size,
+            &meta,
+            share.part.count,
+            share.by,
+            &identity,
+        )?;
+        let dir = plan.staging_dir(out.path(), &OutDir::step_name(step));
+        let mine = plan.shards_of(share.part.index);
+        let bytes: u64 = mine.iter().map(|s| s.data_len as u64).sum();
+        let marker = dir.join(partition::marker_name(share.part.index, share.part.count));
+        let total: u64 = plan.shards.iter().map(|s| s.data_len as u64).sum();
+        let written = |reused| PartWritten {
+            step,
+            steps: a.steps.to_vec(),
+            dir: dir.clone(),
+            plan: plan.clone(),
+            record: record(total, 0),
+            newest: a.newest.clone(),
+            bytes,
+            reused,
+            duration: started.elapsed(),
+        };
+        if marker.exists() {
+            return Ok(Emission::Part(Box::new(written(true))));
+        }
+        std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+        partition::clear_part(&dir, &plan, share.part.index)?;
+        let report = write_values(&a, &dir, &mine, progress, cancel)?;
+        partition::write_marker(
+            &dir,
+            &PartMarker {
+                plan: plan.hash.clone(),
+                index: share.part.index,
+                count: share.part.count,
+                by: plan.by,
+                pmad_version: env!("CARGO_PKG_VERSION").into(),
+                nonfinite: report.count,
+                files: report.files,
+            },
+        )?;
+        return Ok(Emission::Part(Box::new(written(false))));
+    }
     let shards = plan::plan_shards(tensors, a.shard_size, &meta)?;
     let staging = out.stage(step)?;
-    let nf = match &a.source {
+    let nf = write_values(&a, staging.path(), &shards, progress, cancel)?;
+    plan::write_index(staging.path(), &shards)?;
+    plan::write_aux(newest, staging.path())?;
+    let bytes: u64 = shards.iter().map(|s| s.data_len as u64).sum();
+    record(bytes, nf.count).write(staging.path())?;
+    if let Some((name, bytes)) = &a.extra {
+        crate::fsio::write_file(&staging.path().join(name), bytes)?;
+    }
+    let published = out.publish(staging, step, a.keep)?;
+    Ok(Emission::Published(Emitted {
+        path: published.path,
+        step,
+        steps: a.steps.to_vec(),
+        bytes,
+        duration: started.elapsed(),
+        removed: published.removed,
+    }))
+}
+
+/// What the committer found for a part's output.
+pub enum Committed {
+    /// Published now, by this instance.
+    Published(Emitted),
+    /// Already published with this plan (by another instance, or before a restart).
+    Already(PathBuf),
+    /// Not every part is there yet: these instances' parts are missing.
+    Waiting(Vec<usize>),
+    /// Every part is there, but this instance may not commit (yet), or another holds the
+    /// claim.
+    NotMine,
+    /// The staging directory is gone and the output was not published with this plan:
+    /// another instance abandoned the step.
+    Gone,
+}
+
+/// Look at the output a part belongs to and, if every part is there and `may_commit`, claim
+/// it and publish it: write the index, the aux files of the newest input and `merge.json`
+/// (with every part's files and checksums), rename the staging directory to `step-<N>`, move
+/// `LATEST` if `N` is newer, and apply `keep`. Any failure leaves the staging directory for
+/// a retry; nothing partial is published.
+pub fn commit(
+    part: &PartWritten,
+    out: &OutDir,
+    keep: usize,
+    index: usize,
+    may_commit: bool,
+    stale_claim: Duration,
+) -> Result<Committed> {
+    let started = Instant::now();
+    let published = out.step_path(part.step);
+    if let Ok(Some(r)) = MergeRecord::read(&published) {
+        if r.partition
+            .as_ref()
+            .is_some_and(|p| p.plan == part.plan.hash)
+        {
+            return Ok(Committed::Already(published));
+        }
+    }
+    if !part.dir.is_dir() {
+        return Ok(Committed::Gone);
+    }
+    let markers = match partition::check_parts(&part.dir, &part.plan)? {
+        PartsState::Missing(m) => return Ok(Committed::Waiting(m)),
+        PartsState::Complete(m) => m,
+    };
+    if !may_commit || !partition::claim(&part.dir, index, stale_claim)? {
+        return Ok(Committed::NotMine);
+    }
+    partition::clear_commit(&part.dir, &part.plan)?;
+    plan::write_index(&part.dir, &part.plan.shards)?;
+    plan::write_aux(&part.newest, &part.dir)?;
+    let mut record = part.record.clone();
+    record.nonfinite = markers.iter().map(|m| m.nonfinite).sum();
+    record.created_unix = unix_now();
+    record.partition = Some(PartitionRecord {
+        plan: part.plan.hash.clone(),
+        count: part.plan.count,
+        by: part.plan.by,
+        parts: markers
+            .into_iter()
+            .map(|m| PartRecord {
+                index: m.index,
+                files: m.files,
+            })
+            .collect(),
+    });
+    record.write(&part.dir)?;
+    let p = out.publish_parts(&part.dir, part.step, keep)?;
+    Ok(Committed::Published(Emitted {
+        path: p.path,
+        step: part.step,
+        steps: part.steps.clone(),
+        bytes: record.bytes,
+        duration: started.elapsed(),
+        removed: p.removed,
+    }))
+}
+
+/// Stream the averaged values of `shards` into `dir`, then check that the bytes read were
+/// still the validated ones (a truncation while reading shows up as a poisoned map or a
+/// changed descriptor). Sums-based outputs read only the newest checkpoint (non-float
+/// tensors); averages of members read every member.
+fn write_values(
+    a: &Average<'_>,
+    dir: &std::path::Path,
+    shards: &[plan::ShardPlan],
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<WriteReport> {
+    let newest = a.newest;
+    let report = match &a.source {
         Source::Members(members) => {
             let how = Averaging {
                 weights: a.weights,
@@ -137,7 +368,7 @@ fn publish(
                 chunk_bytes: DEFAULT_CHUNK_BYTES,
                 memory_budget: DEFAULT_MEMORY_BUDGET,
             };
-            write_average(members, &how, staging.path(), &shards, progress, cancel)?
+            write_average(members, &how, dir, shards, progress, cancel)?
         }
         Source::Sums { acc, slot } => {
             // The sums are kept pre-scaled: they are the output.
@@ -183,8 +414,8 @@ fn publish(
             };
             let check = || newest.files.iter().try_for_each(|f| f.check_fd());
             write::write_output(
-                staging.path(),
-                &shards,
+                dir,
+                shards,
                 DEFAULT_CHUNK_BYTES,
                 produce,
                 check,
@@ -193,56 +424,11 @@ fn publish(
             )?
         }
     };
-    plan::write_index(staging.path(), &shards)?;
-    plan::write_aux(newest, staging.path())?;
-    // The bytes we read must still be what was validated (a truncation while reading shows
-    // up here as a poisoned map or a changed descriptor). Sums-based outputs read only the
-    // newest checkpoint (non-float tensors); averages of members read every member.
     match &a.source {
         Source::Members(members) => members.iter().try_for_each(|c| c.check_fds())?,
         Source::Sums { .. } => newest.check_fds()?,
     }
-    let bytes: u64 = shards.iter().map(|s| s.data_len as u64).sum();
-    MergeRecord {
-        pmad_version: env!("CARGO_PKG_VERSION").into(),
-        recipe: Some(a.label.to_string()),
-        method: a.method.kind(),
-        alpha: a.method.alpha(),
-        shape: a.method.schedule().map(|s| s.0),
-        final_lr_ratio: a.method.schedule().map(|s| s.1),
-        weights: a.weights.to_vec(),
-        steps: opt_steps,
-        inputs: a
-            .steps
-            .iter()
-            .map(|s| {
-                paths
-                    .get(s)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            })
-            .collect(),
-        dtype: a.dtype,
-        accumulator: a.accumulator,
-        tensors: newest.tensors.len(),
-        bytes,
-        nonfinite: nf.count,
-        created_unix: unix_now(),
-        partition: None,
-    }
-    .write(staging.path())?;
-    if let Some((name, bytes)) = &a.extra {
-        crate::fsio::write_file(&staging.path().join(name), bytes)?;
-    }
-    let published = out.publish(staging, step, a.keep)?;
-    Ok(Emitted {
-        path: published.path,
-        step,
-        steps: a.steps.to_vec(),
-        bytes,
-        duration: started.elapsed(),
-        removed: published.removed,
-    })
+    Ok(report)
 }
 
 /// File name of the rescue record inside a rescue output.
@@ -304,7 +490,8 @@ pub fn emit_rescue(
                 .ok_or_else(|| Error::Internal(format!("rescue step {s} is not pinned")))
         })
         .collect::<Result<_>>()?;
-    let (Some(&step), Some(newest)) = (steps.last(), members.last().copied()) else {
+    let (Some(&step), Some(newest)) = (steps.last(), steps.last().and_then(|s| window.pinned(*s)))
+    else {
         return Err(Error::Internal("a rescue of no checkpoints".into()));
     };
     let method = Method::Sma;
@@ -359,7 +546,12 @@ pub fn emit_rescue(
         },
         out,
         paths,
+        None,
         progress,
         cancel,
     )
+    .and_then(|e| match e {
+        Emission::Published(e) => Ok(e),
+        Emission::Part(_) => Err(Error::Internal("a rescue written as a part".into())),
+    })
 }

@@ -30,6 +30,8 @@ use crate::math::accum::{self, AccStore, Accumulators, FlatLayout, Op};
 use crate::math::incremental::Sums;
 use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
 use crate::math::Method;
+use crate::output::partition::Share;
+use crate::output::plan;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,6 +60,9 @@ pub struct Window {
     memory_budget: u64,
     /// Steps kept pinned beyond what the recipes need (the newest rescue's checkpoints).
     held_extra: BTreeSet<u64>,
+    /// With `[partition]`: this instance's share, and each recipe's output dtype and shard
+    /// size (which decide the tensors it owns). Sums are kept for owned tensors only.
+    share: Option<(Share, Vec<(OutDtype, u64)>)>,
 }
 
 /// What an arrival did, for the `window.updated` log line and the schedule.
@@ -176,7 +181,28 @@ impl Window {
             acc_dir: state_dir,
             memory_budget,
             held_extra: BTreeSet::new(),
+            share: None,
         }
+    }
+
+    /// Keep sums only for the tensors this instance writes in every recipe's output.
+    pub fn with_share(mut self, share: Share, recipes: &[Recipe]) -> Window {
+        let outs = recipes.iter().map(|r| (r.dtype, r.shard_size)).collect();
+        self.share = Some((share, outs));
+        self
+    }
+
+    /// The layout of the sums over checkpoints like `c`: every float tensor, or with a
+    /// share, those this instance writes for some recipe.
+    fn layout_for(&self, c: &Checkpoint) -> Result<FlatLayout> {
+        let Some((share, outs)) = &self.share else {
+            return Ok(FlatLayout::of(c));
+        };
+        let mut owned = BTreeSet::new();
+        for (dtype, shard_size) in outs {
+            owned.extend(share.owned(plan::output_tensors(c, *dtype)?, *shard_size)?);
+        }
+        Ok(FlatLayout::of_only(c, |n| owned.contains(n)))
     }
 
     /// Keep `steps` pinned (those that are) even after the recipes no longer need them, until
@@ -330,7 +356,7 @@ impl Window {
         } else {
             self.accumulator
         };
-        let layout = FlatLayout::of(c);
+        let layout = self.layout_for(c)?;
         let dir = self.acc_home(&layout, accumulator)?;
         self.acc = Some(self.create_acc(layout, accumulator, dir.as_deref())?);
         self.accumulator = accumulator;
@@ -431,6 +457,19 @@ impl Window {
                 held.len(),
                 self.recipes.len()
             )));
+        }
+        if self.share.is_some() {
+            if let Some(c) = pinned.values().next_back() {
+                if self.layout_for(c)? != layout {
+                    return Err(Error::Mismatch {
+                        path: c.path.clone(),
+                        detail: "the saved sums cover other tensors than this instance's part \
+                                 (partition.count, partition.by or a recipe's dtype or \
+                                 shard size changed)"
+                            .into(),
+                    });
+                }
+            }
         }
         let slots = self.slot_count();
         let acc: Box<dyn AccStore> = match self.acc_home(&layout, accumulator)? {

@@ -61,9 +61,14 @@ pub struct FlatLayout {
 impl FlatLayout {
     /// Layout of a checkpoint's float tensors (others are copied at emission, not accumulated).
     pub fn of(c: &Checkpoint) -> FlatLayout {
+        Self::of_only(c, |_| true)
+    }
+
+    /// Layout of the float tensors of `c` whose names `keep` accepts (an instance's part).
+    pub fn of_only(c: &Checkpoint, keep: impl Fn(&str) -> bool) -> FlatLayout {
         let mut tensors = Vec::new();
         let mut start = 0;
-        for t in &c.tensors {
+        for t in c.tensors.iter().filter(|t| keep(&t.name)) {
             if let Some(kind) = FloatKind::of(t.dtype) {
                 let len = t.elements();
                 tensors.push(FlatTensor {

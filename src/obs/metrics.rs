@@ -55,6 +55,18 @@ pub struct Metrics {
     pub spike_active: Gauge,
     /// 1 when `/readyz` would answer 200, else 0 (set at each scrape).
     pub ready: Gauge,
+    /// With `[partition]`: parts present for the oldest output waiting to be committed,
+    /// by recipe (0 when nothing waits).
+    pub parts_present: Family<Labels, Gauge>,
+    /// With `[partition]`: seconds the oldest waiting output has waited for its parts, by
+    /// recipe (0 when nothing waits).
+    pub commit_wait: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// With `[partition]`: outputs abandoned (parts missing past `part_timeout`, or a newer
+    /// step committed first), by recipe.
+    pub parts_abandoned: Family<Labels, Counter>,
+    /// With `[partition]`: staging directories of another plan seen for a step this
+    /// instance wrote a part of (instances disagree on inputs, options or version).
+    pub plan_mismatches: Counter,
     process_rss: Gauge,
     process_cpu: Counter<f64, AtomicU64>,
     /// Serialises [`Metrics::refresh_process`]: the CPU counter advances by a difference.
@@ -96,6 +108,10 @@ impl Metrics {
             spikes: Family::default(),
             spike_active: Gauge::default(),
             ready: Gauge::default(),
+            parts_present: Family::default(),
+            commit_wait: Family::default(),
+            parts_abandoned: Family::default(),
+            plan_mismatches: Counter::default(),
             process_rss: Gauge::default(),
             process_cpu: Counter::default(),
             refresh: std::sync::Mutex::new(()),
@@ -204,6 +220,27 @@ impl Metrics {
                 "ready",
                 "1 when /readyz answers 200 (first scan done, watcher running, outputs writable)",
                 m.ready.clone(),
+            );
+            r.register(
+                "partition_parts_present",
+                "Parts present for the oldest output waiting to be committed, by recipe",
+                m.parts_present.clone(),
+            );
+            r.register_with_unit(
+                "partition_commit_wait",
+                "Time the oldest output waiting to be committed has waited, by recipe",
+                Unit::Seconds,
+                m.commit_wait.clone(),
+            );
+            r.register(
+                "partition_abandoned",
+                "Outputs abandoned with parts missing, by recipe",
+                m.parts_abandoned.clone(),
+            );
+            r.register(
+                "partition_plan_mismatches",
+                "Staging directories of another plan for a step this instance wrote a part of",
+                m.plan_mismatches.clone(),
             );
             r.register_with_unit(
                 "output_free",

@@ -140,6 +140,27 @@ impl OutDir {
         Ok(Published { path, removed })
     }
 
+    /// Publish a staging directory whose parts were checked and sealed (see
+    /// [`super::partition::publish`]) as `step-<step>`; move `LATEST` to it only if `step` is
+    /// newer than what `LATEST` names (parts of an older step may complete late, and
+    /// `LATEST` never moves back); then apply retention.
+    pub fn publish_parts(&self, staging: &Path, step: u64, keep: usize) -> Result<Published> {
+        let name = Self::step_name(step);
+        let path = super::partition::publish(staging, &self.path, &name, true)?;
+        let current = self.latest();
+        if current.is_none_or(|l| step > l) {
+            if let Err(e) = self.set_latest(step) {
+                // As in `publish`: nothing newer than LATEST stays behind.
+                let _ = std::fs::remove_dir_all(&path);
+                let _ = fsio::sync_dir(&self.path);
+                return Err(e);
+            }
+        }
+        let latest = Self::step_name(current.map_or(step, |l| l.max(step)));
+        let removed = self.retain(keep, &latest);
+        Ok(Published { path, removed })
+    }
+
     /// Delete the oldest outputs beyond `keep` (0 = keep all), never `latest`.
     fn retain(&self, keep: usize, latest: &str) -> Vec<PathBuf> {
         if keep == 0 {

@@ -29,7 +29,7 @@ use super::write::WrittenFile;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio;
 use crate::names::named_enum;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -82,6 +82,15 @@ impl FromStr for Part {
         }
         Ok(Part { index, count })
     }
+}
+
+/// This instance's share of every output, when several instances split them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// This instance and how many there are.
+    pub part: Part,
+    /// How outputs are split.
+    pub by: PartitionBy,
 }
 
 /// How one output is split between `count` instances.
@@ -225,6 +234,114 @@ impl PartitionPlan {
     }
 }
 
+/// The tensors instance `index` writes in the output of `tensors`. A daemon keeps sums for
+/// these only. The header metadata (steps, recipe) never moves a tensor between files, so the
+/// set is the same for every output of a recipe as long as the tensors, their output dtypes,
+/// the shard size, the count and the split stay the same.
+pub fn owned_tensors(
+    tensors: Vec<OutTensor>,
+    shard_size: u64,
+    count: usize,
+    by: PartitionBy,
+    index: usize,
+) -> Result<BTreeSet<String>> {
+    let plan = PartitionPlan::new(tensors, shard_size, &BTreeMap::new(), count, by, &[])?;
+    Ok(plan
+        .shards_of(index)
+        .into_iter()
+        .flat_map(|s| s.tensors.into_iter().map(|t| t.name))
+        .collect())
+}
+
+impl Share {
+    /// The tensors this instance writes in the output of `tensors` ([`owned_tensors`]).
+    pub fn owned(&self, tensors: Vec<OutTensor>, shard_size: u64) -> Result<BTreeSet<String>> {
+        owned_tensors(
+            tensors,
+            shard_size,
+            self.part.count,
+            self.by,
+            self.part.index,
+        )
+    }
+}
+
+/// Remove staging directories under `<parent>/.pmad-staging/` that can no longer be
+/// published: those of outputs named `<name>.<hash>` for which `dead(name)` holds (e.g. a
+/// step at or below the published one), and any not modified for `older_than` (left by a
+/// crash). Returns how many were removed. Only one instance (the committer) should sweep.
+pub fn sweep(parent: &Path, dead: impl Fn(&str) -> bool, older_than: std::time::Duration) -> usize {
+    let root = parent.join(STAGING_DIR);
+    let Ok(rd) = std::fs::read_dir(&root) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let name = n.rsplit_once('.').map_or(n.as_str(), |(a, _)| a);
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= older_than);
+        if (dead(name) || stale) && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    let _ = std::fs::remove_dir(&root);
+    removed
+}
+
+/// File in a staging directory naming the instance that commits it.
+pub const CLAIM_FILE: &str = "COMMITTER";
+
+/// Try to become the committer of the staging directory `dir` as instance `index`: true if
+/// this instance holds the claim now (it already did, or created it). A claim older than
+/// `stale_after` is broken first: it is renamed to a name of this instance's own, which only
+/// one instance can do, so two instances never both hold it.
+pub fn claim(dir: &Path, index: usize, stale_after: std::time::Duration) -> Result<bool> {
+    let path = dir.join(CLAIM_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim() == index.to_string() => return Ok(true),
+        Ok(_) => {
+            let age = path
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if age < stale_after {
+                return Ok(false);
+            }
+            let broken = dir.join(format!(".{CLAIM_FILE}.broken-by-{index}"));
+            match std::fs::rename(&path, &broken) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&broken);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("rename", &path, e)),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("read", &path, e)),
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
+        Ok(mut f) => {
+            std::io::Write::write_all(&mut f, format!("{index}\n").as_bytes())
+                .ctx("write", &path)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io("create", &path, e)),
+    }
+}
+
 /// The marker that says a part is complete: written last, atomically.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PartMarker {
@@ -282,8 +399,8 @@ pub fn clear_commit(dir: &Path, plan: &PartitionPlan) -> Result<()> {
     for e in std::fs::read_dir(dir).ctx("list", dir)?.flatten() {
         let n = e.file_name();
         let n = n.to_string_lossy();
-        let marker = n.starts_with("part-") && n.ends_with(".json");
-        if !marker && !planned.contains(n.as_ref()) {
+        let keep = n.starts_with("part-") && n.ends_with(".json") || n == CLAIM_FILE;
+        if !keep && !planned.contains(n.as_ref()) {
             remove_if_there(&e.path())?;
         }
     }
@@ -423,7 +540,10 @@ pub fn publish(staging: &Path, parent: &Path, name: &str, replace: bool) -> Resu
     for e in std::fs::read_dir(staging).ctx("list", staging)?.flatten() {
         let n = e.file_name();
         let n = n.to_string_lossy();
-        if n.starts_with("part-") && n.ends_with(".json") || n.starts_with(".part-") {
+        if n.starts_with("part-") && n.ends_with(".json")
+            || n.starts_with(".part-")
+            || n == CLAIM_FILE
+        {
             let p = e.path();
             std::fs::remove_file(&p).ctx("remove", &p)?;
         }

@@ -179,7 +179,7 @@ fn parts_of_different_merges_are_never_mixed() {
 }
 
 #[test]
-fn the_partition_section_resolves_from_the_launcher_and_the_daemon_says_what_it_cannot_do() {
+fn the_partition_section_resolves_from_the_launcher_and_the_daemon_refuses_marker_mode() {
     let env = TestEnv::new();
     let watch = env.mkdir("run");
     let cfg = env.join("pmad.toml");
@@ -214,6 +214,10 @@ fn the_partition_section_resolves_from_the_launcher_and_the_daemon_says_what_it_
     let r = check(&[("RANK", "1"), ("WORLD_SIZE", "2")]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("partition.index"), "{}", r.stderr);
+    // Marker mode (object-store mounts) is refused by this version's daemon, before
+    // anything is written.
+    let text = std::fs::read_to_string(&cfg).unwrap() + "commit = \"marker\"\n";
+    std::fs::write(&cfg, text).unwrap();
     let mut cmd = crate::harness::pmad_cmd(env.path());
     cmd.args(["run", "--config"])
         .arg(&cfg)
@@ -221,7 +225,7 @@ fn the_partition_section_resolves_from_the_launcher_and_the_daemon_says_what_it_
         .env("PMAD_PARTITION_COUNT", "2");
     let r = crate::harness::run(&mut cmd);
     assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("pmad merge --partition"), "{}", r.stderr);
+    assert!(r.stderr.contains("partition.commit"), "{}", r.stderr);
     assert!(!env.join("out").exists());
 }
 
@@ -280,4 +284,356 @@ fn a_failed_part_or_commit_is_finished_by_running_it_again() {
         "no staging left: {:?}",
         list_dir(&env.join("merged"))
     );
+}
+
+/// `pmad run` split between three instances (one watch dir, one out dir, each its own state
+/// dir, the index and count from `PMAD_PARTITION_*`): every output is published once, whole,
+/// byte-identical to a single instance's, with a `merge.json` naming every part; `LATEST`
+/// agrees; no staging is left behind.
+#[test]
+fn daemon_instances_split_every_output_and_publish_it_once_whole() {
+    use crate::harness::{outputs, Config, Daemon, Recipe};
+    use std::time::Duration;
+    const T: Duration = Duration::from_secs(60);
+    const N: usize = 3;
+    let env = TestEnv::new();
+    // One config per process: `name` is the run (its watch and out dirs), `tag` the process.
+    let config = |name: &str, tag: &str, split: bool| {
+        let watch = env.mkdir(format!("{name}/ckpt"));
+        let c = Config::new(&watch)
+            .poll("100ms")
+            .settle("100ms")
+            .state("dir", env.join(format!("{name}/state-{tag}")).as_path())
+            .recipe(
+                Recipe::sma("sma2", 2)
+                    .out_dir(&env.join(format!("{name}/out/sma2")))
+                    .set("shard_size", "3KB")
+                    .set("keep", 0usize),
+            )
+            .recipe(
+                Recipe::ema("ema", 0.3)
+                    .out_dir(&env.join(format!("{name}/out/ema")))
+                    .set("keep", 0usize),
+            )
+            .no_server()
+            .json_log("");
+        let mut text = c.text();
+        if split {
+            text.push_str("[partition]\nby = \"shard\"\n");
+        }
+        let path = env.join(format!("{name}/pmad-{tag}.toml"));
+        std::fs::write(&path, text).unwrap();
+        (watch, path)
+    };
+    let (single_watch, single_cfg) = config("single", "0", false);
+    let mut single = Daemon::start(env.path(), &single_cfg, "single");
+    let mut split_watch = PathBuf::new();
+    let mut split: Vec<Daemon> = (0..N)
+        .map(|i| {
+            let (watch, path) = config("split", &i.to_string(), true);
+            split_watch = watch;
+            Daemon::builder(&path)
+                .cwd(env.path())
+                .tag(&format!("split-{i}"))
+                .env("PMAD_PARTITION_INDEX", &i.to_string())
+                .env("PMAD_PARTITION_COUNT", &N.to_string())
+                .start()
+        })
+        .collect();
+    let steps = [100u32, 200, 300, 400, 500];
+    for (i, step) in steps.iter().enumerate() {
+        for watch in [&single_watch, &split_watch] {
+            let rel = watch.strip_prefix(env.path()).unwrap();
+            env.make(
+                &format!("{}/checkpoint-{step}", rel.display()),
+                "bf16",
+                i as u32 + 1,
+                *step,
+                &["--sharded", "2"],
+            );
+        }
+        for d in std::iter::once(&mut single).chain(split.iter_mut()) {
+            d.expect("window update", T, |e| {
+                e.event() == "window.updated" && e.u("step") == Some(*step as u64)
+            });
+        }
+    }
+    let plan = split[0].expect("plan", T, |e| e.event() == "partition.plan");
+    assert_eq!(plan.u("count"), Some(N as u64), "{}", plan.line());
+    for recipe in ["sma2", "ema"] {
+        let one = env.join(format!("single/out/{recipe}"));
+        let many = env.join(format!("split/out/{recipe}"));
+        split[0].expect("last commit", T, |e| {
+            e.event() == "partition.committed"
+                && e.s("recipe") == Some(recipe)
+                && e.u("step") == Some(500)
+        });
+        single.expect("last emission", T, |e| {
+            e.event() == "merge.emitted"
+                && e.s("recipe") == Some(recipe)
+                && e.s("steps").is_some_and(|s| s.ends_with("500"))
+        });
+        let a = outputs(&one);
+        let b = outputs(&many);
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{recipe}: steps published"
+        );
+        for (step, dir) in &a {
+            assert_same_files(dir, &b[step]);
+            let files = list_dir(dir)
+                .iter()
+                .filter(|n| n.ends_with(".safetensors"))
+                .count();
+            if recipe == "sma2" {
+                assert!(files >= N, "every instance owns a shard: {files} files");
+            }
+            let rec = crate::harness::read_json(&b[step].join("merge.json"));
+            let parts = rec["partition"]["parts"].as_array().unwrap();
+            assert_eq!(parts.len(), N, "{recipe} step {step}: {rec}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(one.join("LATEST")).unwrap(),
+            std::fs::read_to_string(many.join("LATEST")).unwrap()
+        );
+        assert!(
+            !many.join(".pmad-staging").exists(),
+            "{recipe}: staging left: {:?}",
+            list_dir(&many.join(".pmad-staging"))
+        );
+    }
+    // Only instance 0 published; every instance wrote a part of each output.
+    for (i, d) in split.iter_mut().enumerate() {
+        let log = d.log();
+        let emitted = log.iter().filter(|e| e.event() == "merge.emitted").count();
+        let parts = log
+            .iter()
+            .filter(|e| e.event() == "partition.part_written")
+            .count();
+        assert_eq!(emitted > 0, i == 0, "instance {i}\n{}", d.dump(40));
+        assert!(parts > 0, "instance {i} wrote no part\n{}", d.dump(40));
+    }
+    assert_eq!(single.terminate(T), Some(0));
+    for d in &mut split {
+        assert_eq!(d.terminate(T), Some(0));
+    }
+}
+
+/// Four instances with seeded SIGKILLs of random instances at random moments (writing parts,
+/// markers, the commit, `LATEST`), each restarted at once from its state dir, while a reader
+/// polls `LATEST` and the published steps. Every published step is byte-identical to a single
+/// instance's output for that step; a step is never visible partial; `LATEST` never moves
+/// back; no staging is left. `PMAD_PARTITION_KILLS` (default 40) sets how many kills.
+#[test]
+fn killed_instances_never_publish_a_partial_or_different_output() {
+    use crate::harness::{outputs, Config, Daemon, Recipe};
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    const T: Duration = Duration::from_secs(90);
+    const N: usize = 4;
+    let kills_wanted: usize = std::env::var("PMAD_PARTITION_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let seed: u64 = std::env::var("PMAD_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let env = TestEnv::new();
+    let recipes = ["sma2", "ema"];
+    let config = |name: &str, tag: &str, split: bool| {
+        let watch = env.mkdir(format!("{name}/ckpt"));
+        let c = Config::new(&watch)
+            .poll("100ms")
+            .settle("100ms")
+            .state("dir", env.join(format!("{name}/state-{tag}")).as_path())
+            .recipe(
+                Recipe::sma("sma2", 2)
+                    .out_dir(&env.join(format!("{name}/out/sma2")))
+                    .set("shard_size", "2KB")
+                    .set("keep", 0usize),
+            )
+            .recipe(
+                Recipe::ema("ema", 0.3)
+                    .out_dir(&env.join(format!("{name}/out/ema")))
+                    .set("keep", 0usize),
+            )
+            .no_server()
+            .json_log("");
+        let mut text = c.text();
+        if split {
+            text.push_str(
+                "[partition]\nby = \"shard\"\ntakeover_after = \"3s\"\npart_timeout = \"20s\"\n",
+            );
+        }
+        let path = env.join(format!("{name}/pmad-{tag}.toml"));
+        std::fs::write(&path, text).unwrap();
+        (watch, path)
+    };
+    let (single_watch, single_cfg) = config("single", "0", false);
+    let mut single = Daemon::start(env.path(), &single_cfg, "single");
+    let mut split_watch = PathBuf::new();
+    let mut split: Vec<Daemon> = (0..N)
+        .map(|i| {
+            let (watch, path) = config("split", &i.to_string(), true);
+            split_watch = watch;
+            Daemon::builder(&path)
+                .cwd(env.path())
+                .tag(&format!("split-{i}-0"))
+                .env("PMAD_PARTITION_INDEX", &i.to_string())
+                .env("PMAD_PARTITION_COUNT", &N.to_string())
+                .start()
+        })
+        .collect();
+    // The reader: LATEST never moves back and names a complete output; every visible
+    // step-N holds its merge.json (written last before the rename).
+    let stop = Arc::new(AtomicBool::new(false));
+    let problems = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reader = {
+        let (stop, problems, reads) = (stop.clone(), problems.clone(), reads.clone());
+        let dirs: Vec<PathBuf> = recipes
+            .iter()
+            .map(|r| env.join(format!("split/out/{r}")))
+            .collect();
+        std::thread::spawn(move || {
+            let mut last = vec![0u64; dirs.len()];
+            while !stop.load(Ordering::Relaxed) {
+                for (i, d) in dirs.iter().enumerate() {
+                    if let Ok(s) = std::fs::read_to_string(d.join("LATEST")) {
+                        let step: u64 = s.trim().trim_start_matches("step-").parse().unwrap();
+                        if step < last[i] {
+                            problems.lock().unwrap().push(format!(
+                                "{}: LATEST moved back from {} to {step}",
+                                d.display(),
+                                last[i]
+                            ));
+                        }
+                        last[i] = step;
+                        if !d.join(s.trim()).join("merge.json").is_file() {
+                            problems
+                                .lock()
+                                .unwrap()
+                                .push(format!("{}: LATEST names {s:?}, not complete", d.display()));
+                        }
+                    }
+                    for (step, p) in outputs(d) {
+                        if !p.join("merge.json").is_file() && p.exists() {
+                            problems.lock().unwrap().push(format!(
+                                "{}: step-{step} visible without merge.json",
+                                d.display()
+                            ));
+                        }
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        })
+    };
+    let mut kills = 0;
+    let mut restarts = vec![0usize; N];
+    let mut step = 0u32;
+    while kills < kills_wanted {
+        step += 100;
+        let seed = step / 100;
+        for watch in [&single_watch, &split_watch] {
+            let rel = watch.strip_prefix(env.path()).unwrap();
+            env.make(
+                &format!("{}/checkpoint-{step}", rel.display()),
+                "bf16",
+                seed,
+                step,
+                &[],
+            );
+        }
+        // One to three kills at random moments after the checkpoint appeared.
+        for _ in 0..rng.random_range(1..=3) {
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..500)));
+            let i = rng.random_range(0..N);
+            restarts[i] += 1;
+            split[i].restart(&format!("split-{i}-{}", restarts[i]));
+            kills += 1;
+        }
+        single.expect("window update", T, |e| {
+            e.event() == "window.updated" && e.u("step") == Some(step as u64)
+        });
+    }
+    // The last step is published by the instances once they catch up.
+    let deadline = Instant::now() + T;
+    let done = |r: &str| {
+        std::fs::read_to_string(env.join(format!("split/out/{r}/LATEST")))
+            .is_ok_and(|s| s.trim() == format!("step-{step}"))
+    };
+    while !recipes.iter().all(|r| done(r)) {
+        assert!(
+            Instant::now() < deadline,
+            "step {step} not published in time\n{}",
+            split[0].dump(60)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for r in recipes {
+        single.expect("last emission", T, |e| {
+            e.event() == "merge.emitted"
+                && e.s("recipe") == Some(r)
+                && e.s("steps").is_some_and(|s| s.ends_with(&step.to_string()))
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    let problems = problems.lock().unwrap().clone();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(reads.load(Ordering::Relaxed) > 100, "the reader barely ran");
+    let mut published = 0;
+    for r in recipes {
+        let one = outputs(&env.join(format!("single/out/{r}")));
+        let many = outputs(&env.join(format!("split/out/{r}")));
+        for (s, dir) in &many {
+            let twin = one
+                .get(s)
+                .unwrap_or_else(|| panic!("{r}: step {s} published by the instances only"));
+            assert_same_files(dir, twin);
+            published += 1;
+        }
+        // Most steps make it despite the kills (a step can be abandoned when its writer was
+        // killed after moving on).
+        assert!(
+            many.len() * 2 >= one.len(),
+            "{r}: {} of {} steps published",
+            many.len(),
+            one.len()
+        );
+    }
+    // Staging of abandoned steps is swept once a newer step is published.
+    for _ in 0..50 {
+        let left: usize = recipes
+            .iter()
+            .map(|r| list_dir(&env.join(format!("split/out/{r}/.pmad-staging"))).len())
+            .sum();
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for r in recipes {
+        let staging = env.join(format!("split/out/{r}/.pmad-staging"));
+        assert!(
+            list_dir(&staging).is_empty(),
+            "{r}: staging left: {:?}",
+            list_dir(&staging)
+        );
+    }
+    eprintln!(
+        "{kills} kills over {} steps; {published} outputs published and byte-identical",
+        step / 100
+    );
+    assert_eq!(single.terminate(T), Some(0));
+    for d in &mut split {
+        assert_eq!(d.terminate(T), Some(0));
+    }
 }
