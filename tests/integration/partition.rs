@@ -536,7 +536,7 @@ fn killed_instances_never_publish_a_partial_or_different_output() {
         })
     };
     let mut kills = 0;
-    let mut restarts = vec![0usize; N];
+    let mut restarts = [0usize; N];
     let mut step = 0u32;
     while kills < kills_wanted {
         step += 100;
