@@ -670,3 +670,73 @@ fn a_stalled_instance_is_waited_for_and_a_stalled_committer_is_taken_over() {
     pair.check_no_staging();
     pair.stop();
 }
+
+/// Injected I/O failures (`PMAD_FAULT`, EIO) in instance 0 at each step of writing its part
+/// and of the commit — part files, the marker, the index and `merge.json`, the rename of the
+/// staging directory, `LATEST` — one fault per restart of instance 0. A failed step publishes
+/// nothing partial; the instances carry on and later outputs are published, every one
+/// byte-identical to a single instance's.
+#[test]
+fn faults_in_the_committer_never_publish_a_partial_output() {
+    let env = TestEnv::new();
+    let mut pair = Pair::start(
+        &env,
+        3,
+        "by = \"shard\"\ntakeover_after = \"2s\"\npart_timeout = \"10s\"",
+    );
+    let cases = [
+        "create:1:.pmad-staging",
+        "create:3:.pmad-staging",
+        "create:6:.pmad-staging",
+        "write:1:.pmad-staging",
+        "write:4:.pmad-staging",
+        "fsync:1:.pmad-staging",
+        "fsync:4:.pmad-staging",
+        "fsync:8:.pmad-staging",
+        "rename:1:.pmad-staging",
+        "rename:2:.pmad-staging",
+        "rename:3:.pmad-staging",
+        "create:1:LATEST",
+        "rename:1:LATEST",
+        "mkdir:1:.pmad-staging",
+    ];
+    let mut step = 100;
+    pair.checkpoint(step);
+    let mut failed = 0;
+    for (k, fault) in cases.iter().enumerate() {
+        let spec = pair.split[0].spec().clone();
+        pair.split[0].kill9();
+        pair.split[0] = spec.tag(&format!("fault-{k}")).fault(Some(fault)).start();
+        for _ in 0..2 {
+            step += 100;
+            pair.checkpoint(step);
+        }
+        pair.wait_published(step);
+        failed += pair.split[0]
+            .log()
+            .iter()
+            .filter(|e| {
+                e.event() == "merge.failed"
+                    && e.s("error").is_some_and(|s| s.contains("os error 5"))
+            })
+            .count()
+            .min(1);
+    }
+    assert!(
+        failed >= cases.len() / 2,
+        "only {failed} of {} faults were hit",
+        cases.len()
+    );
+    let published = pair.check_outputs();
+    let all = 2 * (step / 100) as usize - 1;
+    assert!(
+        published * 10 >= all * 7,
+        "{published} of {all} outputs published"
+    );
+    pair.check_no_staging();
+    eprintln!(
+        "{failed} of {} faults hit; {published} of {all} outputs published",
+        cases.len()
+    );
+    pair.stop();
+}

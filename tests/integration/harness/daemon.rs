@@ -131,6 +131,11 @@ impl Daemon {
         *self = self.spec.clone().tag(tag).start();
     }
 
+    /// How this process was started (to start it again differently).
+    pub fn spec(&self) -> &DaemonBuilder {
+        &self.spec
+    }
+
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
