@@ -684,6 +684,14 @@ mod tests {
         assert!(e.contains("partition.takeover_after"), "{e}");
         let e = error(&[], &with_partition("index = -1\ncount = 2"));
         assert!(e.contains("partition.index"), "{e}");
+        let e = error(
+            &[],
+            &format!("{MIN}emit_interval = \"1h\"\n[partition]\nindex = 0\ncount = 2\n"),
+        );
+        assert!(
+            e.contains("recipe[0].emit_interval") && e.contains("emit_every"),
+            "{e}"
+        );
         let e = error(&[], &with_partition("index = 0\ncount = 2\nrank = 1"));
         assert!(e.contains("rank"), "{e}");
     }

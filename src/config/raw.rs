@@ -594,6 +594,25 @@ fn resolve(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
         .partition
         .map(|p| resolve_partition(p, env))
         .transpose()?;
+    if let Some(p) = partition.as_ref().filter(|p| p.count > 1) {
+        // Every instance must publish the same steps, or their parts never meet: decided by
+        // arrivals alone, which all instances see alike, never by each one's clock.
+        if let Some((i, _)) = recipes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.emit_interval.is_some())
+        {
+            return Err(err(
+                &format!("recipe[{i}].emit_interval"),
+                format!(
+                    "cannot be used with [partition] (count = {}): each instance's clock would \
+                     pick different steps and their parts would never make a whole output; \
+                     use emit_every",
+                    p.count
+                ),
+            ));
+        }
+    }
     let spike = match raw.spike {
         Some(s) if s.enabled => Some(resolve_spike(s, &watch, &recipes)?),
         _ => None,

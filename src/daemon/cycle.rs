@@ -1108,7 +1108,11 @@ impl Daemon {
         let m = &self.ctx.shared.metrics;
         let own = by_other.is_none() && share(&self.cfg).is_none();
         m.emitted(&name, e.step, if own { e.bytes } else { 0 });
-        self.schedule.emitted(ri, e.step, Instant::now());
+        if share(&self.cfg).is_none() {
+            // With [partition] the schedule counted the emission when the part was written:
+            // all instances must count alike, whenever they see the commit.
+            self.schedule.emitted(ri, e.step, Instant::now());
+        }
         // Lag: from the newest averaged checkpoint's weights being written to its average
         // being published.
         let written_ns = self
