@@ -492,7 +492,7 @@ fn daemon_instances_split_every_output_and_publish_it_once_whole() {
 /// markers, the commit, `LATEST`), each restarted at once from its state dir, while a reader
 /// polls `LATEST` and the published steps. Every published step is byte-identical to a single
 /// instance's output for that step; a step is never visible partial; `LATEST` never moves
-/// back; no staging is left. `PMAD_PARTITION_KILLS` (default 40) sets how many kills,
+/// back; no staging is left. `PMAD_PARTITION_KILLS` (default 200) sets how many kills,
 /// `PMAD_TEST_SEED` the seed.
 #[test]
 fn killed_instances_never_publish_a_partial_or_different_output() {
@@ -506,7 +506,7 @@ fn killed_instances_never_publish_a_partial_or_different_output() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let kills_wanted = var("PMAD_PARTITION_KILLS", 40) as usize;
+    let kills_wanted = var("PMAD_PARTITION_KILLS", 200) as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(var("PMAD_TEST_SEED", 12));
     let env = TestEnv::new();
     let mut pair = Pair::start(
