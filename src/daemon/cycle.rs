@@ -15,7 +15,7 @@
 //! before the save re-processes that checkpoint, and an output already on disk for exactly
 //! those steps is counted as published (`merge.skipped`), never published twice.
 
-use super::gate::{self, Verdict};
+use super::gate::{self, Scan, Verdict};
 use super::hooks::HookJob;
 use super::resume::{self, Found, Reconciled};
 use super::schedule::{Due, Schedule};
@@ -109,7 +109,28 @@ pub struct Daemon {
     pending: Vec<Pending>,
     /// Recipes whose partition plan was logged (`partition.plan`, once per recipe and run).
     plans_logged: BTreeSet<usize>,
+    /// With `[partition]`: this instance's NaN/Inf verdict on its part of a checkpoint still
+    /// waiting for the others' (with its files as they were), so it is not scanned again.
+    own_verdicts: BTreeMap<u64, (Option<super::watch::Signature>, OwnVerdict)>,
 }
+
+/// One instance's verdict on its part of a checkpoint: clean, or what it found.
+type OwnVerdict = std::result::Result<(), String>;
+
+/// What the instances' verdicts on a checkpoint say together.
+enum Agreement {
+    /// Every part is clean.
+    Accept,
+    /// Some instance found NaN/Inf (what it said).
+    Reject(String),
+    /// These instances have not said yet.
+    Waiting(Vec<usize>),
+    /// The verdicts are gone (swept after the step was published): scan everything here.
+    ScanAll,
+}
+
+/// How long a cycle waits for the other instances' verdicts before looking again later.
+const VERDICT_WAIT: Duration = Duration::from_secs(2);
 
 /// An output this instance wrote its part of, waiting for the other parts and the commit.
 struct Pending {
@@ -215,6 +236,7 @@ impl Daemon {
             cfg,
             pending: Vec::new(),
             plans_logged: BTreeSet::new(),
+            own_verdicts: BTreeMap::new(),
         };
         for (ri, out) in d.outputs.iter().enumerate() {
             d.sweep_staging(ri, out.latest());
@@ -458,7 +480,13 @@ impl Daemon {
             }
             let backlog = n - i - 1;
             match item {
-                Next::Ready(r) => self.consider(r, backlog, &mut deferred),
+                Next::Ready(r) => {
+                    if !self.consider(r, backlog, &mut deferred) {
+                        // Waiting for the other instances' verdicts: later steps wait too, so
+                        // every instance takes checkpoints in the same order.
+                        break;
+                    }
+                }
                 Next::Vanished(step, path) => {
                     self.vanished_before_use(step, &path, backlog, &mut deferred)
                 }
@@ -504,8 +532,9 @@ impl Daemon {
     /// A complete-looking checkpoint: gate, select, update the window, publish what is due.
     /// `backlog` more checkpoints are ready after this one in the same scan: an output that
     /// retention (`keep`) would delete as soon as those publish theirs is not published
-    /// (counted in `deferred`, per recipe).
-    fn consider(&mut self, ready: Ready, backlog: usize, deferred: &mut [usize]) {
+    /// (counted in `deferred`, per recipe). Returns false when the checkpoint waits for the
+    /// other instances' verdicts (`[partition]`): it is looked at again later.
+    fn consider(&mut self, ready: Ready, backlog: usize, deferred: &mut [usize]) -> bool {
         let Ready {
             step,
             path,
@@ -516,22 +545,42 @@ impl Daemon {
         let before = self.tracker.signature(&path).cloned();
         let (pool, scanner, window) = (&self.pool, &self.scanner, &self.window);
         let allow = self.cfg.watch.allow_nonfinite;
-        let verdict = pool.install(|| gate::check(&path, before.as_ref(), scanner, window, allow));
+        // With [partition] each instance scans its own part and the instances share their
+        // verdicts: all of them accept or reject every checkpoint alike.
+        let shared = share(&self.cfg).is_some() && !allow;
+        let cached = self
+            .own_verdicts
+            .get(&step)
+            .filter(|(sig, _)| shared && sig.as_ref() == before.as_ref())
+            .map(|(_, v)| v.clone());
+        let scan = match (allow, shared, &cached) {
+            (true, _, _) | (_, _, Some(_)) => Scan::Skip,
+            (false, true, None) => Scan::Owned,
+            (false, false, None) => Scan::All,
+        };
+        let mut verdict =
+            pool.install(|| gate::check(&path, before.as_ref(), scanner, window, scan));
+        if shared {
+            match self.shared_verdict(step, &path, before.as_ref(), cached, verdict) {
+                Some(v) => verdict = v,
+                None => return false,
+            }
+        }
         let ckpt = match verdict {
             Verdict::Unsettled(sig) => {
                 debug!(event = "checkpoint.unsettled", step, path = %path.display());
                 self.tracker.unsettled(&path, sig, Instant::now());
-                return;
+                return true;
             }
             Verdict::Gone => {
                 // Its marker was there: a complete checkpoint deleted while it was checked.
                 self.tracker.forget(&path);
                 self.vanished_before_use(step, &path, backlog, deferred);
-                return;
+                return true;
             }
             Verdict::Reject { reason, error } => {
                 self.rejected(step, &path, reason, &error);
-                return;
+                return true;
             }
             Verdict::Pass(c) => {
                 self.considered(step);
@@ -548,6 +597,142 @@ impl Daemon {
             backlog,
             deferred,
         );
+        true
+    }
+
+    /// With `[partition]`: turn this instance's verdict on its part of `step` into the
+    /// instances' common one. Returns the verdict to act on, or None when the checkpoint must
+    /// wait for other instances (it is offered again later, without a new scan).
+    fn shared_verdict(
+        &mut self,
+        step: u64,
+        path: &Path,
+        before: Option<&super::watch::Signature>,
+        cached: Option<OwnVerdict>,
+        verdict: Verdict,
+    ) -> Option<Verdict> {
+        let own = match (&cached, &verdict) {
+            (Some(v), Verdict::Pass(_)) => v.clone(),
+            (None, Verdict::Pass(_)) => Ok(()),
+            (
+                None,
+                Verdict::Reject {
+                    error: error @ Error::NonFinite { .. },
+                    ..
+                },
+            ) => Err(error.to_string()),
+            // Changed, gone, or bad for reasons every instance sees alike (headers, schema).
+            _ => {
+                self.own_verdicts.remove(&step);
+                return Some(verdict);
+            }
+        };
+        let deadline = Instant::now() + VERDICT_WAIT;
+        let agreement = loop {
+            match self.agree(step, &own) {
+                Ok(Agreement::Waiting(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => break other,
+            }
+        };
+        let nonfinite = |detail: String| Verdict::Reject {
+            reason: "non_finite",
+            error: Error::invalid(path, detail),
+        };
+        match agreement {
+            Ok(Agreement::Accept) => {
+                self.own_verdicts.remove(&step);
+                Some(verdict)
+            }
+            Ok(Agreement::Reject(detail)) => {
+                self.own_verdicts.remove(&step);
+                Some(match verdict {
+                    Verdict::Reject { .. } => verdict,
+                    _ => nonfinite(detail),
+                })
+            }
+            Ok(Agreement::ScanAll) => {
+                self.own_verdicts.remove(&step);
+                let (pool, scanner, window) = (&self.pool, &self.scanner, &self.window);
+                Some(pool.install(|| gate::check(path, before, scanner, window, Scan::All)))
+            }
+            Ok(Agreement::Waiting(missing)) => {
+                if self
+                    .own_verdicts
+                    .insert(step, (before.cloned(), own))
+                    .is_none()
+                {
+                    info!(event = "partition.waiting", step, missing = %fmt_parts(&missing), what = "verdicts", "waiting for the other instances' NaN/Inf verdicts on their parts of this checkpoint");
+                }
+                self.tracker
+                    .unsettled(path, before.cloned(), Instant::now());
+                None
+            }
+            Err(e) => {
+                error!(event = "partition.waiting", step, what = "verdicts", reason = e.reason(), error = %e, "cannot share this instance's verdict; trying again");
+                self.own_verdicts.insert(step, (before.cloned(), own));
+                self.tracker
+                    .unsettled(path, before.cloned(), Instant::now());
+                None
+            }
+        }
+    }
+
+    /// Where the instances leave their verdicts on `step` (under the first recipe's
+    /// staging directory; swept once the step is published).
+    fn verdict_dir(&self, step: u64) -> PathBuf {
+        self.outputs[0]
+            .path()
+            .join(partition::STAGING_DIR)
+            .join(format!("verdicts-{}", OutDir::step_name(step)))
+    }
+
+    /// Leave this instance's verdict on `step` (once; atomically) and read everyone's.
+    fn agree(&self, step: u64, own: &OwnVerdict) -> Result<Agreement> {
+        let Some(s) = share(&self.cfg) else {
+            return Ok(Agreement::Accept);
+        };
+        let dir = self.verdict_dir(step);
+        let mine = dir.join(format!("part-{}", s.part.index));
+        if !mine.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+            let tmp = dir.join(format!(".part-{}.tmp", s.part.index));
+            let _ = std::fs::remove_file(&tmp);
+            let text = match own {
+                Ok(()) => "ok\n".to_string(),
+                Err(e) => format!("nonfinite {e}\n"),
+            };
+            crate::fsio::write_file(&tmp, text.as_bytes())?;
+            crate::fsio::rename(&tmp, &mine)?;
+        }
+        if let Err(e) = own {
+            return Ok(Agreement::Reject(e.clone()));
+        }
+        let mut missing = Vec::new();
+        for k in 0..s.part.count {
+            match std::fs::read_to_string(dir.join(format!("part-{k}"))) {
+                Ok(t) if t.trim() == "ok" => {}
+                Ok(t) => {
+                    let what = t.trim().trim_start_matches("nonfinite").trim();
+                    return Ok(Agreement::Reject(format!(
+                        "instance {k} found non-finite values in its part: {what}"
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(k),
+                Err(e) => return Err(Error::io("read", dir.join(format!("part-{k}")), e)),
+            }
+        }
+        Ok(if missing.is_empty() {
+            Agreement::Accept
+        } else if self.outputs[0].latest().is_some_and(|l| l >= step) {
+            // A step at or after this one is published, so every instance decided this one
+            // (in step order) and the verdicts were swept: this instance is re-deciding after
+            // a restart. Decide alone, on all of it.
+            Agreement::ScanAll
+        } else {
+            Agreement::Waiting(missing)
+        })
     }
 
     /// One read of `trainer_state.json` serves the LR plateau and the spike sentinel.
@@ -587,7 +772,22 @@ impl Daemon {
         self.watch_spikes(step, trainer_state.as_deref());
         let (pool, window) = (&self.pool, &self.window);
         let allow = self.cfg.watch.allow_nonfinite;
-        match pool.install(|| gate::check_snapshot(&snapshot, window, allow)) {
+        // Its directory is gone: scan all of it (the truth for every instance) and leave the
+        // verdict for the others, who may still be waiting for it.
+        let scan = if allow { Scan::Skip } else { Scan::All };
+        let verdict = pool.install(|| gate::check_snapshot(&snapshot, window, scan));
+        if share(&self.cfg).is_some() && !allow {
+            let own = match &verdict {
+                Verdict::Reject {
+                    error: error @ Error::NonFinite { .. },
+                    ..
+                } => Err(error.to_string()),
+                _ => Ok(()),
+            };
+            let _ = self.agree(step, &own);
+            self.own_verdicts.remove(&step);
+        }
+        match verdict {
             Verdict::Pass(c) => {
                 self.considered(step);
                 let lookback = self.tracker.previous_step(step);
@@ -1225,7 +1425,7 @@ impl Daemon {
             let out = &self.outputs[ri];
             let waited = p.since.elapsed();
             let may = pc.index == 0 || waited >= pc.takeover_after;
-            let r = emit::commit(&p.part, out, recipe.keep, pc.index, may, pc.takeover_after);
+            let r = emit::commit(&p.part, out, recipe.keep, pc.index, may);
             let name = recipe.name.clone();
             match r {
                 Ok(emit::Committed::Published(e)) => {
@@ -1257,7 +1457,9 @@ impl Daemon {
                         duration: waited,
                         removed: Vec::new(),
                     };
+                    let step = e.step;
                     self.published(ri, e, Some(&path));
+                    self.sweep_staging(ri, Some(step));
                 }
                 Ok(emit::Committed::Gone) => {
                     self.abandon(&p, "its staging directory was removed by another instance");
@@ -1353,7 +1555,10 @@ impl Daemon {
         let out = &self.outputs[ri];
         let n = partition::sweep(
             out.path(),
-            |name| OutDir::step_of(name).is_some_and(|s| published.is_some_and(|p| s <= p)),
+            |name| {
+                let name = name.strip_prefix("verdicts-").unwrap_or(name);
+                OutDir::step_of(name).is_some_and(|s| published.is_some_and(|p| s <= p))
+            },
             pc.part_timeout,
         );
         if n > 0 {

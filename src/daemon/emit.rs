@@ -276,26 +276,25 @@ pub enum Committed {
     Already(PathBuf),
     /// Not every part is there yet: these instances' parts are missing.
     Waiting(Vec<usize>),
-    /// Every part is there, but this instance may not commit (yet), or another holds the
-    /// claim.
+    /// Every part is there, but this instance may not commit yet (`takeover_after`).
     NotMine,
     /// The staging directory is gone and the output was not published with this plan:
     /// another instance abandoned the step.
     Gone,
 }
 
-/// Look at the output a part belongs to and, if every part is there and `may_commit`, claim
-/// it and publish it: write the index, the aux files of the newest input and `merge.json`
-/// (with every part's files and checksums), rename the staging directory to `step-<N>`, move
-/// `LATEST` if `N` is newer, and apply `keep`. Any failure leaves the staging directory for
-/// a retry; nothing partial is published.
+/// Look at the output a part belongs to and, if every part is there and `may_commit`,
+/// publish it: assemble it in a directory of this instance's own (hard links to the parts,
+/// the index, the aux files of the newest input and `merge.json` with every part's files and
+/// checksums), rename that to `step-<N>` — if two instances commit at once, the first rename
+/// wins and the other fails harmlessly — move `LATEST` if `N` is newer, and apply `keep`.
+/// Any failure leaves the staging directory for a retry; nothing partial is published.
 pub fn commit(
     part: &PartWritten,
     out: &OutDir,
     keep: usize,
     index: usize,
     may_commit: bool,
-    stale_claim: Duration,
 ) -> Result<Committed> {
     let started = Instant::now();
     let published = out.step_path(part.step);
@@ -314,12 +313,9 @@ pub fn commit(
         PartsState::Missing(m) => return Ok(Committed::Waiting(m)),
         PartsState::Complete(m) => m,
     };
-    if !may_commit || !partition::claim(&part.dir, index, stale_claim)? {
+    if !may_commit {
         return Ok(Committed::NotMine);
     }
-    partition::clear_commit(&part.dir, &part.plan)?;
-    plan::write_index(&part.dir, &part.plan.shards)?;
-    plan::write_aux(&part.newest, &part.dir)?;
     let mut record = part.record.clone();
     record.nonfinite = markers.iter().map(|m| m.nonfinite).sum();
     record.created_unix = unix_now();
@@ -335,8 +331,20 @@ pub fn commit(
             })
             .collect(),
     });
-    record.write(&part.dir)?;
-    let p = out.publish_parts(&part.dir, part.step, keep)?;
+    let built = partition::assemble(&part.dir, &part.plan, index, |dir| {
+        plan::write_index(dir, &part.plan.shards)?;
+        plan::write_aux(&part.newest, dir)?;
+        record.write(dir)
+    })?;
+    let p = match out.publish_parts(&built, part.step, keep) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&built);
+            return Err(e);
+        }
+    };
+    // The parts are published (linked); their staging directory goes.
+    let _ = std::fs::remove_dir_all(&part.dir);
     Ok(Committed::Published(Emitted {
         path: p.path,
         step: part.step,

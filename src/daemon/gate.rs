@@ -6,6 +6,10 @@
 //! `watch.allow_nonfinite`), and finally checks that the directory still looks exactly as it
 //! did when it was offered: otherwise it is being deleted (rotation) or rewritten, and what was
 //! read (weights, config files) may not belong together.
+//!
+//! With `[partition]` the scan covers only the tensors this instance owns ([`Scan::Owned`]);
+//! the cycle then shares the verdict with the other instances, so all of them accept or
+//! reject each checkpoint alike.
 
 use super::watch::{Scanner, Signature};
 use super::window::Window;
@@ -14,10 +18,23 @@ use crate::format::{Checkpoint, Snapshot};
 use crate::math::kernels;
 use crate::math::kinds::FloatKind;
 use rayon::prelude::*;
+use std::collections::BTreeSet;
 use std::path::Path;
 
 /// The setting that lets the daemon accept NaN/Inf, as its errors name it.
 const ALLOW_NONFINITE: &str = "watch.allow_nonfinite = true";
+
+/// Which tensors the NaN/Inf scan reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// None (`watch.allow_nonfinite`, or this instance's part was scanned already).
+    Skip,
+    /// Every float tensor.
+    All,
+    /// The float tensors this instance owns with `[partition]` (the others are scanned by
+    /// their owners; the instances share their verdicts before accepting).
+    Owned,
+}
 
 /// The gate's decision on one directory.
 #[derive(Debug)]
@@ -45,9 +62,9 @@ pub fn check(
     before: Option<&Signature>,
     scanner: &Scanner,
     window: &Window,
-    allow_nonfinite: bool,
+    scan: Scan,
 ) -> Verdict {
-    let opened = validate(Checkpoint::open(path), window, allow_nonfinite);
+    let opened = validate(Checkpoint::open(path), window, scan);
     let after = scanner.signature(path).ok();
     if opened.is_ok() && (after.is_none() || after.as_ref() != before) {
         return Verdict::Unsettled(after);
@@ -61,12 +78,8 @@ pub fn check(
 
 /// Check a checkpoint from the snapshot of its files taken when its marker appeared (the
 /// directory was deleted since: what it held then is all there is, and it cannot change).
-pub fn check_snapshot(snapshot: &Snapshot, window: &Window, allow_nonfinite: bool) -> Verdict {
-    match validate(
-        crate::format::open_snapshot(snapshot),
-        window,
-        allow_nonfinite,
-    ) {
+pub fn check_snapshot(snapshot: &Snapshot, window: &Window, scan: Scan) -> Verdict {
+    match validate(crate::format::open_snapshot(snapshot), window, scan) {
         Ok(c) => Verdict::Pass(c),
         Err(error) => reject(error),
     }
@@ -76,15 +89,18 @@ pub fn check_snapshot(snapshot: &Snapshot, window: &Window, allow_nonfinite: boo
 fn validate(
     opened: crate::Result<Checkpoint>,
     window: &Window,
-    allow_nonfinite: bool,
+    scan: Scan,
 ) -> crate::Result<Checkpoint> {
     let c = opened?;
     window.check_schema(&c)?;
-    if !allow_nonfinite {
-        nonfinite(&c)?;
-        // The scan read every byte: make sure they were the validated ones.
-        c.check_fds()?;
-    }
+    let owned = match scan {
+        Scan::Skip => return Ok(c),
+        Scan::All => None,
+        Scan::Owned => window.owned_names(&c)?,
+    };
+    nonfinite(&c, owned.as_ref())?;
+    // The scan read these bytes: make sure they were the validated ones.
+    c.check_fds()?;
     Ok(c)
 }
 
@@ -100,12 +116,14 @@ fn reject(error: Error) -> Verdict {
     }
 }
 
-/// Refuse checkpoints holding NaN/Inf, naming the first tensor and the count.
-fn nonfinite(c: &Checkpoint) -> crate::Result<()> {
+/// Refuse checkpoints holding NaN/Inf (in the `owned` tensors, when given), naming the
+/// first tensor and the count.
+fn nonfinite(c: &Checkpoint, owned: Option<&BTreeSet<String>>) -> crate::Result<()> {
     let counts: Vec<(usize, u64)> = c
         .tensors
         .par_iter()
         .enumerate()
+        .filter(|(_, t)| owned.is_none_or(|o| o.contains(&t.name)))
         .filter_map(|(i, t)| {
             let kind = FloatKind::of(t.dtype)?;
             let f = &c.files[t.file];

@@ -192,6 +192,19 @@ impl Window {
         self
     }
 
+    /// With a share: the tensors of checkpoints like `c` this instance owns (its part of some
+    /// recipe's output). None without a share.
+    pub fn owned_names(&self, c: &Checkpoint) -> Result<Option<BTreeSet<String>>> {
+        if self.share.is_none() {
+            return Ok(None);
+        }
+        let layout = match self.acc.as_ref() {
+            Some(acc) => acc.layout().clone(),
+            None => self.layout_for(c)?,
+        };
+        Ok(Some(layout.tensors.into_iter().map(|t| t.name).collect()))
+    }
+
     /// The layout of the sums over checkpoints like `c`: every float tensor, or with a
     /// share, those this instance writes for some recipe.
     fn layout_for(&self, c: &Checkpoint) -> Result<FlatLayout> {

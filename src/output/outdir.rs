@@ -86,10 +86,26 @@ impl OutDir {
     /// Point `LATEST` at the output for `step`: write `LATEST.tmp`, fsync, rename, fsync the
     /// directory.
     pub fn set_latest(&self, step: u64) -> Result<()> {
-        let tmp = self.path.join(LATEST_TMP);
-        let _ = std::fs::remove_file(&tmp);
-        fsio::write_file(&tmp, format!("{}\n", Self::step_name(step)).as_bytes())?;
-        fsio::rename(&tmp, &self.path.join(LATEST))?;
+        // A temp name of this call's own: instances sharing the directory ([partition]) may
+        // move LATEST at the same moment, and must not take each other's temp file.
+        let mut rnd = [0u8; 6];
+        getrandom::fill(&mut rnd).map_err(|e| {
+            crate::Error::io(
+                "getrandom",
+                &self.path,
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let suffix: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        let tmp = self
+            .path
+            .join(format!("{}{LATEST_TMP}-{suffix}", staging::TMP_PREFIX));
+        let written = fsio::write_file(&tmp, format!("{}\n", Self::step_name(step)).as_bytes())
+            .and_then(|()| fsio::rename(&tmp, &self.path.join(LATEST)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written?;
         fsio::sync_dir(&self.path)
     }
 
@@ -140,19 +156,32 @@ impl OutDir {
         Ok(Published { path, removed })
     }
 
-    /// Publish a staging directory whose parts were checked and sealed (see
-    /// [`super::partition::publish`]) as `step-<step>`; move `LATEST` to it only if `step` is
+    /// Publish a directory assembled from checked parts ([`super::partition::assemble`]) as
+    /// `step-<step>`; move `LATEST` to it only if `step` is
     /// newer than what `LATEST` names (parts of an older step may complete late, and
     /// `LATEST` never moves back); then apply retention.
     pub fn publish_parts(&self, staging: &Path, step: u64, keep: usize) -> Result<Published> {
         let name = Self::step_name(step);
-        let path = super::partition::publish(staging, &self.path, &name, true)?;
+        let path = self.path.join(&name);
+        if path.exists() {
+            // An output of another plan (an earlier run): swapped out atomically, removed.
+            fsio::exchange(staging, &path)?;
+            fsio::sync_dir(&self.path)?;
+            std::fs::remove_dir_all(staging).ctx("remove", staging)?;
+        } else {
+            // Fails (ENOTEMPTY) if another committer's rename won meanwhile: nothing changes.
+            fsio::rename(staging, &path)?;
+            fsio::sync_dir(&self.path)?;
+        }
         let current = self.latest();
         if current.is_none_or(|l| step > l) {
             if let Err(e) = self.set_latest(step) {
-                // As in `publish`: nothing newer than LATEST stays behind.
-                let _ = std::fs::remove_dir_all(&path);
-                let _ = fsio::sync_dir(&self.path);
+                // As in `publish`: nothing newer than LATEST stays behind — unless another
+                // instance moved LATEST to this very output meanwhile.
+                if self.latest() != Some(step) {
+                    let _ = std::fs::remove_dir_all(&path);
+                    let _ = fsio::sync_dir(&self.path);
+                }
                 return Err(e);
             }
         }

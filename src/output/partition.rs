@@ -267,7 +267,7 @@ impl Share {
 }
 
 /// Remove staging directories under `<parent>/.pmad-staging/` that can no longer be
-/// published: those of outputs named `<name>.<hash>` for which `dead(name)` holds (e.g. a
+/// published: those named `<name>.<hash>[.commit-<i>]` for which `dead(name)` holds (e.g. a
 /// step at or below the published one), and any not modified for `older_than` (left by a
 /// crash). Returns how many were removed. Only one instance (the committer) should sweep.
 pub fn sweep(parent: &Path, dead: impl Fn(&str) -> bool, older_than: std::time::Duration) -> usize {
@@ -278,7 +278,7 @@ pub fn sweep(parent: &Path, dead: impl Fn(&str) -> bool, older_than: std::time::
     let mut removed = 0;
     for e in rd.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        let name = n.rsplit_once('.').map_or(n.as_str(), |(a, _)| a);
+        let name = n.split('.').next().unwrap_or_default();
         let stale = e
             .metadata()
             .and_then(|m| m.modified())
@@ -293,53 +293,41 @@ pub fn sweep(parent: &Path, dead: impl Fn(&str) -> bool, older_than: std::time::
     removed
 }
 
-/// File in a staging directory naming the instance that commits it.
-pub const CLAIM_FILE: &str = "COMMITTER";
-
-/// Try to become the committer of the staging directory `dir` as instance `index`: true if
-/// this instance holds the claim now (it already did, or created it). A claim older than
-/// `stale_after` is broken first: it is renamed to a name of this instance's own, which only
-/// one instance can do, so two instances never both hold it.
-pub fn claim(dir: &Path, index: usize, stale_after: std::time::Duration) -> Result<bool> {
-    let path = dir.join(CLAIM_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(s) if s.trim() == index.to_string() => return Ok(true),
-        Ok(_) => {
-            let age = path
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .unwrap_or_default();
-            if age < stale_after {
-                return Ok(false);
-            }
-            let broken = dir.join(format!(".{CLAIM_FILE}.broken-by-{index}"));
-            match std::fs::rename(&path, &broken) {
-                Ok(()) => {
-                    let _ = std::fs::remove_file(&broken);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("rename", &path, e)),
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("read", &path, e)),
+/// Build, for instance `index`, a private directory beside `staging` holding what the
+/// published output will: a hard link to every planned file (no data is copied), plus what
+/// `finish` writes (index, aux files, `merge.json`). Several instances may commit the same
+/// staging directory at once (a takeover racing a slow committer): each works in its own
+/// directory, nothing any of them writes is touched by another, and the first rename into
+/// place wins. Returns the private directory, fsynced.
+pub fn assemble(
+    staging: &Path,
+    plan: &PartitionPlan,
+    index: usize,
+    finish: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let name = staging
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = staging.with_file_name(format!("{name}.commit-{index}"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).ctx("remove", &dir)?;
     }
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-    {
-        Ok(mut f) => {
-            std::io::Write::write_all(&mut f, format!("{index}\n").as_bytes())
-                .ctx("write", &path)?;
-            Ok(true)
+    fsio::mkdir(&dir)?;
+    let built = (|| {
+        for s in &plan.shards {
+            let from = staging.join(&s.file_name);
+            let to = dir.join(&s.file_name);
+            std::fs::hard_link(&from, &to).ctx("link", &from)?;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::io("create", &path, e)),
+        finish(&dir)?;
+        fsio::sync_dir(&dir)
+    })();
+    if let Err(e) = built {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
     }
+    Ok(dir)
 }
 
 /// The marker that says a part is complete: written last, atomically.
@@ -399,7 +387,7 @@ pub fn clear_commit(dir: &Path, plan: &PartitionPlan) -> Result<()> {
     for e in std::fs::read_dir(dir).ctx("list", dir)?.flatten() {
         let n = e.file_name();
         let n = n.to_string_lossy();
-        let keep = n.starts_with("part-") && n.ends_with(".json") || n == CLAIM_FILE;
+        let keep = n.starts_with("part-") && n.ends_with(".json");
         if !keep && !planned.contains(n.as_ref()) {
             remove_if_there(&e.path())?;
         }
@@ -540,10 +528,7 @@ pub fn publish(staging: &Path, parent: &Path, name: &str, replace: bool) -> Resu
     for e in std::fs::read_dir(staging).ctx("list", staging)?.flatten() {
         let n = e.file_name();
         let n = n.to_string_lossy();
-        if n.starts_with("part-") && n.ends_with(".json")
-            || n.starts_with(".part-")
-            || n == CLAIM_FILE
-        {
+        if n.starts_with("part-") && n.ends_with(".json") || n.starts_with(".part-") {
             let p = e.path();
             std::fs::remove_file(&p).ctx("remove", &p)?;
         }
