@@ -1409,7 +1409,7 @@ impl Daemon {
     }
 
     /// Look at every output waiting for its parts: publish those complete (instance 0 at
-    /// once, any other after `partition.takeover_after`, by claim), note those published by
+    /// once, any other after `partition.takeover_after`; the first rename wins), note those published by
     /// another instance, abandon those past `partition.part_timeout` or overtaken by a newer
     /// published step, and say which parts are missing once a minute.
     fn commit_pending(&mut self) {

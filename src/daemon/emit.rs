@@ -16,8 +16,8 @@ use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
 use crate::math::Method;
 use crate::output::average::{write_average, Averaging, DEFAULT_MEMORY_BUDGET};
 use crate::output::partition::{self, PartMarker, PartitionPlan, PartsState, Share};
+use crate::output::record::PartitionRecord;
 use crate::output::record::{unix_now, MergeRecord};
-use crate::output::record::{PartRecord, PartitionRecord};
 use crate::output::write::{self, ChunkStat, Progress, Unit, WriteReport, DEFAULT_CHUNK_BYTES};
 use crate::output::{plan, OutDir};
 use std::collections::BTreeMap;
@@ -176,16 +176,7 @@ fn publish(
         final_lr_ratio: a.method.schedule().map(|s| s.1),
         weights: a.weights.to_vec(),
         steps: opt_steps.clone(),
-        inputs: a
-            .steps
-            .iter()
-            .map(|s| {
-                paths
-                    .get(s)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            })
-            .collect(),
+        inputs: input_paths(a.steps, paths),
         dtype: a.dtype,
         accumulator: a.accumulator,
         tensors: newest.tensors.len(),
@@ -319,18 +310,7 @@ pub fn commit(
     let mut record = part.record.clone();
     record.nonfinite = markers.iter().map(|m| m.nonfinite).sum();
     record.created_unix = unix_now();
-    record.partition = Some(PartitionRecord {
-        plan: part.plan.hash.clone(),
-        count: part.plan.count,
-        by: part.plan.by,
-        parts: markers
-            .into_iter()
-            .map(|m| PartRecord {
-                index: m.index,
-                files: m.files,
-            })
-            .collect(),
-    });
+    record.partition = Some(PartitionRecord::new(&part.plan, markers));
     let built = partition::assemble(&part.dir, &part.plan, index, |dir| {
         plan::write_index(dir, &part.plan.shards)?;
         plan::write_aux(&part.newest, dir)?;
@@ -518,15 +498,7 @@ pub fn emit_rescue(
         scale: onset.scale,
         detected_at_step: detected_at,
         steps: steps.to_vec(),
-        inputs: steps
-            .iter()
-            .map(|s| {
-                paths
-                    .get(s)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            })
-            .collect(),
+        inputs: input_paths(steps, paths),
         restart_from: step,
         values,
         created_unix: unix_now(),
@@ -562,4 +534,18 @@ pub fn emit_rescue(
         Emission::Published(e) => Ok(e),
         Emission::Part(_) => Err(Error::Internal("a rescue written as a part".into())),
     })
+}
+
+/// The directories of `steps` as recorded in `merge.json` and `rescue.json` (empty for a step
+/// whose directory is no longer known).
+fn input_paths(steps: &[u64], paths: &BTreeMap<u64, PathBuf>) -> Vec<String> {
+    steps
+        .iter()
+        .map(|s| {
+            paths
+                .get(s)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect()
 }

@@ -9,7 +9,7 @@
 use super::average::{write_average, Averaging};
 use super::partition::{self, Part, PartMarker, PartitionBy, PartitionPlan, PartsState};
 use super::plan;
-use super::record::{unix_now, MergeRecord, PartRecord, PartitionRecord};
+use super::record::{unix_now, MergeRecord, PartitionRecord};
 use super::staging::Staging;
 use super::write::{Progress, WriteReport};
 use crate::error::{Error, IoContext, Result};
@@ -499,18 +499,7 @@ pub fn commit_parts(
     let nonfinite = markers.iter().map(|m| m.nonfinite).sum();
     let bytes = plan.shards.iter().map(|s| s.data_len as u64).sum();
     let mut record = p.record(spec, bytes, nonfinite);
-    record.partition = Some(PartitionRecord {
-        plan: plan.hash.clone(),
-        count: plan.count,
-        by: plan.by,
-        parts: markers
-            .into_iter()
-            .map(|m| PartRecord {
-                index: m.index,
-                files: m.files,
-            })
-            .collect(),
-    });
+    record.partition = Some(PartitionRecord::new(&plan, markers));
     record.write(&dir)?;
     let out = partition::publish(&dir, &p.parent, &p.name, force)?;
     Ok(summary(out, &plan, nonfinite))

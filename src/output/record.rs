@@ -1,7 +1,7 @@
 //! `merge.json`: the provenance record written next to every output (one-shot and daemon),
 //! and read back at restart to tell which steps an existing output holds.
 
-use super::partition::PartitionBy;
+use super::partition::{PartMarker, PartitionBy, PartitionPlan};
 use super::write::WrittenFile;
 use crate::error::{Error, Result};
 use crate::fsio;
@@ -73,6 +73,24 @@ pub struct PartRecord {
     pub index: usize,
     /// Its files.
     pub files: Vec<WrittenFile>,
+}
+
+impl PartitionRecord {
+    /// The record of `plan` committed from these markers (in instance order).
+    pub fn new(plan: &PartitionPlan, markers: Vec<PartMarker>) -> PartitionRecord {
+        PartitionRecord {
+            plan: plan.hash.clone(),
+            count: plan.count,
+            by: plan.by,
+            parts: markers
+                .into_iter()
+                .map(|m| PartRecord {
+                    index: m.index,
+                    files: m.files,
+                })
+                .collect(),
+        }
+    }
 }
 
 impl MergeRecord {
