@@ -330,7 +330,7 @@ impl Daemon {
                     }
                 }
                 Reconciled::FinishLatest(step) => {
-                    if out.set_latest(step).is_ok() {
+                    if out.advance_latest(step).is_ok() {
                         self.schedule.published_before(ri, step);
                     }
                 }

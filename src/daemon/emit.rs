@@ -289,13 +289,14 @@ pub fn commit(
 ) -> Result<Committed> {
     let started = Instant::now();
     let published = out.step_path(part.step);
-    if let Ok(Some(r)) = MergeRecord::read(&published) {
-        if r.partition
-            .as_ref()
-            .is_some_and(|p| p.plan == part.plan.hash)
-        {
-            return Ok(Committed::Already(published));
-        }
+    let same = |dir: &std::path::Path| {
+        matches!(MergeRecord::read(dir), Ok(Some(r))
+            if r.partition.as_ref().is_some_and(|p| p.plan == part.plan.hash))
+    };
+    if same(&published) {
+        // Published by another instance; if it died before moving LATEST, move it now.
+        out.advance_latest(part.step)?;
+        return Ok(Committed::Already(published));
     }
     if !part.dir.is_dir() {
         return Ok(Committed::Gone);
@@ -316,8 +317,9 @@ pub fn commit(
         plan::write_aux(&part.newest, dir)?;
         record.write(dir)
     })?;
-    let p = match out.publish_parts(&built, part.step, keep) {
-        Ok(p) => p,
+    let p = match out.publish_parts(&built, part.step, keep, same) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(Committed::Already(published)),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&built);
             return Err(e);
