@@ -147,6 +147,21 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_file(&f, path)
 }
 
+/// Write `bytes` to `path`, replacing what is there (no rename: for object-store mounts, which
+/// replace an object whole when it is closed), and fsync it.
+pub fn overwrite_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    gate(Op::Create, path).ctx("create", path)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(path)
+        .ctx("create", path)?;
+    write_all(&mut f, path, bytes)?;
+    sync_file(&f, path)
+}
+
 /// Copy a file's bytes into a new file durably.
 pub fn copy_file(src: &Path, dst: &Path) -> Result<u64> {
     let bytes = std::fs::read(src).ctx("read", src)?;

@@ -16,25 +16,6 @@ pub struct RunArgs {
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config)?;
-    if let Some(p) = cfg
-        .partition
-        .as_ref()
-        .filter(|p| p.count > 1 && p.commit == pmad::config::CommitMode::Marker)
-    {
-        // Decided: marker mode (object-store mounts without an atomic directory rename) is
-        // not in this version; refuse rather than publish in a way readers cannot trust.
-        return Err(pmad::Error::Config {
-            file: Some(args.config.clone()),
-            detail: format!(
-                "partition.commit = \"marker\" (with count = {}): this version of `pmad run` \
-                 commits parts by renaming a staging directory only; put out_dir on a \
-                 filesystem with an atomic rename (local, NFS, Lustre, GPFS) and use \
-                 commit = \"rename\" or \"auto\"",
-                p.count
-            ),
-        }
-        .into());
-    }
     // Before any thread starts: every thread pmad starts inherits it.
     let priority_failures = match cfg.priority {
         Priority::Background => pmad::sys::lower_priority(),

@@ -184,7 +184,12 @@ impl Config {
             let _ = writeln!(s, "index          = {} (from {})", p.index, p.index_from);
             let _ = writeln!(s, "count          = {} (from {})", p.count, p.count_from);
             let _ = writeln!(s, "by             = {}", p.by);
-            let _ = writeln!(s, "commit         = {}", p.commit);
+            let modes: Vec<String> = self
+                .recipes
+                .iter()
+                .map(|r| format!("{}: {}", r.name, p.commit.resolve(&r.out_dir)))
+                .collect();
+            let _ = writeln!(s, "commit         = {} ({})", p.commit, modes.join(", "));
             let _ = writeln!(
                 s,
                 "takeover_after = {}",

@@ -26,7 +26,7 @@ use super::tracker::{Phase, Ready, Seen, Tracker};
 use super::watch::Scanner;
 use super::window::{Recovery, Saved, Window};
 use super::{emit, status};
-use crate::config::Config;
+use crate::config::{CommitMode, Config};
 use crate::error::{Error, Result};
 use crate::format::{Checkpoint, Dir, Snapshot, SourceState};
 use crate::obs::log::{bytes, fmt_list, fmt_steps, rate, secs};
@@ -222,7 +222,7 @@ impl Daemon {
             outputs: cfg
                 .recipes
                 .iter()
-                .map(|r| OutDir::new(&r.out_dir))
+                .map(|r| recipe_out_dir(&cfg, r))
                 .collect(),
             tracker: Tracker::new(),
             accepted: BTreeMap::new(),
@@ -703,8 +703,14 @@ impl Daemon {
                 Ok(()) => "ok\n".to_string(),
                 Err(e) => format!("nonfinite {e}\n"),
             };
-            crate::fsio::write_file(&tmp, text.as_bytes())?;
-            crate::fsio::rename(&tmp, &mine)?;
+            if self.outputs[0].is_in_place() {
+                // No renames in marker mode; a reader takes a verdict without its newline
+                // for one still being written.
+                crate::fsio::overwrite_file(&mine, text.as_bytes())?;
+            } else {
+                crate::fsio::write_file(&tmp, text.as_bytes())?;
+                crate::fsio::rename(&tmp, &mine)?;
+            }
         }
         if let Err(e) = own {
             return Ok(Agreement::Reject(e.clone()));
@@ -712,6 +718,7 @@ impl Daemon {
         let mut missing = Vec::new();
         for k in 0..s.part.count {
             match std::fs::read_to_string(dir.join(format!("part-{k}"))) {
+                Ok(t) if !t.ends_with('\n') => missing.push(k),
                 Ok(t) if t.trim() == "ok" => {}
                 Ok(t) => {
                     let what = t.trim().trim_start_matches("nonfinite").trim();
@@ -1249,6 +1256,7 @@ impl Daemon {
                         size = %bytes(p.bytes),
                         size_total = %bytes(total),
                         imbalance = %format!("{:.3}", if mean > 0.0 { max as f64 / mean } else { 1.0 }),
+                        commit = if self.outputs[ri].is_in_place() { "marker" } else { "rename" },
                         "this instance writes its part of every output; instance 0 commits"
                     );
                 }
@@ -1381,7 +1389,8 @@ impl Daemon {
     /// directory. Its checkpoints are not published as this step; later steps are.
     fn abandon(&self, p: &Pending, why: &str) {
         let name = &self.cfg.recipes[p.ri].name;
-        let missing = partition::check_parts(&p.part.dir, &p.part.plan)
+        let out = &self.outputs[p.ri];
+        let missing = partition::check_parts(&p.part.dir, &p.part.plan, out.is_in_place())
             .ok()
             .and_then(|s| match s {
                 partition::PartsState::Missing(m) => Some(fmt_parts(&m)),
@@ -1403,7 +1412,9 @@ impl Daemon {
             .parts_abandoned
             .get_or_create(&vec![("recipe".into(), name.clone())])
             .inc();
-        if self.part_index() == 0 {
+        // In marker mode the parts sit under the output's own name: never remove a
+        // committed one (another instance may have committed it meanwhile).
+        if self.part_index() == 0 && !(out.is_in_place() && out.is_committed(&p.part.dir)) {
             let _ = std::fs::remove_dir_all(&p.part.dir);
         }
     }
@@ -1564,10 +1575,19 @@ impl Daemon {
         if n > 0 {
             info!(event = "startup.swept", dir = %out.path().join(partition::STAGING_DIR).display(), removed = n, "removed staging directories that can no longer be published");
         }
+        if out.is_in_place() {
+            let n = out.sweep_uncommitted(|s| published.is_some_and(|p| s <= p), pc.part_timeout);
+            if n > 0 {
+                info!(event = "startup.swept", dir = %out.path().display(), removed = n, "removed uncommitted outputs that can no longer be published");
+            }
+        }
     }
 
     /// Hashes of other plans staged for the same step as `p` (instances that disagree).
     fn other_plans(&self, p: &Pending) -> Vec<String> {
+        if self.outputs[p.ri].is_in_place() {
+            return partition::foreign_plans(&p.part.dir, &p.part.plan.hash);
+        }
         let Some(root) = p.part.dir.parent() else {
             return Vec::new();
         };
@@ -1678,6 +1698,17 @@ fn with_heartbeat<T>(shared: &Arc<Shared>, f: impl FnOnce() -> T) -> T {
         ticker.thread().unpark();
         r
     })
+}
+
+/// A recipe's output directory as this instance uses it: shared with the other instances
+/// under `[partition]` (and in marker mode where the commit mode resolves so).
+pub(super) fn recipe_out_dir(cfg: &Config, r: &crate::config::Recipe) -> OutDir {
+    let out = OutDir::new(&r.out_dir);
+    match cfg.partition.as_ref().filter(|p| p.count > 1) {
+        Some(p) if p.commit.resolve(&r.out_dir) == CommitMode::Marker => out.in_place(),
+        Some(_) => out.shared(),
+        None => out,
+    }
 }
 
 /// Instance indexes for a log line: `1,3`.

@@ -202,7 +202,13 @@ fn publish(
             share.by,
             &identity,
         )?;
-        let dir = plan.staging_dir(out.path(), &OutDir::step_name(step));
+        // Marker mode writes the part in place, under the output's own name.
+        let in_place = out.is_in_place();
+        let dir = if in_place {
+            out.step_path(step)
+        } else {
+            plan.staging_dir(out.path(), &OutDir::step_name(step))
+        };
         let mine = plan.shards_of(share.part.index);
         let bytes: u64 = mine.iter().map(|s| s.data_len as u64).sum();
         let marker = dir.join(partition::marker_name(share.part.index, share.part.count));
@@ -218,7 +224,19 @@ fn publish(
             reused,
             duration: started.elapsed(),
         };
-        if marker.exists() {
+        if in_place && out.is_committed(&dir) {
+            if same_plan(&dir, &plan.hash) {
+                return Ok(Emission::Part(Box::new(written(true))));
+            }
+            // Replacing it would mean unpublishing it first; decided: never in marker mode.
+            return Err(Error::invalid(
+                &dir,
+                "already published under another plan (an earlier run with other inputs, \
+                 options or pmad version); marker mode never rewrites a published output: \
+                 remove it to have it made again",
+            ));
+        }
+        if marker.exists() && (!in_place || same_marker(&marker, &plan.hash)) {
             return Ok(Emission::Part(Box::new(written(true))));
         }
         std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
@@ -235,6 +253,7 @@ fn publish(
                 nonfinite: report.count,
                 files: report.files,
             },
+            in_place,
         )?;
         return Ok(Emission::Part(Box::new(written(false))));
     }
@@ -289,11 +308,9 @@ pub fn commit(
 ) -> Result<Committed> {
     let started = Instant::now();
     let published = out.step_path(part.step);
-    let same = |dir: &std::path::Path| {
-        matches!(MergeRecord::read(dir), Ok(Some(r))
-            if r.partition.as_ref().is_some_and(|p| p.plan == part.plan.hash))
-    };
-    if same(&published) {
+    let in_place = out.is_in_place();
+    let same = |dir: &std::path::Path| same_plan(dir, &part.plan.hash);
+    if out.is_committed(&published) && same(&published) {
         // Published by another instance; if it died before moving LATEST, move it now.
         out.advance_latest(part.step)?;
         return Ok(Committed::Already(published));
@@ -301,7 +318,7 @@ pub fn commit(
     if !part.dir.is_dir() {
         return Ok(Committed::Gone);
     }
-    let markers = match partition::check_parts(&part.dir, &part.plan)? {
+    let markers = match partition::check_parts(&part.dir, &part.plan, in_place)? {
         PartsState::Missing(m) => return Ok(Committed::Waiting(m)),
         PartsState::Complete(m) => m,
     };
@@ -312,11 +329,48 @@ pub fn commit(
     record.nonfinite = markers.iter().map(|m| m.nonfinite).sum();
     record.created_unix = unix_now();
     record.partition = Some(PartitionRecord::new(&part.plan, markers));
-    let built = partition::assemble(&part.dir, &part.plan, index, |dir| {
+    let finish = |dir: &std::path::Path| {
         plan::write_index(dir, &part.plan.shards)?;
         plan::write_aux(&part.newest, dir)?;
         record.write(dir)
-    })?;
+    };
+    if in_place {
+        let p = out.publish_in_place(
+            part.step,
+            keep,
+            |dir| {
+                // What an interrupted commit left (index, aux, merge.json) is written again.
+                partition::clear_commit(dir, &part.plan)?;
+                finish(dir)
+            },
+            |dir| {
+                partition::check_files(dir, &part.plan)?;
+                if same(dir) {
+                    Ok(())
+                } else {
+                    Err(Error::invalid(
+                        &dir.join(crate::output::record::RECORD_FILE),
+                        "changed while the output was being committed",
+                    ))
+                }
+            },
+        )?;
+        let Some(p) = p else {
+            return Ok(Committed::Already(published));
+        };
+        // The markers stay: an instance restarted just now may be deciding whether its part
+        // of this step is written, and finds it by its marker (without it, it would write
+        // the part again inside the published output).
+        return Ok(Committed::Published(Emitted {
+            path: p.path,
+            step: part.step,
+            steps: part.steps.clone(),
+            bytes: record.bytes,
+            duration: started.elapsed(),
+            removed: p.removed,
+        }));
+    }
+    let built = partition::assemble(&part.dir, &part.plan, index, finish)?;
     let p = match out.publish_parts(&built, part.step, keep, same) {
         Ok(Some(p)) => p,
         Ok(None) => return Ok(Committed::Already(published)),
@@ -335,6 +389,20 @@ pub fn commit(
         duration: started.elapsed(),
         removed: p.removed,
     }))
+}
+
+/// Whether `dir/merge.json` records an output of the plan `hash`.
+fn same_plan(dir: &std::path::Path, hash: &str) -> bool {
+    matches!(MergeRecord::read(dir), Ok(Some(r))
+        if r.partition.as_ref().is_some_and(|p| p.plan == hash))
+}
+
+/// Whether the marker at `path` is whole and of the plan `hash` (marker mode, where markers
+/// of other plans may sit under the same name).
+fn same_marker(path: &std::path::Path, hash: &str) -> bool {
+    std::fs::read(path).is_ok_and(|b| {
+        b.ends_with(b"\n") && serde_json::from_slice::<PartMarker>(&b).is_ok_and(|m| m.plan == hash)
+    })
 }
 
 /// Stream the averaged values of `shards` into `dir`, then check that the bytes read were

@@ -144,7 +144,7 @@ async fn run_loop(cfg: Config, shutdown: CancellationToken, shared: Arc<Shared>)
     let outputs: Vec<(String, OutDir)> = cfg
         .recipes
         .iter()
-        .map(|r| (r.name.clone(), OutDir::new(&r.out_dir)))
+        .map(|r| (r.name.clone(), cycle::recipe_out_dir(&cfg, r)))
         .collect();
     for (name, out) in outputs {
         let swept = blocking(move || out.prepare().map(|n| (n, out))).await?;

@@ -379,6 +379,7 @@ pub fn merge_part(
             nonfinite: report.count,
             files: report.files,
         },
+        false,
     )?;
     Ok(summary(report.count))
 }
@@ -477,7 +478,7 @@ pub fn commit_parts(
             return Ok(summary(out, &plan, rec.nonfinite));
         }
     }
-    let markers = match partition::check_parts(&dir, &plan)? {
+    let markers = match partition::check_parts(&dir, &plan, false)? {
         PartsState::Complete(m) => m,
         PartsState::Missing(missing) => {
             let list: Vec<String> = missing

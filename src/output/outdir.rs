@@ -4,8 +4,15 @@
 //! <out_dir>/step-<N>/          one published output (shards, index, aux files, merge.json)
 //! <out_dir>/LATEST             the name of the newest complete output, replaced atomically
 //! <out_dir>/.pmad-tmp-*        an output being written (removed at start if left by a crash)
-//! <out_dir>/.pmad-lock         held (flock) while a step-<N> name or LATEST changes
+//! <out_dir>/.pmad-lock         shared dirs only: held (flock) while a name or LATEST changes
 //! ```
+//!
+//! **Marker mode** ([`OutDir::in_place`], for object-store mounts that cannot rename a
+//! directory atomically, or at all): nothing under `out_dir` is ever renamed. An output is
+//! written in place under `step-<N>/` and counts as published only once its `COMMIT` file
+//! (written last) is there; `LATEST` is overwritten in place; retention removes `COMMIT`
+//! first. Every reader in pmad ([`OutDir::outputs`], [`OutDir::published_as`]) counts only
+//! committed steps, and so must other readers of such a directory.
 //!
 //! Invariants: `step-<N>/` appears only complete (written in a [`Staging`] dir, renamed into
 //! place); `LATEST` is replaced only after that and always names a complete output; if
@@ -14,7 +21,7 @@
 //! the one `LATEST` names.
 //!
 //! Several processes may share one output directory (`[partition]`: every instance may
-//! commit). Each change of a `step-<N>` name, of `LATEST` and each retention pass happens
+//! commit; [`OutDir::shared`]). Then each change of a `step-<N>` name, of `LATEST` and each retention pass happens
 //! under an exclusive `flock` of `.pmad-lock`, so a read of `LATEST` followed by its
 //! replacement is never interleaved with another process's: `LATEST` only moves forward and
 //! always names an output that exists. The lock is released by the kernel when its holder
@@ -43,6 +50,8 @@ const LATEST_TMP: &str = "LATEST.tmp";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutDir {
     path: PathBuf,
+    in_place: bool,
+    shared: bool,
 }
 
 /// An output that was published.
@@ -57,7 +66,42 @@ pub struct Published {
 impl OutDir {
     /// The output directory at `path` (nothing is created yet).
     pub fn new(path: impl Into<PathBuf>) -> OutDir {
-        OutDir { path: path.into() }
+        OutDir {
+            path: path.into(),
+            in_place: false,
+            shared: false,
+        }
+    }
+
+    /// The same directory shared by several processes (`[partition]`): changes of names and
+    /// `LATEST` are made under its lock (see the module doc). A directory only one process
+    /// writes needs no lock and gets no lock file.
+    pub fn shared(self) -> OutDir {
+        OutDir {
+            shared: true,
+            ..self
+        }
+    }
+
+    /// The same directory in marker mode (see the module doc): outputs are written in place
+    /// and published by their `COMMIT` file.
+    pub fn in_place(self) -> OutDir {
+        OutDir {
+            in_place: true,
+            shared: true,
+            ..self
+        }
+    }
+
+    /// Whether this directory is in marker mode.
+    pub fn is_in_place(&self) -> bool {
+        self.in_place
+    }
+
+    /// Whether the output directory `dir` is published: always, unless in marker mode,
+    /// where its `COMMIT` file decides.
+    pub fn is_committed(&self, dir: &Path) -> bool {
+        !self.in_place || dir.join(super::partition::COMMIT).is_file()
     }
 
     /// Its path.
@@ -96,9 +140,13 @@ impl OutDir {
         Ok(staging::sweep_temps(&self.path)? + latest_tmp)
     }
 
-    /// Take the directory's lock ([`LOCK`]), waiting up to 10 s; `None` where the
-    /// filesystem has no locks. Released when the returned file is dropped.
+    /// Take the directory's lock ([`LOCK`]), waiting up to 10 s; `None` when the directory
+    /// is not [`OutDir::shared`] or the filesystem has no locks. Released when the returned
+    /// file is dropped.
     fn lock(&self) -> Result<Option<std::fs::File>> {
+        if !self.shared {
+            return Ok(None);
+        }
         let p = self.path.join(LOCK);
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -108,12 +156,12 @@ impl OutDir {
             .ctx("open", &p)?;
         let deadline = Instant::now() + LOCK_WAIT;
         loop {
-            match f.try_lock() {
+            match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => return Ok(Some(f)),
-                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Err(std::fs::TryLockError::WouldBlock) => {
+                Err(rustix::io::Errno::WOULDBLOCK) => {
                     return Err(crate::Error::io(
                         "lock",
                         &p,
@@ -126,18 +174,14 @@ impl OutDir {
                         ),
                     ));
                 }
-                Err(std::fs::TryLockError::Error(e))
-                    if e.kind() == std::io::ErrorKind::Unsupported
-                        || matches!(
-                            e.raw_os_error(),
-                            Some(libc::ENOLCK | libc::ENOSYS | libc::EOPNOTSUPP)
-                        ) =>
-                {
+                Err(
+                    rustix::io::Errno::NOLCK
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP,
+                ) => {
                     return Ok(None);
                 }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(crate::Error::io("lock", &p, e));
-                }
+                Err(e) => return Err(crate::Error::io("lock", &p, e.into())),
             }
         }
     }
@@ -162,6 +206,12 @@ impl OutDir {
             )
         })?;
         let suffix: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        if self.in_place {
+            // No rename: an object store replaces the object whole when it is closed.
+            let latest = self.path.join(LATEST);
+            fsio::overwrite_file(&latest, format!("{}\n", Self::step_name(step)).as_bytes())?;
+            return fsio::sync_dir(&self.path);
+        }
         let tmp = self
             .path
             .join(format!("{}{LATEST_TMP}-{suffix}", staging::TMP_PREFIX));
@@ -176,10 +226,11 @@ impl OutDir {
 
     /// Whether the output for `step` exists and its `merge.json` records exactly `steps`.
     pub fn published_as(&self, step: u64, steps: &[u64]) -> bool {
-        matches!(
-            MergeRecord::read(&self.step_path(step)),
-            Ok(Some(m)) if m.steps.iter().copied().eq(steps.iter().map(|x| Some(*x)))
-        )
+        self.is_committed(&self.step_path(step))
+            && matches!(
+                MergeRecord::read(&self.step_path(step)),
+                Ok(Some(m)) if m.steps.iter().copied().eq(steps.iter().map(|x| Some(*x)))
+            )
     }
 
     /// Published outputs, oldest step first.
@@ -190,7 +241,8 @@ impl OutDir {
                     .filter_map(|e| {
                         let n = e.file_name();
                         let s = Self::step_of(n.to_str()?)?;
-                        e.path().is_dir().then(|| (s, e.path()))
+                        let p = e.path();
+                        (p.is_dir() && self.is_committed(&p)).then_some((s, p))
                     })
                     .collect()
             })
@@ -265,12 +317,45 @@ impl OutDir {
         Ok(Some(Published { path, removed }))
     }
 
+    /// Marker mode: publish the output of `step` whose parts are in place under `step-<N>/`.
+    /// `finish` writes the rest of it (index, aux files, `merge.json`) into that directory and
+    /// `check` confirms it is whole; then `COMMIT` is written, `LATEST` moved forward and
+    /// retention applied. `None` when the output was already committed (by another
+    /// instance): nothing is written.
+    pub fn publish_in_place(
+        &self,
+        step: u64,
+        keep: usize,
+        finish: impl FnOnce(&Path) -> Result<()>,
+        check: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Option<Published>> {
+        let path = self.step_path(step);
+        let commit = path.join(super::partition::COMMIT);
+        let _lock = self.lock()?;
+        if commit.is_file() {
+            self.forward_latest(step)?;
+            return Ok(None);
+        }
+        finish(&path)?;
+        fsio::sync_dir(&path)?;
+        // Where there are no locks (object stores) another committer may have been at the
+        // same output meanwhile: check it is whole before it becomes visible.
+        check(&path)?;
+        fsio::overwrite_file(&commit, format!("{}\n", Self::step_name(step)).as_bytes())?;
+        fsio::sync_dir(&path)?;
+        self.forward_latest(step)?;
+        let latest = Self::step_name(self.latest().map_or(step, |l| l.max(step)));
+        let removed = self.retain(keep, &latest);
+        Ok(Some(Published { path, removed }))
+    }
+
     /// Move `LATEST` to the published output of `step` if that is newer than what it names
     /// (a committer that died between publishing and moving `LATEST` leaves this to whoever
     /// sees the output next).
     pub fn advance_latest(&self, step: u64) -> Result<()> {
         let _lock = self.lock()?;
-        if self.step_path(step).is_dir() {
+        let dir = self.step_path(step);
+        if dir.is_dir() && self.is_committed(&dir) {
             self.forward_latest(step)?;
         }
         Ok(())
@@ -284,6 +369,37 @@ impl OutDir {
         Ok(())
     }
 
+    /// Marker mode: remove the uncommitted `step-<N>/` directories that can no longer be
+    /// published (`dead(N)`, e.g. at or below the published step) or that were not touched
+    /// for `older_than` (left by a crash). Each under the lock, so never one being
+    /// committed. Returns how many were removed.
+    pub fn sweep_uncommitted(&self, dead: impl Fn(u64) -> bool, older_than: Duration) -> usize {
+        let Ok(rd) = std::fs::read_dir(&self.path) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in rd.flatten() {
+            let Some(step) = e.file_name().to_str().and_then(Self::step_of) else {
+                continue;
+            };
+            let p = e.path();
+            let stale = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= older_than);
+            if !(dead(step) || stale) || !p.is_dir() {
+                continue;
+            }
+            let Ok(_lock) = self.lock() else { continue };
+            if !self.is_committed(&p) && std::fs::remove_dir_all(&p).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Delete the oldest outputs beyond `keep` (0 = keep all), never `latest`.
     fn retain(&self, keep: usize, latest: &str) -> Vec<PathBuf> {
         if keep == 0 {
@@ -295,6 +411,10 @@ impl OutDir {
         for (_, p) in all.into_iter().take(excess) {
             if p.file_name().and_then(|n| n.to_str()) == Some(latest) {
                 continue;
+            }
+            if self.in_place {
+                // Unpublished first: a reader never takes a half-deleted output for one.
+                let _ = std::fs::remove_file(p.join(super::partition::COMMIT));
             }
             if std::fs::remove_dir_all(&p).is_ok() {
                 removed.push(p);
@@ -378,7 +498,7 @@ mod tests {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
         let d = tempfile::tempdir().unwrap();
-        let out = OutDir::new(d.path().join("o"));
+        let out = OutDir::new(d.path().join("o")).shared();
         out.prepare().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
@@ -444,6 +564,62 @@ mod tests {
         std::fs::create_dir(out.step_path(5)).unwrap();
         out.advance_latest(5).unwrap();
         assert_eq!(out.latest(), Some(20), "never back");
-        assert!(out.path().join(LOCK).is_file());
+        assert!(!out.path().join(LOCK).exists(), "one writer, no lock file");
+    }
+
+    /// Marker mode: an output counts once its COMMIT is there; publishing writes it last and
+    /// nothing is renamed; a second commit of the same step does nothing; retention removes
+    /// COMMIT first and never the output LATEST names.
+    #[test]
+    fn marker_mode_counts_committed_outputs_only() {
+        let d = tempfile::tempdir().unwrap();
+        let out = OutDir::new(d.path()).in_place();
+        out.prepare().unwrap();
+        for step in [10, 20, 30] {
+            let dir = out.step_path(step);
+            std::fs::create_dir(&dir).unwrap();
+            fsio::write_file(&dir.join("model.safetensors"), b"x").unwrap();
+            assert!(out.outputs().is_empty() || out.latest() == Some(step - 10));
+            assert!(!out.is_committed(&dir));
+            let p = out
+                .publish_in_place(
+                    step,
+                    2,
+                    |dir| fsio::write_file(&dir.join("merge.json"), b"{}"),
+                    |dir| {
+                        assert!(dir.join("merge.json").is_file(), "checked after finish");
+                        Ok(())
+                    },
+                )
+                .unwrap()
+                .unwrap();
+            assert_eq!(p.path, dir);
+            assert!(out.is_committed(&dir));
+            assert_eq!(out.latest(), Some(step));
+        }
+        let steps: Vec<u64> = out.outputs().iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, [20, 30], "keep = 2; step-10 removed");
+        assert!(!out.step_path(10).exists());
+        // No temp files, no renames: only the outputs, LATEST and the lock are there.
+        let mut names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [LOCK, LATEST, "step-20", "step-30"]);
+        // An uncommitted step is not an output, and is swept once dead.
+        std::fs::create_dir(out.step_path(25)).unwrap();
+        assert_eq!(out.outputs().len(), 2);
+        assert!(!out.published_as(25, &[25]));
+        assert_eq!(
+            out.sweep_uncommitted(|s| s <= 30, Duration::from_secs(3600)),
+            1
+        );
+        assert!(!out.step_path(25).exists());
+        // Committing again writes nothing.
+        let again = out
+            .publish_in_place(30, 2, |_| panic!("finish called again"), |_| Ok(()))
+            .unwrap();
+        assert!(again.is_none());
     }
 }

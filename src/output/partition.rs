@@ -61,6 +61,32 @@ named_enum! {
 /// Directory under an output's parent that holds the parts being written.
 pub const STAGING_DIR: &str = ".pmad-staging";
 
+/// In marker mode, the file whose presence makes `step-N/` a published output.
+pub const COMMIT: &str = "COMMIT";
+
+/// `statfs` magic of FUSE filesystems (gcsfuse, s3fs, mountpoint-s3, ...).
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+impl CommitMode {
+    /// The mode to use for outputs under `dir`: `auto` is `marker` on a FUSE mount (where
+    /// object-store adapters live, none of which renames a directory atomically) and
+    /// `rename` elsewhere. `dir` or its nearest existing ancestor is asked.
+    pub fn resolve(self, dir: &Path) -> CommitMode {
+        match self {
+            CommitMode::Auto => {
+                let probe = dir.ancestors().find(|a| a.exists()).unwrap_or(dir);
+                // `f_type` is a C long: i64 here, i32 on 32-bit targets.
+                #[allow(clippy::unnecessary_cast)]
+                match rustix::fs::statfs(probe) {
+                    Ok(st) if st.f_type as i64 == FUSE_SUPER_MAGIC => CommitMode::Marker,
+                    _ => CommitMode::Rename,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
 /// This instance's place among the instances: `index` in `0..count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Part {
@@ -355,11 +381,19 @@ pub fn marker_name(index: usize, count: usize) -> String {
 }
 
 /// Write `marker` into `dir` atomically and durably (temp file, fsync, rename, fsync dir):
-/// a marker is either absent or whole.
-pub fn write_marker(dir: &Path, marker: &PartMarker) -> Result<()> {
+/// a marker is either absent or whole. With `in_place` (marker mode: no renames) it is
+/// written under its name directly; readers take a marker without its final newline for
+/// one still being written.
+pub fn write_marker(dir: &Path, marker: &PartMarker, in_place: bool) -> Result<()> {
     let mut json = serde_json::to_vec_pretty(marker).unwrap_or_default();
     json.push(b'\n');
     let name = marker_name(marker.index, marker.count);
+    if in_place {
+        let path = dir.join(&name);
+        remove_if_there(&path)?;
+        fsio::write_file(&path, &json)?;
+        return fsio::sync_dir(dir);
+    }
     let tmp = dir.join(format!(".{name}.tmp"));
     fsio::write_file(&tmp, &json)?;
     fsio::rename(&tmp, &dir.join(&name))?;
@@ -428,6 +462,29 @@ pub fn any_marker(dir: &Path) -> Result<Option<PartMarker>> {
         .map_err(|e| Error::invalid(path, format!("unreadable part marker: {e}")))
 }
 
+/// Hashes of other plans whose markers are in `dir` (marker mode: instances that disagree
+/// write into the same `step-N/`).
+pub fn foreign_plans(dir: &Path, hash: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    n.starts_with("part-") && n.ends_with(".json")
+                })
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .filter_map(|b| serde_json::from_slice::<PartMarker>(&b).ok())
+                .map(|m| m.plan)
+                .filter(|p| p != hash)
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// What a staging directory holds against a plan.
 #[derive(Debug)]
 pub enum PartsState {
@@ -439,13 +496,19 @@ pub enum PartsState {
 
 /// Check the parts in `dir` against `plan`: every marker present, with the plan's hash, and
 /// every file it lists there, of its size, starting with the plan's header. An error names
-/// the first file that does not check out.
-pub fn check_parts(dir: &Path, plan: &PartitionPlan) -> Result<PartsState> {
+/// the first file that does not check out. With `in_place` (marker mode: every plan's parts
+/// land in `step-N/` itself) a marker still being written or of another plan counts as
+/// missing: that instance's part of this plan is not there.
+pub fn check_parts(dir: &Path, plan: &PartitionPlan, in_place: bool) -> Result<PartsState> {
     let mut markers = Vec::with_capacity(plan.count);
     let mut missing = Vec::new();
     for index in 0..plan.count {
         let path = dir.join(marker_name(index, plan.count));
         let bytes = match std::fs::read(&path) {
+            Ok(b) if in_place && !b.ends_with(b"\n") => {
+                missing.push(index);
+                continue;
+            }
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 missing.push(index);
@@ -455,6 +518,10 @@ pub fn check_parts(dir: &Path, plan: &PartitionPlan) -> Result<PartsState> {
         };
         let m: PartMarker = serde_json::from_slice(&bytes)
             .map_err(|e| Error::invalid(&path, format!("unreadable part marker: {e}")))?;
+        if in_place && m.plan != plan.hash {
+            missing.push(index);
+            continue;
+        }
         if m.plan != plan.hash || m.index != index || m.count != plan.count {
             return Err(Error::invalid(
                 &path,
