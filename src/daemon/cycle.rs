@@ -663,7 +663,7 @@ impl Daemon {
                     .insert(step, (before.cloned(), own))
                     .is_none()
                 {
-                    info!(event = "partition.waiting", step, missing = %fmt_parts(&missing), what = "verdicts", "waiting for the other instances' NaN/Inf verdicts on their parts of this checkpoint");
+                    info!(event = "partition.waiting", step, missing = %fmt_list(&missing), what = "verdicts", "waiting for the other instances' NaN/Inf verdicts on their parts of this checkpoint");
                 }
                 self.tracker
                     .unsettled(path, before.cloned(), Instant::now());
@@ -1251,7 +1251,7 @@ impl Daemon {
                         index = self.part_index(),
                         count = p.plan.count,
                         by = p.plan.by.name(),
-                        files = p.plan.shards_of(self.part_index()).len(),
+                        files = p.plan.owner.iter().filter(|&&o| o == self.part_index()).count(),
                         files_total = p.plan.shards.len(),
                         size = %bytes(p.bytes),
                         size_total = %bytes(total),
@@ -1266,7 +1266,7 @@ impl Daemon {
                     step = p.step,
                     part = %format!("{}/{}", self.part_index(), p.plan.count),
                     plan = %p.plan.hash,
-                    files = p.plan.shards_of(self.part_index()).len(),
+                    files = p.plan.owner.iter().filter(|&&o| o == self.part_index()).count(),
                     size = %bytes(p.bytes),
                     took = %secs(p.duration),
                     reused = p.reused,
@@ -1393,7 +1393,7 @@ impl Daemon {
         let missing = partition::check_parts(&p.part.dir, &p.part.plan, out.is_in_place())
             .ok()
             .and_then(|s| match s {
-                partition::PartsState::Missing(m) => Some(fmt_parts(&m)),
+                partition::PartsState::Missing(m) => Some(fmt_list(&m)),
                 partition::PartsState::Complete(_) => None,
             })
             .unwrap_or_else(|| "-".into());
@@ -1504,7 +1504,7 @@ impl Daemon {
                                 event = "partition.waiting",
                                 recipe = %name,
                                 step = p.part.step,
-                                missing = %fmt_parts(missing),
+                                missing = %fmt_list(missing),
                                 present,
                                 count = p.part.plan.count,
                                 waited = %secs(waited),
@@ -1709,10 +1709,4 @@ pub(super) fn recipe_out_dir(cfg: &Config, r: &crate::config::Recipe) -> OutDir 
         Some(_) => out.shared(),
         None => out,
     }
-}
-
-/// Instance indexes for a log line: `1,3`.
-fn fmt_parts(parts: &[usize]) -> String {
-    let v: Vec<String> = parts.iter().map(|i| i.to_string()).collect();
-    v.join(",")
 }

@@ -142,7 +142,7 @@ pub fn fmt_steps(s: &[u64]) -> String {
 }
 
 /// Format a list of steps for log lines: "300,400", or "-" when empty.
-pub fn fmt_list(s: &[u64]) -> String {
+pub fn fmt_list<T: std::fmt::Display>(s: &[T]) -> String {
     if s.is_empty() {
         "-".into()
     } else {
