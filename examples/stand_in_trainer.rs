@@ -35,7 +35,8 @@
 //! JSON line per step (`{"step", "compute_ms", "save_ms"}`, `save_ms` on save steps only). At
 //! the end one JSON line on stdout: steps, saves, `compute_ms` {median, p95, mean}, `save_ms`
 //! {median, p95, mean}, `wall_s` (the whole run, saves included) and `wall_per_step_ms`
-//! (`wall_s / steps`: the honest throughput figure, what a user waits for). Percentiles are
+//! (`wall_s / steps`: the honest throughput figure, what a user waits for) and `cpu_s` (user
+//! + system CPU of the whole process, set-up included). Percentiles are
 //! nearest-rank. Buffers are allocated and touched before the first step, so page faults are
 //! not timed.
 
@@ -281,6 +282,18 @@ fn save(args: &Args, shards: &[Mutex<Shard>], header: &[u8], step: u64) -> Resul
     Ok(())
 }
 
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat`.
+fn cpu_seconds() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf reads a system constant; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
+}
+
 /// Nearest-rank percentile of sorted values.
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -444,6 +457,7 @@ fn main() -> Result<()> {
         "save_ms": stats(&saves),
         "wall_s": (wall * 1000.0).round() / 1000.0,
         "wall_per_step_ms": (wall / args.steps as f64 * 1e6).round() / 1000.0,
+        "cpu_s": cpu_seconds().map(|c| (c * 100.0).round() / 100.0),
     });
     println!("{summary}");
     Ok(())
