@@ -392,6 +392,14 @@ if pm:
         kept = all(f(r["accepted"]) >= f(r["saves"]) - 1 and f(r["lost"]) == 0 and f(r["drain_s"]) is not None and f(r["drain_s"]) < 10 for r in rs)
         print(f"| {c} | {acc:.0f} / {saves:.0f} | {med(col(c, 'lost')):.0f} | {med(col(c, 'emitted')):.0f} | {rate:.2f} | {mbs:.0f} | {cpu:.1f} ({100 * cpu / wall:.0f}%) | {lpc} | "
               f"{(med(lags) if lags else float('nan')):.1f} / {(max(lagx) if lagx else float('nan')):.1f} s | {drain} | {'yes' if kept else 'no'} |")
+# Machine-readable lines for bench/run.sh's targets table: what, value, goal, unit.
+if alone:
+    print()
+    for c in pm:
+        step = (med(ratios(c, "compute_med_ms")) - 1) * 100
+        wall = (med(ratios(c, "wall_per_step_ms")) - 1) * 100
+        print(f"target\ttrainer step-time slowdown beside pmad, priority {c}\t{step:.1f}\t{3 if c == 'background' else '-'}\t%")
+        print(f"target\ttrainer wall time per step incl. saves, slowdown, priority {c}\t{wall:.1f}\t-\t%")
 print()
 print("## Raw (one line per run)")
 print()

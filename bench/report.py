@@ -40,9 +40,30 @@ def best_floor(med, s, c):
     return min(fs, key=lambda m: m["wall"]) if fs else None
 
 
+SECTIONS = [
+    ("moe", "Many small tensors (MoE shape) vs the I/O floor: bench/merge_vs_floor.sh --shape moe"),
+    ("kernels", "One thread, each merge kernel: bench/merge_vs_floor.sh --threads 1, PMAD_KERNEL"),
+    ("memory", "Peak RSS of pmad merge by K and threads (default --memory-budget)"),
+    ("partition", "One merge split between processes: bench/partition.sh"),
+    ("interference", "Beside a trainer: bench/interference.sh"),
+]
+
+
+def met(measured, goal, unit):
+    """Whether a measured value meets its goal: every goal here is an upper bound."""
+    try:
+        return "yes" if float(measured) <= float(goal) else "NO"
+    except ValueError:
+        return ""
+
+
 def main():
     d = sys.argv[1]
     rows = list(csv.DictReader(open(os.path.join(d, "raw.tsv")), delimiter="\t"))
+    targets = []
+    p = os.path.join(d, "targets.tsv")
+    if os.path.exists(p):
+        targets = list(csv.DictReader(open(p), delimiter="\t"))
     daemon = []
     p = os.path.join(d, "daemon.tsv")
     if os.path.exists(p):
@@ -131,6 +152,20 @@ def main():
             r = float(dr[0]["update_s"]) / float(dr[0]["update_floor_s"])
             w(f"| daemon per-arrival update <= 1.5x its floor | {r:.2f}x | {'yes' if r <= 1.5 else 'NO'} |")
         w("")
+    if targets:
+        w("## Every target, this run\n")
+        w("| section | case | measured | goal | met |")
+        w("|---|---|---:|---:|---|")
+        for t in targets:
+            unit = t["unit"]
+            goal = f"<= {t['goal']} {unit}" if t["goal"] else "(reported)"
+            w(f"| {t['section']} | {t['case']} | {t['measured']} {unit} | {goal} | {met(t['measured'], t['goal'], unit)} |")
+        w("")
+    for name, title in SECTIONS:
+        f = os.path.join(d, f"{name}.txt")
+        if os.path.exists(f) and os.path.getsize(f):
+            w(f"## {title}\n")
+            w("```text\n" + open(f).read().rstrip() + "\n```\n")
     chk = os.path.join(d, "checks.txt")
     if os.path.exists(chk) and os.path.getsize(chk):
         w("## Agreement of the outputs (bench/peers/compare.py, reference = pmad)\n")
@@ -167,7 +202,24 @@ def main():
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(d, "merge_time.png"), dpi=120)
-    print(f"report.py: wrote {os.path.join(d, 'results.md')} and merge_time.png", file=sys.stderr)
+    plt.close(fig)
+    goals = [t for t in targets if t["goal"] and t["measured"]]
+    if goals:
+        # Every target with a goal as measured / goal: below the line is met.
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(goals) + 1.2))
+        labels = [f"{t['section']}: {t['case']}" for t in goals]
+        vals = [max(float(t["measured"]), 0.0) / float(t["goal"]) for t in goals]
+        cols = ["tab:green" if v <= 1 else "tab:red" for v in vals]
+        ax.barh(range(len(goals)), vals, color=cols)
+        ax.axvline(1.0, color="black", lw=1)
+        ax.set_yticks(range(len(goals)))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("measured / goal (1 = the goal; left of the line is met)")
+        ax.set_title("Performance targets, one run")
+        fig.tight_layout()
+        fig.savefig(os.path.join(d, "targets.png"), dpi=120)
+    print(f"report.py: wrote {os.path.join(d, 'results.md')}, merge_time.png and targets.png", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,17 @@
 #   (e) daemon    examples/daemon_bench.rs: the daemon's per-arrival update and SMA emission
 #                 against their own floors (window K/2, one pass, no repetitions);
 # checks that pmad, mergekit and torch agree (bench/peers/compare.py: names, shapes, dtypes,
-# values within 1 bf16 ulp), and writes bench/results/results.md (a Markdown table per size,
-# the targets, machine load), bench/results/raw.tsv (every run) and
-# bench/results/merge_time.png (time vs checkpoint size).
+# values within 1 bf16 ulp); then, in the same run, the other sections (--sections):
+#   moe           bench/merge_vs_floor.sh --shape moe: 8 x 40 MB, ~9.4k tensors each, vs floor
+#   kernels       merge_vs_floor.sh on the first size with --threads 1, for each merge kernel
+#                 (PMAD_KERNEL=portable and the default): ratio to floor and CPU s per GB
+#   memory        peak RSS of pmad merge over 64 MB checkpoints, K = 8/32/64 x threads 1/2/8
+#   partition     bench/partition.sh: one merge split between 2 and 4 processes vs one
+#   interference  bench/interference.sh: a stand-in trainer's step time alone and beside pmad
+# and writes bench/results/results.md (a Markdown table per size and section, every target
+# of the performance work with its measured value, machine load), bench/results/raw.tsv
+# (every dense run), bench/results/<section>.txt (each section's own report) and the plots
+# bench/results/merge_time.png (time vs checkpoint size) and bench/results/targets.png.
 #
 # Wall times include the output's fsync for every tool: pmad and the floor fsync themselves;
 # mergekit and torch do not, so `sync FILE...` on their output files runs inside the timed
@@ -36,6 +44,8 @@
 #   --drop-caches      make cold runs drop the whole page cache (root) instead of evicting inputs
 #   --tools LIST       subset of floor,floor1,pmad,mergekit,torch (default all five)
 #   --no-daemon        skip (e)
+#   --sections LIST    of dense,moe,kernels,memory,partition,interference (default all; dense
+#                      is (a)-(e))
 #   --dir-prefix P     checkpoints go to P-<size>            (default /tmp/pmad-bench)
 #   --results DIR      where results go                      (default bench/results)
 #   --threads N        pmad --threads (default: all cores)
@@ -64,6 +74,7 @@ COLD=0
 DROP=0
 TOOLS=floor,floor1,pmad,mergekit,torch
 DAEMON=1
+SECTIONS=dense,moe,kernels,memory,partition,interference
 PREFIX=/tmp/pmad-bench
 RESULTS=$ROOT/bench/results
 THREADS=""
@@ -89,6 +100,7 @@ while [[ $# -gt 0 ]]; do
     --drop-caches) COLD=1; DROP=1; shift ;;
     --tools) TOOLS=$2; shift 2 ;;
     --no-daemon) DAEMON=0; shift ;;
+    --sections) SECTIONS=$2; shift 2 ;;
     --dir-prefix) PREFIX=$2; shift 2 ;;
     --results) RESULTS=$2; RESULTS_SET=1; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
@@ -137,7 +149,7 @@ PY=$VENV/bin/python
 # --- build -------------------------------------------------------------------------------------
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 log "cargo build --release (pmad, gen_ckpts, io_floor, daemon_bench)"
-(cd "$ROOT" && cargo build --release --quiet --bin pmad --example gen_ckpts --example io_floor --example daemon_bench)
+(cd "$ROOT" && cargo build --release --quiet --bin pmad --example gen_ckpts --example io_floor --example daemon_bench --example stand_in_trainer)
 PMAD=$TARGET/release/pmad
 GEN=$TARGET/release/examples/gen_ckpts
 FLOOR=$TARGET/release/examples/io_floor
@@ -234,7 +246,13 @@ run_tool() { # SIZE CACHE TOOL REP
     "$(secs "$t0" "$t2")" "$((rss / 1024))" >&2
 }
 
+section() { [[ ",$SECTIONS," == *",$1,"* ]]; }
+TARGETS=$RESULTS/targets.tsv
+printf 'section\tcase\tmeasured\tgoal\tunit\n' >"$TARGETS"
+target() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$TARGETS"; }
+
 # --- per size ----------------------------------------------------------------------------------
+section dense || SIZE_LIST=()
 for size in "${SIZE_LIST[@]}"; do
   DIR=$PREFIX-$size
   need_mb=$(awk -v s="$(numfmt --from=auto "${size%B}" 2>/dev/null || echo 0)" -v k="$K" 'BEGIN { printf "%d", s * (k + 4) / 1e6 }')
@@ -300,6 +318,96 @@ for size in "${SIZE_LIST[@]}"; do
   fi
   [[ $CLEAN == 1 ]] && rm -rf "$DIR"
 done
+
+# --- the other sections ------------------------------------------------------------------------
+# Each runs its own script (which times its cases interleaved, medians) and leaves its report in
+# $RESULTS/<section>.txt; the numbers that have a goal go to targets.tsv.
+R_SECT=$REPS
+[[ $SMOKE == 1 ]] && R_SECT=1
+FIRST=${SIZES%%,*}
+vs_floor() { # LABEL-FILE ARGS...: run merge_vs_floor.sh, keep its report
+  local f=$1
+  shift
+  bash "$ROOT/bench/merge_vs_floor.sh" --no-build --pmad "$PMAD" --reps "$R_SECT" "$@" \
+    >"$f" 2>>"$LOG" || die "merge_vs_floor.sh $* failed, see $LOG"
+}
+ratio_of() { sed -n 's/^ratio pmad\/floor: \([0-9.]*\)x.*/\1/p' "$1"; }
+cpu_per_gb() { # REPORT: pmad CPU seconds per GB of input
+  local cpu mb
+  cpu=$(sed -n 's/.*pmad CPU (user+sys): median \([0-9.]*\) s.*/\1/p' "$1")
+  mb=$(sed -n 's/^inputs \([0-9.]*\) MB read.*/\1/p' "$1")
+  awk -v c="$cpu" -v m="$mb" 'BEGIN { if (m > 0) printf "%.3f", c / (m / 1000); else print "" }'
+}
+if section moe; then
+  log "section moe: 8 x 40 MB MoE-shaped checkpoints vs floor"
+  MK=8 MSZ=40MB
+  [[ $SMOKE == 1 ]] && MK=3 MSZ=4MB
+  vs_floor "$RESULTS/moe.txt" --shape moe --dir "$PREFIX-moe" --count "$MK" --size "$MSZ"
+  target moe "pmad merge, MoE $MK x $MSZ (thousands of KB-sized tensors), ratio to floor" "$(ratio_of "$RESULTS/moe.txt")" 1.3 x
+fi
+if section kernels; then
+  log "section kernels: --threads 1 on $FIRST, each kernel"
+  : >"$RESULTS/kernels.txt"
+  for kern in portable default; do
+    if [[ $kern == portable ]]; then export PMAD_KERNEL=portable; else unset PMAD_KERNEL; fi
+    vs_floor "$RESULTS/.kern-$kern" --dir "$PREFIX-$FIRST" --count "$K" --size "$FIRST" --threads 1
+    { echo "### kernel: $kern"; cat "$RESULTS/.kern-$kern"; echo; } >>"$RESULTS/kernels.txt"
+    target kernels "--threads 1 on $K x $FIRST, kernel $kern, ratio to floor" "$(ratio_of "$RESULTS/.kern-$kern")" "" x
+    target kernels "CPU seconds per GB merged, kernel $kern" "$(cpu_per_gb "$RESULTS/.kern-$kern")" "" s/GB
+    rm -f "$RESULTS/.kern-$kern"
+  done
+  unset PMAD_KERNEL
+fi
+if section memory; then
+  log "section memory: peak RSS, K x threads"
+  MSIZE=64MB KS=(8 32 64) TS=(1 2 8)
+  [[ $SMOKE == 1 ]] && MSIZE=2MB KS=(2 4) TS=(1 2)
+  MDIR=$PREFIX-mem-$MSIZE
+  mapfile -t MCK < <("$GEN" --dir "$MDIR" --count "${KS[-1]}" --size "$MSIZE" --dtype "$DTYPE" 2>>"$LOG")
+  {
+    echo "peak RSS of pmad merge --method sma, ${KS[-1]} x $MSIZE $DTYPE checkpoints (the first K), default --memory-budget, warm cache"
+    printf '%-4s %-8s %10s %10s %8s\n' K threads rss_MB wall_s cpu_s
+  } >"$RESULTS/memory.txt"
+  worst=0
+  for k in "${KS[@]}"; do
+    for t in "${TS[@]}"; do
+      for c in "${MCK[@]:0:$k}"; do cat "$c"/*.safetensors >/dev/null; done
+      rm -rf "$MDIR/out"
+      /usr/bin/time -f '%M %e %U %S' -o "$MDIR/.time" "$PMAD" merge --method sma --threads "$t" \
+        --out "$MDIR/out" "${MCK[@]:0:$k}" >>"$LOG" 2>&1 || die "pmad merge (memory K=$k t=$t) failed, see $LOG"
+      read -r rss wall u sy < <(tail -n 1 "$MDIR/.time")
+      printf '%-4s %-8s %10d %10s %8s\n' "$k" "$t" "$((rss / 1024))" "$wall" \
+        "$(awk -v a="$u" -v b="$sy" 'BEGIN { printf "%.2f", a + b }')" >>"$RESULTS/memory.txt"
+      (( rss / 1024 > worst )) && worst=$((rss / 1024))
+    done
+  done
+  rm -rf "$MDIR/out" "$MDIR/.time"
+  [[ $CLEAN == 1 ]] && rm -rf "$MDIR"
+  target memory "peak RSS of pmad merge, worst of K = ${KS[*]} x threads ${TS[*]}" "$worst" 256 MB
+fi
+if section partition; then
+  log "section partition: one merge split between 2 and 4 processes"
+  if [[ $SMOKE == 1 ]]; then set -- --count 3 --size 8MB --shard-size 256KB; else set -- --count 8 --size 250MB; fi
+  bash "$ROOT/bench/partition.sh" --no-build --reps "$R_SECT" --dir "$PREFIX-part" "$@" \
+    >"$RESULTS/partition.txt" 2>>"$LOG" || die "partition.sh failed, see $LOG"
+  target partition "2 processes x 1 thread, parts, vs one process x 1 thread" \
+    "$(awk '/^2 processes/ { sub(/x$/, "", $7); print $7 }' "$RESULTS/partition.txt")" 0.6 x
+  [[ $CLEAN == 1 ]] && rm -rf "$PREFIX-part"
+fi
+if section interference; then
+  log "section interference: a stand-in trainer alone and beside pmad"
+  if [[ $SMOKE == 1 ]]; then
+    set -- --rounds 1 --steps 100 --save-every 20 --ckpt-size 8MB --work-mb 8
+  else
+    set -- --rounds "$((REPS > 5 ? REPS : 5))" --wait-idle 20
+  fi
+  bash "$ROOT/bench/interference.sh" --no-build --raw "$RESULTS/interference.tsv" "$@" \
+    >"$RESULTS/interference.txt" 2>>"$LOG" || die "interference.sh failed, see $LOG"
+  while IFS=$'\t' read -r what value goal unit; do
+    [[ $goal == - ]] && goal=""
+    target interference "$what" "$value" "$goal" "$unit"
+  done < <(sed -n 's/^target\t//p' "$RESULTS/interference.txt")
+fi
 
 # --- report ------------------------------------------------------------------------------------
 "$PY" "$ROOT/bench/report.py" "$RESULTS" >&2
