@@ -59,22 +59,26 @@ cat > "$stubs/scontrol" << EOF
 #!/usr/bin/env bash
 printf 'node%d\n' \$(seq 1 $NODES)
 EOF
+# curl: http://node<K>/healthz answers once task K-1 of the pmad step says it is up.
 cat > "$stubs/curl" << 'EOF'
 #!/usr/bin/env bash
-echo "$*" >> "$STUB_LOG/curl"
+url=${*: -1}
+echo "$url" >> "$STUB_LOG/curl"
+[[ $url =~ ^http://node([0-9]+): ]] && [[ -e $STUB_LOG/ready-$((BASH_REMATCH[1] - 1)) ]]
 EOF
 cat > "$stubs/torchrun" << 'EOF'
 #!/usr/bin/env bash
 echo "$SLURM_PROCID $*" >> "$STUB_LOG/torchrun"
 EOF
-# pmad: check-config is the real one; run resolves the config as the task sees it, then
-# waits for SIGTERM like the daemon.
+# pmad: check-config is the real one; run resolves the config as the task sees it, says it is
+# up (for the curl stand-in), then waits for SIGTERM like the daemon.
 cat > "$stubs/pmad" << EOF
 #!/usr/bin/env bash
 if [[ \$1 == check-config ]]; then exec "$REAL_PMAD" "\$@"; fi
 [[ \$1 == run && \$2 == --config ]] || exit 2
-"$REAL_PMAD" check-config "\$3" | grep -E '^(index|count) |^dir ' | tr -s ' ' || exit 2
 trap 'echo "stopped by SIGTERM"; exit 0' TERM
+"$REAL_PMAD" check-config "\$3" | grep -E '^(index|count) |^dir ' | tr -s ' ' || exit 2
+touch "\$STUB_LOG/ready-\$SLURM_PROCID"
 while true; do sleep 0.1; done
 EOF
 chmod +x "$stubs"/*
@@ -104,7 +108,8 @@ for ((i = 0; i < NODES; i++)); do
     expect "task $i: count = $NODES (from SLURM_NTASKS)" grep -qx "count = $NODES (from SLURM_NTASKS)" "$log"
     expect "task $i: stopped by SIGTERM" grep -qx "stopped by SIGTERM" "$log"
 done
-expect "every node's /healthz asked before training" test "$(grep -c '/healthz' "$TMP/curl")" -eq "$NODES"
+expect "every node's /healthz answered before training" \
+    test "$(sort -u "$TMP/curl" | grep -c '/healthz')" -eq "$NODES"
 expect "one torchrun per node, on the shared output_dir" \
     test "$(grep -c -- "--output_dir=$run/ckpt " "$TMP/torchrun")" -eq "$NODES"
 expect "the pmad step overlaps the training step" grep -qx -- --overlap "$TMP/srun-options"
