@@ -344,6 +344,14 @@ if section moe; then
   [[ $SMOKE == 1 ]] && MK=3 MSZ=4MB
   vs_floor "$RESULTS/moe.txt" --shape moe --dir "$PREFIX-moe" --count "$MK" --size "$MSZ"
   target moe "pmad merge, MoE $MK x $MSZ (thousands of KB-sized tensors), ratio to floor" "$(ratio_of "$RESULTS/moe.txt")" 1.3 x
+  # The daemon's per-arrival update on the same checkpoints.
+  mapfile -t MOE_CK < <(find "$PREFIX-moe" -mindepth 1 -maxdepth 1 -type d -name 'checkpoint-*' | sort -V)
+  "$DBENCH" --window "$(( ${#MOE_CK[@]} / 2 ))" "${MOE_CK[@]}" >"$RESULTS/.moe-daemon" 2>>"$LOG" \
+    || die "daemon_bench on the MoE checkpoints failed, see $LOG"
+  { echo; echo "daemon, per arrival (examples/daemon_bench.rs):"; grep '^median update' "$RESULTS/.moe-daemon"; } >>"$RESULTS/moe.txt"
+  target moe "daemon per-arrival update, MoE $MK x $MSZ, ratio to its floor" \
+    "$(sed -n 's/^median update [0-9.]*s vs floor [0-9.]*s: \([0-9.]*\)x.*/\1/p' "$RESULTS/.moe-daemon")" 1.5 x
+  rm -f "$RESULTS/.moe-daemon"
 fi
 if section kernels; then
   log "section kernels: --threads 1 on $FIRST, each kernel"
