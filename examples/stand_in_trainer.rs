@@ -36,9 +36,8 @@
 //! the end one JSON line on stdout: steps, saves, `compute_ms` {median, p95, mean}, `save_ms`
 //! {median, p95, mean}, `wall_s` (the whole run, saves included) and `wall_per_step_ms`
 //! (`wall_s / steps`: the honest throughput figure, what a user waits for) and `cpu_s` (user
-//! + system CPU of the whole process, set-up included). Percentiles are
-//! nearest-rank. Buffers are allocated and touched before the first step, so page faults are
-//! not timed.
+//! and system CPU of the whole process, set-up included). Percentiles are nearest-rank.
+//! Buffers are allocated and touched before the first step, so page faults are not timed.
 
 use clap::Parser;
 use serde_json::json;
