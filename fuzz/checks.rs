@@ -691,3 +691,36 @@ fn index_model_accepts(data: &[u8]) -> bool {
     };
     !wm.is_empty() && wm.values().all(|f| f.as_str().is_some_and(is_plain_name))
 }
+
+/// `dcp_item`: the zip archive of one DCP item (`pmad::format::dcp::archive`). Whatever the
+/// bytes: no panic; an accepted archive's entries lie inside the input, have unique names and
+/// no more than `MAX_ENTRIES` of them; recording each entry's true CRC32 with `patch_crc`
+/// never panics, and the patched archive is read again without a panic, with every entry
+/// still inside the input.
+pub fn check_dcp_item(data: &[u8]) {
+    use pmad::format::dcp::archive::{crc32, entries, patch_crc, MAX_ENTRIES};
+    let Ok(es) = entries(data) else { return };
+    assert!(es.len() <= MAX_ENTRIES);
+    for (i, e) in es.iter().enumerate() {
+        assert!(
+            e.data.start <= e.data.end && e.data.end <= data.len(),
+            "{e:?}"
+        );
+        assert!(
+            es[..i].iter().all(|o| o.name != e.name),
+            "repeated {}",
+            e.name
+        );
+    }
+    let mut patched = data.to_vec();
+    for e in &es {
+        let crc = crc32(&data[e.data.clone()]);
+        patch_crc(&mut patched, e, crc);
+    }
+    assert_eq!(patched.len(), data.len());
+    if let Ok(again) = entries(&patched) {
+        for e in &again {
+            assert!(e.data.end <= patched.len(), "{e:?}");
+        }
+    }
+}

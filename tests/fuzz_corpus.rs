@@ -1,6 +1,6 @@
 //! Replays the fuzz corpora on stable Rust, without libFuzzer: every file in
-//! `fuzz/corpus/header/` and `fuzz/corpus/index/`, and every saved reproducer in
-//! `fuzz/artifacts/{header,index}/`, goes through the same invariant checks as the fuzz targets
+//! `fuzz/corpus/{header,index,dcp_item}/`, and every saved reproducer in
+//! `fuzz/artifacts/{header,index,dcp_item}/`, goes through the same invariant checks as the fuzz targets
 //! (`fuzz/checks.rs`, included here). See `fuzz/README.md`.
 //!
 //! The seed corpus is written by the ignored test `write_seed_corpus`:
@@ -67,6 +67,24 @@ fn index_corpus() {
         "fuzz/corpus/index is missing or nearly empty"
     );
     replay(&paths, checks::check_index_input);
+}
+
+#[test]
+fn dcp_item_corpus() {
+    let paths = files(&fuzz_dir("corpus/dcp_item"));
+    assert!(
+        paths.len() >= 10,
+        "fuzz/corpus/dcp_item is missing or nearly empty"
+    );
+    replay(&paths, checks::check_dcp_item);
+}
+
+#[test]
+fn dcp_item_artifacts() {
+    replay(
+        &files(&fuzz_dir("artifacts/dcp_item")),
+        checks::check_dcp_item,
+    );
 }
 
 #[test]

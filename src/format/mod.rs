@@ -7,12 +7,14 @@
 //!   [`safetensors::header`] are the fuzz targets.
 //! - [`dir`]: a checkpoint directory, live or as a [`Snapshot`] of its files kept open.
 //! - [`hf`]: the Hugging Face directory layout (single file or index + shards, aux files).
+//! - [`dcp`]: PyTorch Distributed Checkpoint directories (being built: the item archives so far).
 //!
 //! Architecture invariant: this layer depends only on [`crate::error`] (and the OS); it knows
 //! nothing of averaging, outputs or the daemon. A new checkpoint format is a new module here
 //! whose opener returns a [`Checkpoint`]; [`open`] recognises it by the files it finds.
 
 pub mod checkpoint;
+pub mod dcp;
 pub mod dir;
 pub mod hf;
 pub mod safetensors;
