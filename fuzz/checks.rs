@@ -724,3 +724,38 @@ pub fn check_dcp_item(data: &[u8]) {
         }
     }
 }
+
+/// `dcp_pickle`: the non-executing pickle machine (`pmad::format::dcp::pickle`). Whatever the
+/// bytes: no panic, and an accepted pickle's value respects the machine's limits.
+pub fn check_dcp_pickle(data: &[u8]) {
+    use pmad::format::dcp::pickle::{run, Value, MAX_DEPTH, MAX_NODES};
+    let Ok(v) = run(data) else { return };
+    // Walk it without recursion: node count and depth within the limits.
+    let mut todo = vec![(&v, 1usize)];
+    let mut n = 0usize;
+    while let Some((x, d)) = todo.pop() {
+        n += 1;
+        assert!(n <= MAX_NODES, "more than MAX_NODES values accepted");
+        assert!(d <= MAX_DEPTH + 2, "depth {d} accepted");
+        match x {
+            Value::List(i) | Value::Tuple(i) | Value::Set(i) => {
+                todo.extend(i.iter().map(|y| (y, d + 1)))
+            }
+            Value::Dict(p) => {
+                for (k, y) in p {
+                    todo.push((k, d + 1));
+                    todo.push((y, d + 1));
+                }
+            }
+            Value::Object { class, args, state } => {
+                todo.push((class, d + 1));
+                todo.push((args, d + 1));
+                if let Some(s) = state {
+                    todo.push((s, d + 1));
+                }
+            }
+            Value::PersId(p) => todo.push((p, d + 1)),
+            _ => {}
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! Replays the fuzz corpora on stable Rust, without libFuzzer: every file in
-//! `fuzz/corpus/{header,index,dcp_item}/`, and every saved reproducer in
+//! `fuzz/corpus/{header,index,dcp_item,dcp_pickle}/`, and every saved reproducer in
 //! `fuzz/artifacts/{header,index,dcp_item}/`, goes through the same invariant checks as the fuzz targets
 //! (`fuzz/checks.rs`, included here). See `fuzz/README.md`.
 //!
@@ -77,6 +77,16 @@ fn dcp_item_corpus() {
         "fuzz/corpus/dcp_item is missing or nearly empty"
     );
     replay(&paths, checks::check_dcp_item);
+}
+
+#[test]
+fn dcp_pickle_corpus() {
+    let paths = files(&fuzz_dir("corpus/dcp_pickle"));
+    assert!(
+        paths.len() >= 10,
+        "fuzz/corpus/dcp_pickle is missing or nearly empty"
+    );
+    replay(&paths, checks::check_dcp_pickle);
 }
 
 #[test]
