@@ -40,8 +40,11 @@ pub struct Inspection {
     pub step: Option<u64>,
     /// Weight files.
     pub files: Vec<String>,
-    /// Tensors, sorted by name.
+    /// Tensors, sorted by name (for DCP: the averaged chunks).
     pub tensors: Vec<TensorRow>,
+    /// For a DCP checkpoint: every key of the state dict and whether it is averaged or copied.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyRow>,
     /// Number of tensors.
     pub total_tensors: usize,
     /// Number of elements.
@@ -63,6 +66,24 @@ pub struct TensorRow {
     pub bytes: u64,
     /// File holding it.
     pub file: String,
+    /// Its layout when not row-major (DCP strides).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub view: Option<String>,
+}
+
+/// One key of a DCP checkpoint.
+#[derive(Debug, serde::Serialize)]
+pub struct KeyRow {
+    /// The state-dict key.
+    pub key: String,
+    /// `bytes`, or the tensor's torch dtype.
+    pub kind: String,
+    /// Global shape of a tensor.
+    pub shape: Vec<u64>,
+    /// Saved chunks.
+    pub chunks: usize,
+    /// `averaged`, or `copied` (byte for byte from the newest checkpoint).
+    pub action: &'static str,
 }
 
 /// Inspect `path`.
@@ -82,6 +103,19 @@ pub fn inspect(path: &Path) -> Inspection {
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default(),
+                    view: t.view.clone(),
+                })
+                .collect();
+            let keys = c
+                .dcp
+                .iter()
+                .flat_map(|d| &d.keys)
+                .map(|k| KeyRow {
+                    key: k.fqn.clone(),
+                    kind: k.kind.clone(),
+                    shape: k.size.clone(),
+                    chunks: k.chunks,
+                    action: if k.averaged { "averaged" } else { "copied" },
                 })
                 .collect();
             Inspection {
@@ -98,6 +132,7 @@ pub fn inspect(path: &Path) -> Inspection {
                 total_elements: c.tensors.iter().map(|t| t.elements() as u64).sum(),
                 total_bytes: c.data_bytes(),
                 tensors,
+                keys,
             }
         }
         Err(e) => Inspection {
@@ -107,6 +142,7 @@ pub fn inspect(path: &Path) -> Inspection {
             step: None,
             files: Vec::new(),
             tensors: Vec::new(),
+            keys: Vec::new(),
             total_tensors: 0,
             total_elements: 0,
             total_bytes: 0,
@@ -117,6 +153,32 @@ pub fn inspect(path: &Path) -> Inspection {
 /// Render as a text table for people.
 pub fn render(i: &Inspection) -> String {
     let mut s = String::new();
+    if !i.keys.is_empty() {
+        let w = i.keys.iter().map(|k| k.key.len()).max().unwrap_or(3).max(3);
+        let _ = writeln!(
+            s,
+            "{:<w$}  {:<14}  {:<20}  {:>6}  action",
+            "key", "kind", "shape", "chunks"
+        );
+        for k in &i.keys {
+            let _ = writeln!(
+                s,
+                "{:<w$}  {:<14}  {:<20}  {:>6}  {}",
+                k.key,
+                k.kind,
+                format!("{:?}", k.shape),
+                k.chunks,
+                k.action
+            );
+        }
+        let averaged = i.keys.iter().filter(|k| k.action == "averaged").count();
+        let _ = writeln!(
+            s,
+            "keys: {} averaged, {} copied from the newest checkpoint\n",
+            averaged,
+            i.keys.len() - averaged
+        );
+    }
     if !i.tensors.is_empty() {
         let w = i
             .tensors
@@ -133,11 +195,15 @@ pub fn render(i: &Inspection) -> String {
         for t in &i.tensors {
             let _ = writeln!(
                 s,
-                "{:<w$}  {:<8}  {:<20}  {:>14}",
+                "{:<w$}  {:<8}  {:<20}  {:>14}{}",
                 t.name,
                 t.dtype,
                 format!("{:?}", t.shape),
-                t.bytes
+                t.bytes,
+                t.view
+                    .as_ref()
+                    .map(|v| format!("  {v}"))
+                    .unwrap_or_default()
             );
         }
         let _ = writeln!(

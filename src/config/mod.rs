@@ -34,6 +34,12 @@ named_enum! {
         /// DeepSpeed: `global_stepN/`, complete when the `latest` file names it or a later
         /// step.
         Deepspeed = "deepspeed",
+        /// torchtitan: `step-N/` holding a DCP checkpoint, complete when its `.metadata`
+        /// (written last) exists.
+        Torchtitan = "torchtitan",
+        /// Any PyTorch DCP checkpoint (torch FSDP2 `dcp.save`): the pattern is required, the
+        /// marker is `.metadata`.
+        Dcp = "dcp",
         /// Pattern and marker given explicitly.
         Custom = "custom",
     }

@@ -334,12 +334,17 @@ fn resolve(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
         Layout::Hf => ("checkpoint-{step}", "trainer_state.json"),
         Layout::Megatron => ("iter_{step}", "latest_checkpointed_iteration.txt"),
         Layout::Deepspeed => ("global_step{step}", "latest"),
+        Layout::Torchtitan => ("step-{step}", ".metadata"),
+        Layout::Dcp => ("", ".metadata"),
         Layout::Custom => ("", ""),
     };
     let pattern_text = match (&w.pattern, layout) {
         (Some(p), _) => p.clone(),
-        (None, Layout::Custom) => {
-            return Err(err("watch.pattern", "is required with layout = \"custom\""))
+        (None, Layout::Custom | Layout::Dcp) => {
+            return Err(err(
+                "watch.pattern",
+                format!("is required with layout = \"{layout}\""),
+            ))
         }
         (None, _) => def_pattern.to_string(),
     };

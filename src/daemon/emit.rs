@@ -186,6 +186,13 @@ fn publish(
         partition: None,
     };
     if let Some(share) = share {
+        if newest.dcp.is_some() {
+            return Err(Error::Usage(format!(
+                "{}: splitting a DCP output between instances is not supported yet; run one \
+                 pmad for DCP checkpoints (partition.count = 1)",
+                a.label
+            )));
+        }
         // Everything that decides the bytes beyond the headers: which inputs, their weights,
         // the accumulator. Instances that disagree on any of it get different plans.
         let mut identity = Vec::new();
@@ -257,7 +264,7 @@ fn publish(
         )?;
         return Ok(Emission::Part(Box::new(written(false))));
     }
-    let shards = plan::plan_shards(tensors, a.shard_size, &meta)?;
+    let shards = plan::plan_output(newest, tensors, a.shard_size, &meta)?;
     let staging = out.stage(step)?;
     let nf = write_values(&a, staging.path(), &shards, progress, cancel)?;
     plan::write_index(staging.path(), &shards)?;
@@ -434,6 +441,11 @@ fn write_values(
             let layout = acc.layout();
             let produce_unit = |u: &Unit, buf: &mut [u8]| -> Result<()> {
                 let t = &shards[u.shard].tensors[u.tensor];
+                if let Some(raw) = &t.raw {
+                    let r = raw.range.start + u.elems.start..raw.range.start + u.elems.end;
+                    buf.copy_from_slice(newest.files[raw.file].slice(r));
+                    return Ok(());
+                }
                 match FloatKind::of(t.dtype) {
                     Some(kind) => {
                         let i = layout

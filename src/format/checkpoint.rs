@@ -9,6 +9,7 @@ use super::source::{SourceFile, SourceState};
 use crate::error::{Error, Result};
 use crate::format::safetensors::header::dtype_name;
 use safetensors::Dtype;
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,10 @@ pub struct Tensor {
     pub file: usize,
     /// Absolute byte range in that file.
     pub range: Range<usize>,
+    /// How the elements are laid out when that is not row-major (DCP keeps a transposed
+    /// tensor's strides: `strides (1, 8)`). Averaging is element by element over the bytes, so
+    /// every checkpoint of a window must share it.
+    pub view: Option<String>,
 }
 
 impl Tensor {
@@ -40,8 +45,8 @@ impl Tensor {
 pub struct Schema {
     /// Where it was taken from (for messages).
     pub path: PathBuf,
-    /// (name, dtype, shape), sorted by name.
-    pub tensors: Vec<(String, Dtype, Vec<usize>)>,
+    /// (name, dtype, shape, view), sorted by name.
+    pub tensors: Vec<(String, Dtype, Vec<usize>, Option<String>)>,
 }
 
 impl Schema {
@@ -52,7 +57,7 @@ impl Schema {
             tensors: c
                 .tensors
                 .iter()
-                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                .map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.view.clone()))
                 .collect(),
         }
     }
@@ -72,14 +77,16 @@ impl Schema {
                 (None, None) => return Ok(()),
                 (Some(x), y) if y.is_none_or(|y| x.0 < y.name) => {
                     return Err(mismatch(format!(
-                        "tensor {} is missing (present in {here})",
-                        x.0
+                        "tensor {} is missing (present in {here}){}",
+                        x.0,
+                        chunk_hint(&x.0)
                     )))
                 }
                 (x, Some(y)) if x.is_none_or(|x| y.name < x.0) => {
                     return Err(mismatch(format!(
-                        "has tensor {} that {here} does not have",
-                        y.name
+                        "has tensor {} that {here} does not have{}",
+                        y.name,
+                        chunk_hint(&y.name)
                     )))
                 }
                 (Some(x), Some(y)) => {
@@ -97,12 +104,60 @@ impl Schema {
                             dtype_name(x.1)
                         )));
                     }
+                    if x.3 != y.view {
+                        let show = |v: &Option<String>| {
+                            v.clone().unwrap_or_else(|| "row-major".to_string())
+                        };
+                        return Err(mismatch(format!(
+                            "tensor {}: its layout ({}) differs from {} in {here}",
+                            y.name,
+                            show(&y.view),
+                            show(&x.3)
+                        )));
+                    }
                     a.next();
                     b.next();
                 }
                 _ => return Ok(()),
             }
         }
+    }
+}
+
+/// What an output of a DCP checkpoint needs besides the catalog.
+#[derive(Debug, Clone, Default)]
+pub struct DcpLayout {
+    /// For each catalog tensor (by name): absolute offsets, in its file, of the 4-byte CRC32
+    /// fields that record its payload's checksum (central directory and data descriptor). All
+    /// lie after the payload.
+    pub crc_fields: BTreeMap<String, Vec<usize>>,
+    /// Every key of the checkpoint, in `.metadata` order, for `pmad inspect`.
+    pub keys: Vec<DcpKey>,
+}
+
+/// One key of a DCP checkpoint as `pmad inspect` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DcpKey {
+    /// The key.
+    pub fqn: String,
+    /// `bytes`, or the torch dtype of a tensor.
+    pub kind: String,
+    /// The global shape of a tensor.
+    pub size: Vec<u64>,
+    /// Saved chunks (1 for a bytes object).
+    pub chunks: usize,
+    /// Whether it is averaged (else copied byte for byte from the newest checkpoint).
+    pub averaged: bool,
+}
+
+/// What a schema difference in a chunk's name (`key@offsets`, a DCP chunk) means.
+fn chunk_hint(name: &str) -> &'static str {
+    if name.contains('@') {
+        "; the tensor is saved in other chunks: a run restarted on a different number of \
+         ranks or another sharding changes the chunking, and checkpoints of one window must \
+         share it"
+    } else {
+        ""
     }
 }
 
@@ -121,6 +176,9 @@ pub struct Checkpoint {
     /// an output always carries the files of the weights it was made from, even if the
     /// directory is rotated away or rewritten before the emission.
     pub aux: Vec<(String, Vec<u8>)>,
+    /// For a DCP checkpoint: where each averaged payload's CRC32 is recorded and every key
+    /// with what is done with it. `None` for safetensors.
+    pub dcp: Option<Box<DcpLayout>>,
 }
 
 impl Checkpoint {

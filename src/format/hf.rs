@@ -107,6 +107,7 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
             files,
             tensors,
             aux: Vec::new(),
+            dcp: None,
         });
     }
     if !meta.is_dir() {
@@ -171,6 +172,7 @@ pub fn open_dir(dir: Dir<'_>) -> Result<Checkpoint> {
         files,
         tensors,
         aux,
+        dcp: None,
     })
 }
 
@@ -202,6 +204,7 @@ fn catalog(
                 dtype: t.dtype,
                 shape: t.shape,
                 file: fi,
+                view: None,
             });
         }
         files.push(f);
@@ -247,8 +250,8 @@ fn no_weights(dir: &Dir<'_>) -> Error {
     let has = |pred: &dyn Fn(&str) -> bool| names.iter().any(|n| pred(n));
     let hint = if has(&|n| n == "pytorch_model.bin" || n.starts_with("pytorch_model-")) {
         "weights are in pytorch_model*.bin (pickle); save with safetensors (Trainer: save_safetensors=True)"
-    } else if has(&|n| n.ends_with(".distcp") || n == ".metadata") {
-        "this is a torch.distributed (DCP/torch_dist) checkpoint; convert it to HF safetensors first"
+    } else if has(&|n| n.ends_with(".distcp")) {
+        "it has DCP data files (.distcp) but no .metadata"
     } else if has(&|n| n.starts_with("zero_pp_rank_") || n.starts_with("mp_rank_")) {
         "this is a DeepSpeed checkpoint without gathered weights; enable stage3_gather_16bit_weights_on_model_save or run zero_to_fp32.py --safe_serialization"
     } else if has(&|n| n.ends_with(".safetensors")) {
@@ -290,7 +293,7 @@ fn step_of(dir: &Dir<'_>) -> Option<u64> {
 
 /// The number in a known checkpoint name (`checkpoint-N`, `iter_N`, `global_stepN`,
 /// `step-N`, `step_N`, `stepN`).
-fn step_in_name(name: &str) -> Option<u64> {
+pub fn step_in_name(name: &str) -> Option<u64> {
     [
         "checkpoint-",
         "iter_",

@@ -7,7 +7,7 @@
 //!   [`safetensors::header`] are the fuzz targets.
 //! - [`dir`]: a checkpoint directory, live or as a [`Snapshot`] of its files kept open.
 //! - [`hf`]: the Hugging Face directory layout (single file or index + shards, aux files).
-//! - [`dcp`]: PyTorch Distributed Checkpoint directories (being built: the item archives so far).
+//! - [`dcp`]: PyTorch Distributed Checkpoint directories (torchtitan, FSDP2, torch_dist).
 //!
 //! Architecture invariant: this layer depends only on [`crate::error`] (and the OS); it knows
 //! nothing of averaging, outputs or the daemon. A new checkpoint format is a new module here
@@ -31,19 +31,33 @@ use std::path::Path;
 /// Whether a file of a checkpoint directory holds weights (rather than a marker, config or
 /// optimizer state): files that must not change while the checkpoint is in use.
 pub fn is_weight_file(name: &str) -> bool {
-    hf::is_weight_file(name)
+    hf::is_weight_file(name) || dcp::is_weight_file(name)
 }
 
 /// Open and validate the checkpoint at `path` (a directory or a single weights file),
 /// recognising its format from its files.
 pub fn open(path: &Path) -> Result<Checkpoint> {
-    // Today every readable format is safetensors in the HF layout (a directory of shards or a
-    // bare file); `hf::open` also names the other formats it recognises but cannot read.
+    if path.is_dir() {
+        return open_dir(Dir::Live(path));
+    }
+    // A bare `.safetensors` file (or an error naming what is there instead).
     hf::open(path)
+}
+
+/// A directory is DCP when it has DCP files and no safetensors weights; otherwise the HF
+/// layout reads it (and names the other formats it recognises but cannot read).
+fn open_dir(dir: Dir<'_>) -> Result<Checkpoint> {
+    let names = dir.names();
+    let safetensors = names.iter().any(|n| hf::is_weight_file(n));
+    if !safetensors && dcp::is_dcp(&names) {
+        dcp::open_dir(dir)
+    } else {
+        hf::open_dir(dir)
+    }
 }
 
 /// Open and validate a checkpoint directory from a snapshot of its files (it may have been
 /// deleted since).
 pub fn open_snapshot(snapshot: &Snapshot) -> Result<Checkpoint> {
-    hf::open_dir(Dir::Snapshot(snapshot))
+    open_dir(Dir::Snapshot(snapshot))
 }

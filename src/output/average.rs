@@ -141,6 +141,9 @@ enum Job {
     Average { kind: FloatKind, out: FloatKind },
     /// Bytes copied from the newest input (integers, bool).
     Copy,
+    /// Bytes of the newest input's file `file` from byte `start` (a DCP file's non-averaged
+    /// parts).
+    Raw { file: usize, start: usize },
 }
 
 /// Average `inputs` (oldest first, already checked compatible) into `dir`'s shards.
@@ -159,6 +162,14 @@ pub fn write_average(
     for shard in plan {
         let mut v = Vec::new();
         for t in &shard.tensors {
+            if let Some(raw) = &t.raw {
+                let job = Job::Raw {
+                    file: raw.file,
+                    start: raw.range.start,
+                };
+                v.push((job, Vec::new()));
+                continue;
+            }
             let srcs: Vec<&Tensor> = inputs
                 .iter()
                 .map(|c| {
@@ -194,6 +205,17 @@ pub fn write_average(
         for (ui, (u, out)) in split(shard, task, out).enumerate() {
             let (job, srcs) = &jobs[u.shard][u.tensor];
             match job {
+                Job::Raw { file, start } => {
+                    let i = inputs.len() - 1;
+                    let f = &newest.files[*file];
+                    let r = start + u.elems.start..start + u.elems.end;
+                    if mem.read_step.is_some() {
+                        f.read_at(r, out)?;
+                    } else {
+                        out.copy_from_slice(f.slice(r.clone()));
+                        Span::advance(&mut spans[i], f, r);
+                    }
+                }
                 Job::Copy => {
                     let i = srcs.len() - 1;
                     let t = srcs[i];

@@ -283,6 +283,13 @@ impl Prepared {
         count: usize,
         by: PartitionBy,
     ) -> Result<PartitionPlan> {
+        if self.newest().dcp.is_some() {
+            return Err(Error::Usage(
+                "--partition/--commit: splitting a DCP output is not supported yet; merge DCP \
+                 checkpoints whole"
+                    .into(),
+            ));
+        }
         PartitionPlan::new(
             self.tensors.clone(),
             spec.shard_size,
@@ -307,7 +314,7 @@ pub fn merge_checkpoints(
     let started = Instant::now();
     check_out(paths, out, force)?;
     let p = prepare(paths, spec, out)?;
-    let plan = plan::plan_shards(p.tensors.clone(), spec.shard_size, &p.meta)?;
+    let plan = plan::plan_output(p.newest(), p.tensors.clone(), spec.shard_size, &p.meta)?;
     let staging = Staging::new(&p.parent, &p.name)?;
     let report = p.write(spec, staging.path(), &plan, progress, cancel)?;
     plan::write_index(staging.path(), &plan)?;

@@ -630,6 +630,7 @@ mod tests {
 
     fn t(name: &str, n: usize) -> OutTensor {
         OutTensor {
+            raw: None,
             name: name.into(),
             dtype: Dtype::BF16,
             shape: vec![n],

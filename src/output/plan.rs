@@ -1,10 +1,12 @@
 //! What an output will hold, decided before a byte is written: each tensor's output dtype,
 //! the split into shard files named like `save_pretrained` does, each shard's header bytes
 //! (with provenance in `__metadata__`), the HF index, and the aux files copied from the newest
-//! input.
+//! input. A DCP input gives a DCP output instead ([`dcp_shards`]): the newest input's data
+//! files, byte for byte, with each averaged payload replaced and its CRC32s patched.
 //!
 //! Invariant: a [`ShardPlan`]'s header declares exactly the bytes the writer will stream
-//! after it (`data_len`), in the plan's tensor order; the writer checks the count.
+//! after it (`data_len`), in the plan's tensor order; the writer checks the count. Every
+//! [`CrcField`] of a plan lies after the bytes of the tensor it checks.
 
 use crate::error::{Error, Result};
 use crate::format::hf::{INDEX_FILE, SINGLE_FILE};
@@ -15,6 +17,7 @@ use crate::math::kinds::{is_unsupported_float, FloatKind, OutDtype};
 use crate::math::Method;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 
 /// One tensor of an output.
@@ -26,9 +29,41 @@ pub struct OutTensor {
     pub dtype: Dtype,
     /// Shape.
     pub shape: Vec<usize>,
+    /// Bytes copied verbatim from the newest input instead of a tensor's values (the parts of
+    /// a DCP data file that are not averaged); dtype `U8`, shape `[len]`.
+    pub raw: Option<RawBytes>,
+}
+
+/// A byte range of one of the newest input's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawBytes {
+    /// Index into the newest input's `files`.
+    pub file: usize,
+    /// Absolute byte range in that file.
+    pub range: Range<usize>,
+}
+
+/// A 4-byte little-endian CRC32 field of an output file, holding the CRC32 of the output
+/// bytes of one tensor of the same shard (zip archives record their entries' checksums).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrcField {
+    /// Index of the tensor in the shard's plan.
+    pub tensor: usize,
+    /// Absolute offset of the field in the file.
+    pub at: usize,
 }
 
 impl OutTensor {
+    /// A tensor computed (averaged or copied) by name.
+    pub fn new(name: impl Into<String>, dtype: Dtype, shape: Vec<usize>) -> OutTensor {
+        OutTensor {
+            name: name.into(),
+            dtype,
+            shape,
+            raw: None,
+        }
+    }
+
     /// Bytes of data.
     pub fn bytes(&self) -> usize {
         byte_size(self.dtype, &self.shape).unwrap_or(0)
@@ -46,6 +81,8 @@ pub struct ShardPlan {
     pub header: Vec<u8>,
     /// Bytes of tensor data after the header.
     pub data_len: usize,
+    /// CRC32 fields to fill in as the file is written, sorted by offset.
+    pub crc: Vec<CrcField>,
 }
 
 /// Split tensors into shards of at most `shard_size` bytes (a tensor larger than that gets a
@@ -112,7 +149,109 @@ pub fn shard_plan(
         tensors,
         header,
         data_len,
+        crc: Vec::new(),
     })
+}
+
+/// The plan of an output made from `newest` with output `tensors`: safetensors shards of at
+/// most `shard_size` bytes, or for a DCP input the newest input's own files ([`dcp_shards`]).
+pub fn plan_output(
+    newest: &Checkpoint,
+    tensors: Vec<OutTensor>,
+    shard_size: u64,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<ShardPlan>> {
+    if newest.dcp.is_some() {
+        dcp_shards(newest, &tensors)
+    } else {
+        plan_shards(tensors, shard_size, metadata)
+    }
+}
+
+/// A DCP output: one file per data file of the newest input, named like it, holding its bytes
+/// in order — the averaged payloads as tensors, everything else as raw copies — and the CRC32
+/// fields of every averaged payload. `tensors` (from [`output_tensors`]) must keep each
+/// tensor's dtype: the framework's loader expects exactly what `.metadata` declares.
+pub fn dcp_shards(newest: &Checkpoint, tensors: &[OutTensor]) -> Result<Vec<ShardPlan>> {
+    let Some(layout) = &newest.dcp else {
+        return Err(Error::Internal(
+            "dcp_shards of a safetensors checkpoint".into(),
+        ));
+    };
+    for (t, o) in newest.tensors.iter().zip(tensors) {
+        if t.dtype != o.dtype {
+            return Err(Error::Usage(format!(
+                "dtype: a DCP output keeps each tensor's dtype (the framework's loader expects \
+                 what .metadata declares), but {} would change from {} to {}; use dtype = \
+                 \"source\"",
+                t.name,
+                dtype_name(t.dtype),
+                dtype_name(o.dtype)
+            )));
+        }
+    }
+    let mut shards = Vec::with_capacity(newest.files.len());
+    for (fi, f) in newest.files.iter().enumerate() {
+        let mut mine: Vec<&crate::format::Tensor> =
+            newest.tensors.iter().filter(|t| t.file == fi).collect();
+        mine.sort_by_key(|t| t.range.start);
+        let size = usize::try_from(f.fingerprint.size)
+            .map_err(|_| Error::Internal(format!("{}: too large", f.path.display())))?;
+        let mut out: Vec<OutTensor> = Vec::new();
+        let mut crc: Vec<CrcField> = Vec::new();
+        let mut pos = 0usize;
+        let raw = |out: &mut Vec<OutTensor>, range: Range<usize>| {
+            if !range.is_empty() {
+                out.push(OutTensor {
+                    name: format!("{}[{}..{}]", file_name(f), range.start, range.end),
+                    dtype: Dtype::U8,
+                    shape: vec![range.len()],
+                    raw: Some(RawBytes { file: fi, range }),
+                });
+            }
+        };
+        for t in mine {
+            if t.range.start < pos || t.range.end > size {
+                return Err(Error::Internal(format!(
+                    "{}: tensor {} overlaps another or the file's end",
+                    f.path.display(),
+                    t.name
+                )));
+            }
+            raw(&mut out, pos..t.range.start);
+            let ti = out.len();
+            out.push(OutTensor::new(t.name.clone(), t.dtype, t.shape.clone()));
+            for &at in layout.crc_fields.get(&t.name).into_iter().flatten() {
+                if at < t.range.end || at + 4 > size {
+                    return Err(Error::Internal(format!(
+                        "{}: a CRC32 field of {} at {at} is not after its data",
+                        f.path.display(),
+                        t.name
+                    )));
+                }
+                crc.push(CrcField { tensor: ti, at });
+            }
+            pos = t.range.end;
+        }
+        raw(&mut out, pos..size);
+        crc.sort_by_key(|c| c.at);
+        let data_len = out.iter().map(|t| t.bytes()).sum();
+        shards.push(ShardPlan {
+            file_name: file_name(f),
+            tensors: out,
+            header: Vec::new(),
+            data_len,
+            crc,
+        });
+    }
+    Ok(shards)
+}
+
+fn file_name(f: &crate::format::SourceFile) -> String {
+    f.path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The HF index for a sharded output: sorted keys, `total_size` in bytes of tensor data.
@@ -134,7 +273,8 @@ pub fn index_json(shards: &[ShardPlan]) -> Vec<u8> {
 /// Write the index into `dir` when the output has more than one shard (a single
 /// `model.safetensors` has none, as with `save_pretrained`).
 pub fn write_index(dir: &Path, shards: &[ShardPlan]) -> Result<()> {
-    if shards.len() > 1 {
+    let safetensors = shards.iter().all(|s| s.file_name.ends_with(".safetensors"));
+    if shards.len() > 1 && safetensors {
         fsio::write_file(&dir.join(INDEX_FILE), &index_json(shards))?;
     }
     Ok(())
@@ -159,11 +299,7 @@ pub fn output_tensors(newest: &Checkpoint, dtype: OutDtype) -> Result<Vec<OutTen
                 }
                 None => t.dtype,
             };
-            Ok(OutTensor {
-                name: t.name.clone(),
-                dtype: out,
-                shape: t.shape.clone(),
-            })
+            Ok(OutTensor::new(t.name.clone(), out, t.shape.clone()))
         })
         .collect()
 }
@@ -194,11 +330,7 @@ mod tests {
     use super::*;
 
     fn t(name: &str, dtype: Dtype, shape: &[usize]) -> OutTensor {
-        OutTensor {
-            name: name.into(),
-            dtype,
-            shape: shape.to_vec(),
-        }
+        OutTensor::new(name, dtype, shape.to_vec())
     }
 
     #[test]

@@ -109,16 +109,18 @@ where
         let mut writer = ShardWriter::create(dir, shard)?;
         let tasks = tasks_of(si, shard, chunk_bytes);
         let mut pending: Vec<Vec<u8>> = Vec::new();
+        let mut pending_tasks: &[Vec<Unit>] = &[];
         let mut spare: Vec<Vec<u8>> = Vec::new();
-        let flush = |bufs: &mut Vec<Vec<u8>>, w: &mut ShardWriter| -> Result<()> {
-            for b in bufs.iter() {
-                w.write(b)?;
-                progress
-                    .written
-                    .fetch_add(b.len() as u64, Ordering::Relaxed);
-            }
-            Ok(())
-        };
+        let flush =
+            |bufs: &mut Vec<Vec<u8>>, done: &[Vec<Unit>], w: &mut ShardWriter| -> Result<()> {
+                for (b, task) in bufs.iter_mut().zip(done) {
+                    w.write_task(shard, task, b)?;
+                    progress
+                        .written
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            };
         for group in tasks.chunks(batch) {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
@@ -133,7 +135,7 @@ where
                 })
                 .collect();
             let (written, stats) = rayon::join(
-                || flush(&mut pending, &mut writer),
+                || flush(&mut pending, pending_tasks, &mut writer),
                 || {
                     group
                         .par_iter()
@@ -154,8 +156,9 @@ where
             }
             spare.append(&mut pending);
             pending = bufs;
+            pending_tasks = group;
         }
-        flush(&mut pending, &mut writer)?;
+        flush(&mut pending, pending_tasks, &mut writer)?;
         report.files.push(writer.finish()?);
     }
     Ok(report)
@@ -219,7 +222,8 @@ pub fn split<'t, 'b>(
     })
 }
 
-/// Streams one safetensors file: the header first, then tensor bytes in plan order.
+/// Streams one output file: the header first, then tensor bytes in plan order, filling in
+/// the plan's CRC32 fields on the way.
 pub struct ShardWriter {
     path: PathBuf,
     file: File,
@@ -227,6 +231,20 @@ pub struct ShardWriter {
     written: usize,
     header_len: usize,
     hash: xxhash_rust::xxh3::Xxh3,
+    crc: CrcState,
+}
+
+/// The CRC32s of a shard's checked tensors as their bytes go by.
+#[derive(Default)]
+struct CrcState {
+    /// Per tensor of the shard: its running CRC while its bytes are written, `None` for a
+    /// tensor no field checks.
+    running: Vec<Option<crc32fast::Hasher>>,
+    /// Per tensor: its CRC once its last byte was written.
+    done: Vec<Option<u32>>,
+    /// The fields, sorted by offset, and the first not yet written.
+    fields: Vec<super::plan::CrcField>,
+    next: usize,
 }
 
 impl ShardWriter {
@@ -237,6 +255,19 @@ impl ShardWriter {
         fsio::write_all(&mut file, &path, &plan.header)?;
         let mut hash = xxhash_rust::xxh3::Xxh3::new();
         hash.update(&plan.header);
+        let mut crc = CrcState::default();
+        if !plan.crc.is_empty() {
+            crc.running = vec![None; plan.tensors.len()];
+            crc.done = vec![None; plan.tensors.len()];
+            for f in &plan.crc {
+                crc.running[f.tensor] = Some(crc32fast::Hasher::new());
+                if plan.tensors[f.tensor].bytes() == 0 {
+                    // No unit will carry its (no) bytes.
+                    crc.done[f.tensor] = Some(crc32fast::Hasher::new().finalize());
+                }
+            }
+            crc.fields = plan.crc.clone();
+        }
         Ok(ShardWriter {
             hash,
             header_len: plan.header.len(),
@@ -244,7 +275,53 @@ impl ShardWriter {
             file,
             expected: plan.data_len,
             written: 0,
+            crc,
         })
+    }
+
+    /// Append the bytes of `task` (a run of units of `plan`, in order), first updating the
+    /// CRC32s of checked tensors and filling in the CRC32 fields that fall inside `buf` (each
+    /// comes after the tensor it checks, so its value is known by then).
+    pub fn write_task(&mut self, plan: &ShardPlan, task: &[Unit], buf: &mut [u8]) -> Result<()> {
+        if self.crc.fields.is_empty() {
+            return self.write(buf);
+        }
+        let start = self.header_len + self.written;
+        for (u, bytes) in split(plan, task, buf) {
+            if let Some(h) = self.crc.running[u.tensor].as_mut() {
+                h.update(bytes);
+                if u.elems.end == plan.tensors[u.tensor].shape.iter().product::<usize>() {
+                    let h = self.crc.running[u.tensor].take().unwrap_or_default();
+                    self.crc.done[u.tensor] = Some(h.finalize());
+                }
+            }
+        }
+        let end = start + buf.len();
+        while let Some(f) = self.crc.fields.get(self.crc.next) {
+            if f.at >= end {
+                break;
+            }
+            let crc = self.crc.done[f.tensor].ok_or_else(|| {
+                Error::Internal(format!(
+                    "{}: the CRC32 field at {} precedes the end of the bytes it checks",
+                    self.path.display(),
+                    f.at
+                ))
+            })?;
+            // The field may straddle two writes: fill in the bytes that fall in this one.
+            for (i, b) in crc.to_le_bytes().into_iter().enumerate() {
+                let at = f.at + i;
+                if at >= start && at < end {
+                    buf[at - start] = b;
+                }
+            }
+            if f.at + 4 <= end {
+                self.crc.next += 1;
+            } else {
+                break;
+            }
+        }
+        self.write(buf)
     }
 
     /// Append tensor bytes.
@@ -270,6 +347,13 @@ impl ShardWriter {
 
     /// Check the byte count against the header and fsync.
     pub fn finish(self) -> Result<WrittenFile> {
+        if self.crc.next != self.crc.fields.len() {
+            return Err(Error::Internal(format!(
+                "{}: {} CRC32 field(s) were not written",
+                self.path.display(),
+                self.crc.fields.len() - self.crc.next
+            )));
+        }
         if self.written != self.expected {
             return Err(Error::Internal(format!(
                 "{}: wrote {} tensor bytes, header declares {}",
@@ -303,6 +387,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, n)| OutTensor {
+                raw: None,
                 name: format!("t{i:03}"),
                 dtype: Dtype::BF16,
                 shape: vec![*n],

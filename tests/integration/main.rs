@@ -10,6 +10,8 @@
 //!   output checked by the float64 oracle.
 //! - `daemon_features`: hooks, retention, `emit_interval`, text log, resume from `state.dir`,
 //!   a watch.dir that appears late.
+//! - `dcp`: PyTorch DCP checkpoints (torch-written fixtures): `merge`, `run`, `inspect` and
+//!   hostile variants, checked by an independent Python reader.
 //! - `demo`: `pmad demo`.
 //! - `fault_inputs`: disk full, hostile inputs, racing writers and vanishing dirs, rotation and
 //!   rewrites, the watched tree left untouched (one file each).
@@ -30,6 +32,7 @@ mod harness;
 mod check_config;
 mod daemon_e2e;
 mod daemon_features;
+mod dcp;
 mod demo;
 mod fault_inputs;
 mod fault_kill;

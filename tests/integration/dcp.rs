@@ -1,0 +1,378 @@
+//! PyTorch DCP checkpoints (tests/fixtures/dcp, written by real torch): `pmad merge` and
+//! `pmad run` publish DCP outputs that an independent reader (`tests/py/dcp_check.py`: Python's
+//! unpickler with inert classes, `zipfile` with its CRC32 checks, numpy) finds within 1 ulp
+//! (bf16) or 1e-6 (f32) of the float64 averages torch computed, with every other item copied
+//! byte for byte from the newest input; `pmad inspect` lists keys and chunks; and hostile
+//! variants (truncated file, wrong CRC, unknown opcode or class, missing or per-rank
+//! metadata, mixed runs) are refused naming the file.
+
+use crate::harness::{outputs, py_script, repo_root, s, Config, Daemon, Recipe, Run, TestEnv};
+use crate::inspect::expect_inspect_invalid;
+use pmad::format::dcp::archive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const SETS: [&str; 2] = ["torchtitan", "fsdp2-2rank"];
+
+fn fixture(set: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/dcp").join(set)
+}
+
+fn step_dir(set: &str, step: u64) -> PathBuf {
+    fixture(set).join(format!("step-{step}"))
+}
+
+/// `dcp_check.py check OUT EXPECTED NEWEST`.
+fn check(env: &TestEnv, out: &Path, expected: &Path, newest: &Path) -> Run {
+    py_script(
+        "dcp_check.py",
+        env.path(),
+        [Path::new("check"), out, expected, newest],
+    )
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn merge_matches_the_averages_torch_computed() {
+    let env = TestEnv::new();
+    let mut failures = Vec::new();
+    for set in SETS {
+        for (method, k, step) in [
+            ("sma", 2, 200),
+            ("sma", 2, 300),
+            ("sma", 3, 300),
+            ("wma", 2, 300),
+            ("wma", 3, 300),
+            ("ema", 2, 200),
+            ("ema", 3, 300),
+        ] {
+            let inputs: Vec<PathBuf> = (0..k)
+                .rev()
+                .map(|i| step_dir(set, step - 100 * i))
+                .collect();
+            let out = env.join(format!("{set}-{method}-k{k}-{step}"));
+            let mut opts = vec!["--method", method];
+            if method == "ema" {
+                opts.extend(["--alpha", "0.5"]);
+            }
+            let r = env.merge(&opts, &out, &inputs);
+            if r.code != 0 {
+                failures.push(format!(
+                    "{set} {method} k{k}: merge failed\n{}",
+                    r.describe()
+                ));
+                continue;
+            }
+            // The input's files, named as in the input, plus merge.json.
+            let mut names: Vec<String> = std::fs::read_dir(&out)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            let mut want: Vec<String> = std::fs::read_dir(step_dir(set, step))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            want.push("merge.json".into());
+            want.sort();
+            if names != want {
+                failures.push(format!(
+                    "{set} {method} k{k}: files {names:?}, want {want:?}"
+                ));
+            }
+            let expected = fixture(set)
+                .join("expected")
+                .join(format!("{method}-k{k}-step{step}.safetensors"));
+            let c = check(&env, &out, &expected, &step_dir(set, step));
+            if c.code != 0 {
+                failures.push(format!("{set} {method} k{k} step {step}\n{}", c.describe()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn inspect_lists_keys_chunks_and_what_is_averaged() {
+    let env = TestEnv::new();
+    let r = env.pmad([
+        Path::new("inspect"),
+        &step_dir("fsdp2-2rank", 300),
+        Path::new("--json"),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.describe());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let names: Vec<&str> = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "model.embed.weight@0,0",
+            "model.embed.weight@5,0",
+            "model.head.weight@0,0",
+            "model.head.weight@4,0",
+            "model.layers.0.mlp.weight@0,0",
+            "model.layers.0.mlp.weight@4,0",
+            "model.layers.0.norm.weight",
+        ]
+    );
+    let head = &v["tensors"][3];
+    assert_eq!(head["dtype"], "BF16");
+    assert_eq!(head["shape"], serde_json::json!([3, 6]));
+    assert_eq!(head["file"], "__1_0.distcp");
+    let keys = v["keys"].as_array().unwrap();
+    let key = |k: &str| keys.iter().find(|x| x["key"] == k).unwrap().clone();
+    assert_eq!(key("model.head.weight")["chunks"], 2);
+    assert_eq!(key("model.head.weight")["action"], "averaged");
+    assert_eq!(key("model.head.weight")["shape"], serde_json::json!([7, 6]));
+    assert_eq!(key("optim.head.weight.exp_avg")["action"], "copied");
+    assert_eq!(key("train.rng.state")["kind"], "bytes");
+    // The table says the same for people, and shows a transposed tensor's strides.
+    let t = env.pmad([Path::new("inspect"), &step_dir("torchtitan", 300)]);
+    assert_eq!(t.code, 0, "{}", t.describe());
+    assert!(
+        t.stdout.contains("keys: 6 averaged, 25 copied"),
+        "{}",
+        t.stdout
+    );
+    assert!(
+        t.stdout.lines().any(
+            |l| l.starts_with("layers.0.attention.wo.weight ") && l.ends_with("strides (1, 8)")
+        ),
+        "{}",
+        t.stdout
+    );
+}
+
+/// The (file, start, length) of item `fqn` of a fixture step, from torch's own item list.
+fn item(set: &str, step: u64, fqn: &str) -> (String, usize, usize) {
+    let list: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixture(set).join(format!("items-step-{step}.json"))).unwrap(),
+    )
+    .unwrap();
+    let it = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["fqn"] == fqn)
+        .unwrap();
+    (
+        it["file"].as_str().unwrap().to_string(),
+        it["offset"].as_u64().unwrap() as usize,
+        it["length"].as_u64().unwrap() as usize,
+    )
+}
+
+/// Rewrite bytes of `file` with `f`.
+fn edit(file: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut b = std::fs::read(file).unwrap();
+    f(&mut b);
+    std::fs::write(file, b).unwrap();
+}
+
+fn replace_once(b: &mut [u8], from: &[u8], to: &[u8]) {
+    assert_eq!(from.len(), to.len());
+    let at = b
+        .windows(from.len())
+        .position(|w| w == from)
+        .unwrap_or_else(|| panic!("{:?} not found", String::from_utf8_lossy(from)));
+    b[at..at + to.len()].copy_from_slice(to);
+}
+
+#[test]
+fn hostile_dcp_inputs_are_refused_naming_the_file() {
+    let env = TestEnv::new();
+    let set = "torchtitan";
+    let older = step_dir(set, 200);
+    let (file, at, len) = item(set, 300, "layers.0.attention.wq.weight");
+    type Mutate = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Mutate, &str, &str)> = vec![
+        (
+            "truncated data file",
+            Box::new(|d: &Path| {
+                edit(&d.join("__0_0.distcp"), |b| b.truncate(b.len() / 2));
+            }),
+            "__0_0.distcp",
+            "past the file's end",
+        ),
+        (
+            "wrong CRC of data.pkl",
+            Box::new(move |d: &Path| {
+                edit(&d.join(&file), |b| {
+                    let entries = archive::entries(&b[at..at + len]).unwrap();
+                    let pkl = entries
+                        .iter()
+                        .find(|e| e.name.ends_with("data.pkl"))
+                        .unwrap();
+                    b[at + pkl.central_header + 16] ^= 0xff;
+                });
+            }),
+            "__0_0.distcp",
+            "fails its CRC32 check",
+        ),
+        (
+            "unknown opcode in .metadata",
+            Box::new(|d: &Path| {
+                // Byte 11 is the first opcode after PROTO and FRAME.
+                edit(&d.join(".metadata"), |b| b[11] = 0xff);
+            }),
+            ".metadata",
+            "pickle byte 11",
+        ),
+        (
+            "unexpected class in .metadata",
+            Box::new(|d: &Path| {
+                edit(&d.join(".metadata"), |b| {
+                    replace_once(b, b"TensorStorageMetadata", b"TensorStorageMetadatX")
+                });
+            }),
+            ".metadata",
+            "expected TensorStorageMetadata or BytesStorageMetadata",
+        ),
+        (
+            "a subclass rebuild function in data.pkl",
+            Box::new(|d: &Path| {
+                let (file, at, len) = item("torchtitan", 300, "norm.weight");
+                edit(&d.join(&file), |b| {
+                    let item = &mut b[at..at + len];
+                    let entries = archive::entries(item).unwrap();
+                    let pkl = entries
+                        .iter()
+                        .find(|e| e.name.ends_with("data.pkl"))
+                        .unwrap();
+                    let r = pkl.data.clone();
+                    replace_once(
+                        &mut item[r.clone()],
+                        b"_rebuild_tensor_v2",
+                        b"_rebuild_tensor_v9",
+                    );
+                    // A consistent archive: only the class is wrong.
+                    let crc = archive::crc32(&item[r]);
+                    archive::patch_crc(item, pkl, crc);
+                });
+            }),
+            "__0_0.distcp",
+            "torch._utils._rebuild_tensor_v9",
+        ),
+        (
+            "no .metadata",
+            Box::new(|d: &Path| std::fs::remove_file(d.join(".metadata")).unwrap()),
+            ".metadata",
+            "not written yet",
+        ),
+        (
+            "per-rank metadata",
+            Box::new(|d: &Path| {
+                std::fs::rename(d.join(".metadata"), d.join("__0.metadata")).unwrap()
+            }),
+            "__0.metadata",
+            "per-rank",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (label, mutate, file_named, needle) in &cases {
+        let bad = env.join(format!("bad-{}/step-300", label.replace(' ', "-")));
+        copy_dir(&step_dir(set, 300), &bad);
+        mutate(&bad);
+        let out = env.join(format!("out-{}", label.replace(' ', "-")));
+        let r = env.merge(&["--method", "sma"], &out, &[older.clone(), bad.clone()]);
+        let named = bad.join(file_named);
+        if r.code == 0 || !r.stderr.contains(&s(&named)) || !r.stderr.contains(needle) {
+            failures.push(format!(
+                "[{label}] want a failure naming {} and {needle:?}\n{}",
+                named.display(),
+                r.describe()
+            ));
+        }
+        if out.exists() {
+            failures.push(format!("[{label}] an output was published"));
+        }
+        failures.extend(expect_inspect_invalid(&env, label, &bad, needle));
+    }
+    // Checkpoints of different runs (other keys, other chunking) are not averaged together.
+    let out = env.join("out-mixed");
+    let r = env.merge(
+        &["--method", "sma"],
+        &out,
+        &[step_dir("torchtitan", 200), step_dir("fsdp2-2rank", 300)],
+    );
+    if r.code == 0 || !r.stderr.contains("fsdp2-2rank") || !r.stderr.contains("is missing") {
+        failures.push(format!("[mixed runs] want a mismatch\n{}", r.describe()));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// A DCP save as torch does it: the data files first, `.metadata` last.
+fn save_like_torch(src: &Path, dst: &Path) {
+    let tmp = dst.with_extension("partial");
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != ".metadata" {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(src.join(".metadata"), &tmp).unwrap();
+    std::fs::rename(&tmp, dst.join(".metadata")).unwrap();
+}
+
+#[test]
+fn daemon_publishes_dcp_averages_as_checkpoints_arrive() {
+    const T: Duration = Duration::from_secs(60);
+    for set in SETS {
+        let env = TestEnv::new();
+        let watch = env.mkdir("ckpt");
+        let out = env.join("out");
+        let cfg = Config::new(&watch)
+            .watch("layout", "torchtitan")
+            .poll("100ms")
+            .settle("100ms")
+            .recipe(Recipe::sma("sma3", 3).all_outputs(&out))
+            .recipe(Recipe::ema("ema", 0.5).all_outputs(&out))
+            .no_server()
+            .json_log("")
+            .write(&env.join("pmad.toml"));
+        let mut d = Daemon::start(env.path(), &cfg, "pmad");
+        for step in [100u64, 200, 300] {
+            save_like_torch(&step_dir(set, step), &watch.join(format!("step-{step}")));
+            d.expect("acceptance", T, |e| {
+                e.event() == "checkpoint.accepted" && e.u("step") == Some(step)
+            });
+        }
+        d.expect("sma3 at 300", T, |e| {
+            e.event() == "merge.emitted"
+                && e.s("recipe") == Some("sma3")
+                && e.s("steps").is_some_and(|s| s.ends_with("300"))
+        });
+        d.expect("ema at 300", T, |e| {
+            e.event() == "merge.emitted"
+                && e.s("recipe") == Some("ema")
+                && e.s("steps").is_some_and(|s| s.ends_with("300"))
+        });
+        let newest = step_dir(set, 300);
+        for (recipe, expected) in [("sma3", "sma-k3-step300"), ("ema", "ema-k3-step300")] {
+            let dir = out.join(recipe);
+            let o = outputs(&dir);
+            let path = o
+                .get(&300)
+                .unwrap_or_else(|| panic!("{set} {recipe}: no step-300 in {o:?}\n{}", d.dump(40)));
+            let expected = fixture(set)
+                .join("expected")
+                .join(format!("{expected}.safetensors"));
+            let c = check(&env, path, &expected, &newest);
+            assert_eq!(c.code, 0, "{set} {recipe}\n{}", c.describe());
+        }
+        assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+    }
+}
