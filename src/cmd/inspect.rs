@@ -1,7 +1,6 @@
 //! `pmad inspect`: a checkpoint's tensor table, totals and validity verdict.
 
 use pmad::format::safetensors::header::dtype_name;
-use pmad::format::Checkpoint;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -13,11 +12,19 @@ pub struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Show what `--include REGEX` (repeatable) would average, as in `pmad merge`.
+    #[arg(long, value_name = "REGEX")]
+    include: Vec<String>,
+    /// Show what `--exclude REGEX` (repeatable) would leave out, as in `pmad merge`.
+    #[arg(long, value_name = "REGEX")]
+    exclude: Vec<String>,
 }
 
 /// Print the report; returns whether the checkpoint is valid.
 pub fn run(args: InspectArgs) -> anyhow::Result<bool> {
-    let i = inspect(&args.checkpoint);
+    let select = pmad::format::Select::new(&args.include, &args.exclude)
+        .map_err(|e| pmad::Error::Usage(format!("--{e}")))?;
+    let i = inspect_with(&args.checkpoint, &select);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&i)?);
     } else {
@@ -69,6 +76,9 @@ pub struct TensorRow {
     /// Its layout when not row-major (DCP strides).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub view: Option<String>,
+    /// Whether it is averaged (else copied from the newest checkpoint: not floating-point, or
+    /// not selected).
+    pub averaged: bool,
 }
 
 /// One key of a DCP checkpoint.
@@ -86,9 +96,9 @@ pub struct KeyRow {
     pub action: &'static str,
 }
 
-/// Inspect `path`.
-pub fn inspect(path: &Path) -> Inspection {
-    match Checkpoint::open(path) {
+/// Inspect `path`, averaging what `select` chooses.
+pub fn inspect_with(path: &Path, select: &pmad::format::Select) -> Inspection {
+    match pmad::format::open_with(path, select) {
         Ok(c) => {
             let tensors: Vec<TensorRow> = c
                 .tensors
@@ -104,6 +114,7 @@ pub fn inspect(path: &Path) -> Inspection {
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default(),
                     view: t.view.clone(),
+                    averaged: pmad::math::kinds::FloatKind::of_tensor(t).is_some(),
                 })
                 .collect();
             let keys = c
@@ -201,9 +212,10 @@ pub fn render(i: &Inspection) -> String {
                 format!("{:?}", t.shape),
                 t.bytes,
                 t.view
-                    .as_ref()
-                    .map(|v| format!("  {v}"))
-                    .unwrap_or_default()
+                    .iter()
+                    .map(String::as_str)
+                    .chain((!t.averaged).then_some("copied"))
+                    .fold(String::new(), |a, b| a + "  " + b)
             );
         }
         let _ = writeln!(

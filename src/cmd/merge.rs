@@ -75,6 +75,14 @@ pub struct MergeArgs {
     /// options); fails, naming them, while parts are missing.
     #[arg(long)]
     commit: bool,
+    /// Average only tensors whose key matches one of these regular expressions (repeatable;
+    /// replaces the format's own rule, e.g. DCP's "not optimizer state").
+    #[arg(long, value_name = "REGEX")]
+    include: Vec<String>,
+    /// Never average tensors whose key matches this regular expression (repeatable): they are
+    /// copied from the newest checkpoint.
+    #[arg(long, value_name = "REGEX")]
+    exclude: Vec<String>,
     /// Checkpoints (directories or .safetensors files), oldest first.
     #[arg(required = true, num_args = 1..)]
     checkpoints: Vec<PathBuf>,
@@ -139,6 +147,8 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         allow_nonfinite: args.allow_nonfinite,
         chunk_bytes: parse_size("--chunk-size", &args.chunk_size)? as usize,
         memory_budget: parse_size("--memory-budget", &args.memory_budget)?,
+        select: pmad::format::Select::new(&args.include, &args.exclude)
+            .map_err(|e| pmad::Error::Usage(format!("--{e}")))?,
     };
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(t) = args.threads {

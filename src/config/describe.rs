@@ -42,6 +42,28 @@ impl Config {
         );
         let _ = writeln!(s, "allow_nonfinite = {}", w.allow_nonfinite);
         let p = &self.phase;
+        let sel = &self.select;
+        let _ = writeln!(s, "[select]");
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "(none)".to_string()
+            } else {
+                v.iter()
+                    .map(|p| format!("{p:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let _ = writeln!(
+            s,
+            "include        = {}",
+            if sel.include.is_empty() {
+                "(none: the checkpoint format's rule)".to_string()
+            } else {
+                list(&sel.include)
+            }
+        );
+        let _ = writeln!(s, "exclude        = {}", list(&sel.exclude));
         let _ = writeln!(s, "[phase]");
         let _ = writeln!(
             s,

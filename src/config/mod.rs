@@ -225,6 +225,19 @@ pub struct Config {
     pub threads: usize,
     /// Whether `threads` was derived from the usable cores.
     pub threads_auto: bool,
+    /// `[select]`: which tensors are averaged besides the format's own rule.
+    pub select: SelectConfig,
+}
+
+/// `[select]`: regular expressions over tensor keys (validated when the config is read). A
+/// float tensor is averaged when its key matches an `include` pattern (or `include` is empty
+/// and the checkpoint format's rule selects it) and no `exclude` pattern.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SelectConfig {
+    /// `include`.
+    pub include: Vec<String>,
+    /// `exclude`.
+    pub exclude: Vec<String>,
 }
 
 named_enum! {
@@ -368,6 +381,30 @@ mod tests {
             Config::parse(&MIN.replace("dir = \"/ckpt\"", "dir = \"/c\"\nlayout = \"deepspeed\""))
                 .unwrap();
         assert_eq!(c.watch.pattern.step("global_step300"), Some(300));
+        let c =
+            Config::parse(&MIN.replace("dir = \"/ckpt\"", "dir = \"/c\"\nlayout = \"torchtitan\""))
+                .unwrap();
+        assert_eq!(c.watch.pattern.step("step-300"), Some(300));
+        assert_eq!(c.watch.marker, Marker::InDir(".metadata".into()));
+        let e = bad(&MIN.replace("dir = \"/ckpt\"", "dir = \"/c\"\nlayout = \"dcp\""));
+        assert!(e.contains("watch.pattern") && e.contains("\"dcp\""), "{e}");
+    }
+
+    #[test]
+    fn select_patterns_are_checked_when_read() {
+        let c = Config::parse(&format!(
+            "{MIN}\n[select]\nexclude = [\"norm\", \"^output\\\\.\"]"
+        ))
+        .unwrap();
+        assert_eq!(c.select.exclude, ["norm", "^output\\."]);
+        assert!(c.select.include.is_empty());
+        let e = bad(&format!("{MIN}\n[select]\ninclude = [\"ok\", \"(\"]"));
+        assert!(
+            e.contains("select.include[1]") && e.contains("not a regular expression"),
+            "{e}"
+        );
+        let e = bad(&format!("{MIN}\n[select]\nincluded = []"));
+        assert!(e.contains("included"), "{e}");
     }
 
     fn bad(text: &str) -> String {

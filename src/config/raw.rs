@@ -2,8 +2,8 @@
 //! the validated types of [`super`]. Every default and every check lives here, once.
 
 use super::{
-    Config, Layout, LogFormat, Marker, PartitionConfig, Pattern, PhaseConfig, Recipe, SpikeConfig,
-    StateConfig, WatchConfig, WatchMode,
+    Config, Layout, LogFormat, Marker, PartitionConfig, Pattern, PhaseConfig, Recipe, SelectConfig,
+    SpikeConfig, StateConfig, WatchConfig, WatchMode,
 };
 use crate::math::kinds::{Accumulator, OutDtype};
 use crate::math::{Method, MethodKind, Shape};
@@ -47,6 +47,17 @@ struct RawConfig {
     daemon: RawDaemon,
     spike: Option<RawSpike>,
     partition: Option<RawPartition>,
+    #[serde(default)]
+    select: RawSelect,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSelect {
+    #[serde(default)]
+    include: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -622,8 +633,26 @@ fn resolve(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
         Some(s) if s.enabled => Some(resolve_spike(s, &watch, &recipes)?),
         _ => None,
     };
+    for (list, pats) in [
+        ("include", &raw.select.include),
+        ("exclude", &raw.select.exclude),
+    ] {
+        for (i, p) in pats.iter().enumerate() {
+            if let Err(e) = regex::Regex::new(p) {
+                return Err(err(
+                    &format!("select.{list}[{i}]"),
+                    format!("{p:?} is not a regular expression: {e}"),
+                ));
+            }
+        }
+    }
+    let select = SelectConfig {
+        include: raw.select.include,
+        exclude: raw.select.exclude,
+    };
     Ok(Config {
         watch,
+        select,
         phase,
         state,
         recipes,

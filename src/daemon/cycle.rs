@@ -164,10 +164,16 @@ fn fresh_window(cfg: &Config) -> Window {
         cfg.state.dir.clone(),
         cfg.state.memory_budget,
     );
+    let w = w.with_select(select_of(cfg));
     match share(cfg) {
         Some(s) => w.with_share(s, &cfg.recipes),
         None => w,
     }
+}
+
+/// `[select]` as the formats apply it (its patterns were validated with the config).
+fn select_of(cfg: &Config) -> crate::format::Select {
+    crate::format::Select::new(&cfg.select.include, &cfg.select.exclude).unwrap_or_default()
 }
 
 /// This instance's share of every output (with `[partition]` and more than one instance).
@@ -267,7 +273,7 @@ impl Daemon {
         let mut opened = BTreeMap::new();
         let mut found = BTreeMap::new();
         for e in &m.window {
-            let f = match Checkpoint::open(&e.path) {
+            let f = match crate::format::open_with(&e.path, &select_of(&self.cfg)) {
                 Ok(c) => {
                     let now: Vec<_> = c
                         .files

@@ -446,7 +446,10 @@ fn write_values(
                     buf.copy_from_slice(newest.files[raw.file].slice(r));
                     return Ok(());
                 }
-                match FloatKind::of(t.dtype) {
+                let averaged = newest
+                    .tensor(&t.name)
+                    .is_some_and(|s| FloatKind::of_tensor(s).is_some());
+                match FloatKind::of(t.dtype).filter(|_| averaged) {
                     Some(kind) => {
                         let i = layout
                             .tensors

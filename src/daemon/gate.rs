@@ -64,7 +64,11 @@ pub fn check(
     window: &Window,
     scan: Scan,
 ) -> Verdict {
-    let opened = validate(Checkpoint::open(path), window, scan);
+    let opened = validate(
+        crate::format::open_with(path, window.select()),
+        window,
+        scan,
+    );
     let after = scanner.signature(path).ok();
     if opened.is_ok() && (after.is_none() || after.as_ref() != before) {
         return Verdict::Unsettled(after);
@@ -79,7 +83,11 @@ pub fn check(
 /// Check a checkpoint from the snapshot of its files taken when its marker appeared (the
 /// directory was deleted since: what it held then is all there is, and it cannot change).
 pub fn check_snapshot(snapshot: &Snapshot, window: &Window, scan: Scan) -> Verdict {
-    match validate(crate::format::open_snapshot(snapshot), window, scan) {
+    match validate(
+        crate::format::open_snapshot(snapshot, window.select()),
+        window,
+        scan,
+    ) {
         Ok(c) => Verdict::Pass(c),
         Err(error) => reject(error),
     }
@@ -125,7 +133,7 @@ fn nonfinite(c: &Checkpoint, owned: Option<&BTreeSet<String>>) -> crate::Result<
         .enumerate()
         .filter(|(_, t)| owned.is_none_or(|o| o.contains(&t.name)))
         .filter_map(|(i, t)| {
-            let kind = FloatKind::of(t.dtype)?;
+            let kind = FloatKind::of_tensor(t)?;
             let f = &c.files[t.file];
             let n = kernels::count_nonfinite(kind, f.slice(t.range.clone()));
             f.release(t.range.clone());

@@ -25,7 +25,7 @@
 
 use crate::config::Recipe;
 use crate::error::{Error, Result};
-use crate::format::{Checkpoint, Schema};
+use crate::format::{Checkpoint, Schema, Select};
 use crate::math::accum::{self, AccStore, Accumulators, FlatLayout, Op};
 use crate::math::incremental::Sums;
 use crate::math::kinds::{Accumulator, FloatKind, OutDtype};
@@ -63,6 +63,8 @@ pub struct Window {
     /// With `[partition]`: this instance's share, and each recipe's output dtype and shard
     /// size (which decide the tensors it owns). Sums are kept for owned tensors only.
     share: Option<(Share, Vec<(OutDtype, u64)>)>,
+    /// Which tensors are averaged (`[select]`): checkpoints are opened with it.
+    select: Select,
 }
 
 /// What an arrival did, for the `window.updated` log line and the schedule.
@@ -182,6 +184,7 @@ impl Window {
             memory_budget,
             held_extra: BTreeSet::new(),
             share: None,
+            select: Select::default(),
         }
     }
 
@@ -227,6 +230,17 @@ impl Window {
     /// Steps currently pinned, oldest first.
     pub fn steps(&self) -> Vec<u64> {
         self.pinned.keys().copied().collect()
+    }
+
+    /// Open checkpoints with `select` (`[select]`) instead of the formats' rules alone.
+    pub fn with_select(mut self, select: Select) -> Window {
+        self.select = select;
+        self
+    }
+
+    /// Which tensors are averaged: open checkpoints with it.
+    pub fn select(&self) -> &Select {
+        &self.select
     }
 
     /// Newest pinned step.

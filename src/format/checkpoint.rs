@@ -30,6 +30,10 @@ pub struct Tensor {
     /// tensor's strides: `strides (1, 8)`). Averaging is element by element over the bytes, so
     /// every checkpoint of a window must share it.
     pub view: Option<String>,
+    /// Whether it is selected for averaging by the format's rule and the user's `[select]`
+    /// ([`super::Select`]). A selected floating-point tensor is averaged; every other tensor
+    /// is copied byte for byte from the newest input.
+    pub average: bool,
 }
 
 impl Tensor {

@@ -91,6 +91,12 @@ pub fn json_f64(v: &serde_json::Value) -> Option<f64> {
     }
 }
 
+/// Whether `dtype` is a floating-point type pmad can average.
+pub fn is_float(d: ::safetensors::Dtype) -> bool {
+    use ::safetensors::Dtype::*;
+    matches!(d, F64 | F32 | F16 | BF16 | F8_E4M3 | F8_E5M2)
+}
+
 /// Whether `name` is a weights file of this layout: a shard or the index.
 pub fn is_weight_file(name: &str) -> bool {
     name.ends_with(".safetensors") || name == INDEX_FILE
@@ -205,6 +211,7 @@ fn catalog(
                 shape: t.shape,
                 file: fi,
                 view: None,
+                average: true,
             });
         }
         files.push(f);

@@ -18,11 +18,13 @@ pub mod dcp;
 pub mod dir;
 pub mod hf;
 pub mod safetensors;
+pub mod select;
 pub mod sigbus;
 pub mod source;
 
 pub use checkpoint::{Checkpoint, Schema, Tensor};
 pub use dir::{Dir, Snapshot};
+pub use select::Select;
 pub use source::{Fingerprint, SourceFile, SourceState};
 
 use crate::error::Result;
@@ -37,27 +39,42 @@ pub fn is_weight_file(name: &str) -> bool {
 /// Open and validate the checkpoint at `path` (a directory or a single weights file),
 /// recognising its format from its files.
 pub fn open(path: &Path) -> Result<Checkpoint> {
+    open_with(path, &Select::default())
+}
+
+/// [`open`], averaging the tensors `select` chooses (the format's rule when it is empty).
+pub fn open_with(path: &Path, select: &Select) -> Result<Checkpoint> {
     if path.is_dir() {
-        return open_dir(Dir::Live(path));
+        return open_dir(Dir::Live(path), select);
     }
     // A bare `.safetensors` file (or an error naming what is there instead).
-    hf::open(path)
+    hf::open(path).map(|c| selected(c, select))
+}
+
+/// Apply `select` to a safetensors checkpoint (every float tensor by the format's rule).
+fn selected(mut c: Checkpoint, select: &Select) -> Checkpoint {
+    if !select.is_default() {
+        for t in &mut c.tensors {
+            t.average = select.averages(&t.name, true);
+        }
+    }
+    c
 }
 
 /// A directory is DCP when it has DCP files and no safetensors weights; otherwise the HF
 /// layout reads it (and names the other formats it recognises but cannot read).
-fn open_dir(dir: Dir<'_>) -> Result<Checkpoint> {
+fn open_dir(dir: Dir<'_>, select: &Select) -> Result<Checkpoint> {
     let names = dir.names();
     let safetensors = names.iter().any(|n| hf::is_weight_file(n));
     if !safetensors && dcp::is_dcp(&names) {
-        dcp::open_dir(dir)
+        dcp::open_dir(dir, select)
     } else {
-        hf::open_dir(dir)
+        hf::open_dir(dir).map(|c| selected(c, select))
     }
 }
 
 /// Open and validate a checkpoint directory from a snapshot of its files (it may have been
 /// deleted since).
-pub fn open_snapshot(snapshot: &Snapshot) -> Result<Checkpoint> {
-    open_dir(Dir::Snapshot(snapshot))
+pub fn open_snapshot(snapshot: &Snapshot, select: &Select) -> Result<Checkpoint> {
+    open_dir(Dir::Snapshot(snapshot), select)
 }

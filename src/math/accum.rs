@@ -69,7 +69,7 @@ impl FlatLayout {
         let mut tensors = Vec::new();
         let mut start = 0;
         for t in c.tensors.iter().filter(|t| keep(&t.name)) {
-            if let Some(kind) = FloatKind::of(t.dtype) {
+            if let Some(kind) = FloatKind::of_tensor(t) {
                 let len = t.elements();
                 tensors.push(FlatTensor {
                     name: t.name.clone(),

@@ -88,6 +88,16 @@ pub enum FloatKind {
 }
 
 impl FloatKind {
+    /// The float kind of a catalog tensor that is averaged; `None` for a tensor that is
+    /// copied (not floating-point, or not selected).
+    pub fn of_tensor(t: &crate::format::Tensor) -> Option<FloatKind> {
+        if t.average {
+            FloatKind::of(t.dtype)
+        } else {
+            None
+        }
+    }
+
     /// The float kind of a safetensors dtype, or `None` for integer, bool and unsupported
     /// float encodings.
     pub fn of(dtype: Dtype) -> Option<FloatKind> {

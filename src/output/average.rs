@@ -179,7 +179,7 @@ pub fn write_average(
                     })
                 })
                 .collect::<Result<_>>()?;
-            let job = match (FloatKind::of(srcs[0].dtype), FloatKind::of(t.dtype)) {
+            let job = match (FloatKind::of_tensor(srcs[0]), FloatKind::of(t.dtype)) {
                 (Some(kind), Some(out)) => Job::Average { kind, out },
                 _ => Job::Copy,
             };

@@ -39,6 +39,8 @@ pub struct MergeSpec {
     pub chunk_bytes: usize,
     /// Bound on peak RSS (see [`super::average`]).
     pub memory_budget: u64,
+    /// Which tensors are averaged (the format's rule when empty).
+    pub select: crate::format::Select,
 }
 
 /// Summary of a finished one-shot merge.
@@ -123,7 +125,7 @@ fn prepare(paths: &[PathBuf], spec: &MergeSpec, out: &Path) -> Result<Prepared> 
     // work of opening); the first error in input order is the one reported.
     let inputs = paths
         .par_iter()
-        .map(|p| Checkpoint::open(p))
+        .map(|p| crate::format::open_with(p, &spec.select))
         .collect::<Vec<Result<Checkpoint>>>()
         .into_iter()
         .collect::<Result<Vec<_>>>()?;

@@ -286,9 +286,9 @@ pub fn output_tensors(newest: &Checkpoint, dtype: OutDtype) -> Result<Vec<OutTen
         .tensors
         .iter()
         .map(|t| {
-            let out = match FloatKind::of(t.dtype) {
+            let out = match FloatKind::of_tensor(t) {
                 Some(k) => dtype.output_kind(k).dtype(),
-                None if is_unsupported_float(t.dtype) => {
+                None if t.average && is_unsupported_float(t.dtype) => {
                     return Err(Error::Unsupported {
                         path: newest.files[t.file].path.clone(),
                         tensor: t.name.clone(),

@@ -6,6 +6,30 @@ use crate::harness::{repo_root, s, Config, Recipe, TestEnv};
 use std::path::Path;
 
 #[test]
+fn every_sample_config_is_valid() {
+    let env = TestEnv::new();
+    let mut n = 0;
+    for e in std::fs::read_dir(repo_root().join("config")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let r = env.pmad([std::ffi::OsStr::new("check-config"), p.as_os_str()]);
+            assert_eq!(r.code, 0, "{}\n{}", p.display(), r.describe());
+            n += 1;
+        }
+    }
+    assert!(n >= 5, "only {n} sample configs");
+    let tt = env.pmad([
+        std::ffi::OsStr::new("check-config"),
+        repo_root().join("config/dcp.toml").as_os_str(),
+    ]);
+    assert!(
+        tt.stdout.contains("include        = \"^model\\\\.\""),
+        "{}",
+        tt.stdout
+    );
+}
+
+#[test]
 fn check_config_prints_resolved_settings() {
     let env = TestEnv::new();
     let example = repo_root().join("config/pmad.toml");

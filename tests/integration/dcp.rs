@@ -100,6 +100,49 @@ fn merge_matches_the_averages_torch_computed() {
 }
 
 #[test]
+fn select_patterns_choose_what_is_averaged() {
+    let env = TestEnv::new();
+    let set = "torchtitan";
+    let inputs = [step_dir(set, 200), step_dir(set, 300)];
+    let expected = fixture(set).join("expected/sma-k2-step300.safetensors");
+    // Excluded keys are copied from the newest checkpoint, the rest still averaged.
+    let out = env.join("excluded");
+    let r = env.merge(
+        &[
+            "--method",
+            "sma",
+            "--exclude",
+            "norm",
+            "--exclude",
+            "^output\\.",
+        ],
+        &out,
+        &inputs,
+    );
+    assert_eq!(r.code, 0, "{}", r.describe());
+    let c = py_script(
+        "dcp_check.py",
+        env.path(),
+        [
+            "check".to_string(),
+            s(&out),
+            s(&expected),
+            s(&inputs[1]),
+            "norm.weight,output.weight".to_string(),
+        ],
+    );
+    assert_eq!(c.code, 0, "{}", c.describe());
+    // A bad pattern is a usage error naming the option.
+    let r = env.merge(
+        &["--method", "sma", "--include", "("],
+        &env.join("bad"),
+        &inputs,
+    );
+    assert_eq!(r.code, 2, "{}", r.describe());
+    assert!(r.stderr.contains("--include[0]"), "{}", r.describe());
+}
+
+#[test]
 fn inspect_lists_keys_chunks_and_what_is_averaged() {
     let env = TestEnv::new();
     let r = env.pmad([

@@ -64,7 +64,9 @@ fn check_inspect(env: &TestEnv, ckpt: &Path, want_files: usize) -> Vec<String> {
             toks.first() == Some(&name.as_str())
                 && toks.contains(&w.dtype.as_str())
                 && l.replace(' ', "").contains(&shape)
-                && toks.last() == Some(&w.data.len().to_string().as_str())
+                // Bytes last, before a "copied" note (tensors that are not averaged).
+                && toks.iter().rev().find(|t| **t != "copied")
+                    == Some(&w.data.len().to_string().as_str())
         });
         if row.is_none() {
             f.push(format!(

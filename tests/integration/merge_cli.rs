@@ -1335,3 +1335,53 @@ fn scalar_and_empty_tensors_survive_merging() {
     }
     assert_no_failures(&failures);
 }
+
+/// `--exclude`/`--include` on safetensors: excluded float tensors are copied byte for byte from
+/// the newest input; the others are averaged exactly as without patterns.
+#[test]
+fn select_patterns_copy_excluded_tensors_from_the_newest() {
+    let env = TestEnv::new();
+    let a = env.make("a/checkpoint-100", "f32", 1, 100, &[]);
+    let b = env.make("b/checkpoint-200", "f32", 2, 200, &[]);
+    let out = env.join("out");
+    let r = env.merge(
+        &[
+            "--method",
+            "sma",
+            "--exclude",
+            "norm",
+            "--exclude",
+            "^model\\.embed",
+        ],
+        &out,
+        &[a.clone(), b.clone()],
+    );
+    assert_eq!(r.code, 0, "{}", r.describe());
+    let got = load_tensors(&out);
+    let newest = load_tensors(&b);
+    for name in ["model.norm.weight", "model.embed_tokens.weight"] {
+        assert_eq!(
+            got[name].data, newest[name].data,
+            "{name} is not the newest's"
+        );
+    }
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert_ne!(got[q].data, newest[q].data, "{q} was not averaged");
+    // It is what a merge without patterns writes (checked against the oracle elsewhere).
+    let plain = env.join("plain");
+    env.merge(&["--method", "sma"], &plain, &[a.clone(), b.clone()])
+        .expect_ok();
+    assert_eq!(got[q].data, load_tensors(&plain)[q].data);
+    // --include replaces the default: only q_proj is averaged.
+    let only = env.join("only");
+    env.merge(
+        &["--method", "sma", "--include", "q_proj"],
+        &only,
+        &[a, b.clone()],
+    )
+    .expect_ok();
+    let o = load_tensors(&only);
+    assert_eq!(o[q].data, got[q].data);
+    let up = "model.layers.0.mlp.up_proj.weight";
+    assert_eq!(o[up].data, newest[up].data);
+}

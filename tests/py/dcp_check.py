@@ -1,6 +1,6 @@
 """An independent reader of PyTorch DCP checkpoints, without torch, for pmad's tests.
 
-    python dcp_check.py check OUT EXPECTED.safetensors NEWEST_INPUT
+    python dcp_check.py check OUT EXPECTED.safetensors NEWEST_INPUT [COPIED_KEYS]
     python dcp_check.py keys CKPT
 
 It shares nothing with pmad's Rust reader: `.metadata` and each item's `data.pkl` are read by
@@ -13,7 +13,8 @@ with numpy (ml_dtypes for bfloat16).
 - every item of every data file passes zipfile's CRC32 check;
 - every key in EXPECTED (float64 averages, full shapes) reassembled from OUT's chunks is within
   1 ulp of its dtype (bf16, f16) or 1e-6 (f32, f64; relative above 1) of the expected value;
-- every other item is byte for byte the newest input's item of the same key and chunk.
+- every other item is byte for byte the newest input's item of the same key and chunk;
+  COPIED_KEYS (comma-separated) are taken out of EXPECTED first: keys excluded from averaging.
 Prints one line of counts; exits 1 naming the first difference.
 """
 
@@ -152,12 +153,14 @@ def ulp(want, dt):
     return np.maximum(2.0 ** (e - frac), tiny)
 
 
-def check(out, expected_path, newest):
+def check(out, expected_path, newest, copied=""):
     raw_o, sd, items_o = metadata(out)
     raw_n, _, items_n = metadata(newest)
     if raw_o != raw_n:
         raise SystemExit(".metadata differs from the newest input's")
     expected = load_file(expected_path)
+    for k in filter(None, copied.split(",")):
+        del expected[k]
     full = {}
     for (fqn, off), where in items_o.items():
         item = item_bytes(out, where)

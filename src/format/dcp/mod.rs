@@ -13,7 +13,8 @@
 //! - this module: [`open_dir`], a DCP directory as a [`Checkpoint`].
 //!
 //! What the catalog holds: one [`Tensor`] per saved chunk of each *averaged* key — a
-//! floating-point, dense tensor whose key the default rule ([`averaged_key`]) selects — named
+//! floating-point, dense tensor whose key the default rule ([`averaged_key`]) and the user's
+//! [`Select`] choose — named
 //! `fqn` when its only chunk is the whole tensor and `fqn@o0,o1,..` (the chunk's offsets)
 //! otherwise, with the chunk's shape, and as byte range the payload of the item's `data/0`
 //! entry (the storage, in its saved strides: averaging is element by element over the
@@ -39,6 +40,7 @@ pub mod pickle;
 
 use super::checkpoint::{Checkpoint, Tensor};
 use super::dir::Dir;
+use super::select::Select;
 use super::source::{Fingerprint, SourceFile};
 use crate::error::{Error, IoContext, Result};
 use std::collections::BTreeMap;
@@ -113,7 +115,7 @@ pub fn chunk_name(fqn: &str, offsets: &[u64], sizes: &[u64], size: &[u64]) -> St
 }
 
 /// Open and validate a DCP checkpoint directory, live or from a snapshot of its files.
-pub fn open_dir(dir: Dir<'_>) -> Result<Checkpoint> {
+pub fn open_dir(dir: Dir<'_>, select: &Select) -> Result<Checkpoint> {
     let path = dir.path();
     let names = dir.names();
     let meta_path = dir.join(METADATA);
@@ -239,8 +241,8 @@ pub fn open_dir(dir: Dir<'_>) -> Result<Checkpoint> {
         let (kind, size, chunks, averaged) = match &key.tensor {
             None => ("bytes".to_string(), Vec::new(), 1, false),
             Some(t) => {
-                let float = t.dtype.is_some_and(is_float);
-                let averaged = float && averaged_key(&key.fqn);
+                let float = t.dtype.is_some_and(super::hf::is_float);
+                let averaged = float && select.averages(&key.fqn, averaged_key(&key.fqn));
                 (
                     t.torch_dtype.clone(),
                     t.size.clone(),
@@ -329,11 +331,6 @@ pub fn open_dir(dir: Dir<'_>) -> Result<Checkpoint> {
         aux,
         dcp: Some(Box::new(layout)),
     })
-}
-
-fn is_float(d: safetensors::Dtype) -> bool {
-    use safetensors::Dtype::*;
-    matches!(d, F64 | F32 | F16 | BF16 | F8_E4M3 | F8_E5M2)
 }
 
 /// Parse one chunk's item and return its catalog entry and CRC field offsets.
@@ -465,6 +462,7 @@ fn chunk_tensor(
             file: fi,
             range: at + payload.data.start..end,
             view,
+            average: true,
         },
         crc,
     ))
@@ -479,6 +477,6 @@ fn row_major_strides(size: &[u64]) -> Vec<u64> {
 }
 
 /// Open a DCP checkpoint directory at `path`.
-pub fn open(path: &Path) -> Result<Checkpoint> {
-    open_dir(Dir::Live(path))
+pub fn open(path: &Path, select: &Select) -> Result<Checkpoint> {
+    open_dir(Dir::Live(path), select)
 }
