@@ -725,8 +725,10 @@ pub fn check_dcp_item(data: &[u8]) {
     }
 }
 
-/// `dcp_pickle`: the non-executing pickle machine (`pmad::format::dcp::pickle`). Whatever the
-/// bytes: no panic, and an accepted pickle's value respects the machine's limits.
+/// `dcp_pickle`: the non-executing pickle machine (`pmad::format::dcp::pickle`) and the
+/// decoders of `.metadata` and `data.pkl` (`pmad::format::dcp::meta`) on its result. Whatever
+/// the bytes: no panic, an accepted pickle's value respects the machine's limits, and decoded
+/// chunks lie inside their tensor.
 pub fn check_dcp_pickle(data: &[u8]) {
     use pmad::format::dcp::pickle::{run, Value, MAX_DEPTH, MAX_NODES};
     let Ok(v) = run(data) else { return };
@@ -757,5 +759,27 @@ pub fn check_dcp_pickle(data: &[u8]) {
             Value::PersId(p) => todo.push((p, d + 1)),
             _ => {}
         }
+    }
+    // The decoders of what the pickles say never panic on any value, and what they accept
+    // is consistent.
+    use pmad::format::dcp::meta;
+    if let Ok(m) = meta::metadata(&v) {
+        for k in &m.keys {
+            if let Some(t) = &k.tensor {
+                for c in &t.chunks {
+                    assert_eq!(c.offsets.len(), t.size.len());
+                    for d in 0..t.size.len() {
+                        assert!(
+                            c.offsets[d] + c.sizes[d] <= t.size[d],
+                            "{c:?} of {:?}",
+                            t.size
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(t) = meta::item_tensor(&v) {
+        let _ = meta::dense(&t.size, &t.stride, t.numel);
     }
 }

@@ -1,5 +1,5 @@
 //! Fuzz target `dcp_pickle`: the non-executing pickle machine
-//! (`pmad::format::dcp::pickle`). The checks live in `fuzz/checks.rs`, shared with
+//! (`pmad::format::dcp::pickle`) and the decoders of its values (`pmad::format::dcp::meta`). The checks live in `fuzz/checks.rs`, shared with
 //! `tests/fuzz_corpus.rs`.
 #![no_main]
 
