@@ -691,7 +691,7 @@ impl Daemon {
         self.outputs[0]
             .path()
             .join(partition::STAGING_DIR)
-            .join(format!("verdicts-{}", OutDir::step_name(step)))
+            .join(format!("verdicts-{}", self.outputs[0].step_name(step)))
     }
 
     /// Leave this instance's verdict on `step` (once; atomically) and read everyone's.
@@ -1574,7 +1574,8 @@ impl Daemon {
             out.path(),
             |name| {
                 let name = name.strip_prefix("verdicts-").unwrap_or(name);
-                OutDir::step_of(name).is_some_and(|s| published.is_some_and(|p| s <= p))
+                out.step_of(name)
+                    .is_some_and(|s| published.is_some_and(|p| s <= p))
             },
             pc.part_timeout,
         );
@@ -1597,7 +1598,7 @@ impl Daemon {
         let Some(root) = p.part.dir.parent() else {
             return Vec::new();
         };
-        let prefix = format!("{}.", OutDir::step_name(p.part.step));
+        let prefix = format!("{}.", self.outputs[p.ri].step_name(p.part.step));
         std::fs::read_dir(root)
             .map(|rd| {
                 rd.flatten()
@@ -1709,7 +1710,11 @@ fn with_heartbeat<T>(shared: &Arc<Shared>, f: impl FnOnce() -> T) -> T {
 /// A recipe's output directory as this instance uses it: shared with the other instances
 /// under `[partition]` (and in marker mode where the commit mode resolves so).
 pub(super) fn recipe_out_dir(cfg: &Config, r: &crate::config::Recipe) -> OutDir {
-    let out = OutDir::new(&r.out_dir);
+    let naming = match cfg.watch.layout {
+        crate::config::Layout::Megatron => crate::output::outdir::Naming::Megatron,
+        _ => crate::output::outdir::Naming::StepDash,
+    };
+    let out = OutDir::new(&r.out_dir).named(naming);
     match cfg.partition.as_ref().filter(|p| p.count > 1) {
         Some(p) if p.commit.resolve(&r.out_dir) == CommitMode::Marker => out.in_place(),
         Some(_) => out.shared(),

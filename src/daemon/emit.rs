@@ -214,7 +214,7 @@ fn publish(
         let dir = if in_place {
             out.step_path(step)
         } else {
-            plan.staging_dir(out.path(), &OutDir::step_name(step))
+            plan.staging_dir(out.path(), &out.step_name(step))
         };
         let mine = plan.shards_of(share.part.index);
         let bytes: u64 = mine.iter().map(|s| s.data_len as u64).sum();

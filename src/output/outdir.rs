@@ -3,6 +3,7 @@
 //! ```text
 //! <out_dir>/step-<N>/          one published output (shards, index, aux files, merge.json)
 //! <out_dir>/LATEST             the name of the newest complete output, replaced atomically
+//! <out_dir>/latest_checkpointed_iteration.txt   Megatron naming only: N of the newest output
 //! <out_dir>/.pmad-tmp-*        an output being written (removed at start if left by a crash)
 //! <out_dir>/.pmad-lock         shared dirs only: held (flock) while a name or LATEST changes
 //! ```
@@ -13,6 +14,11 @@
 //! (written last) is there; `LATEST` is overwritten in place; retention removes `COMMIT`
 //! first. Every reader in pmad ([`OutDir::outputs`], [`OutDir::published_as`]) counts only
 //! committed steps, and so must other readers of such a directory.
+//!
+//! Outputs are named like the trainer names its checkpoints ([`Naming`]): `step-<N>` by
+//! default, `step<N>` (OLMo-core), `iter_<N:07>` (Megatron, whose `--load <out_dir>` then
+//! reads the tracker `latest_checkpointed_iteration.txt`, written with `LATEST`). Only names of
+//! the directory's own naming are outputs; anything else in it is left alone.
 //!
 //! Invariants: `step-<N>/` appears only complete (written in a [`Staging`] dir, renamed into
 //! place); `LATEST` is replaced only after that and always names a complete output; if
@@ -46,12 +52,53 @@ pub const LATEST: &str = "LATEST";
 /// The temp name `LATEST` is written under before its rename.
 const LATEST_TMP: &str = "LATEST.tmp";
 
+/// Megatron's tracker: the iteration of the newest complete checkpoint, as decimal text.
+pub const MEGATRON_TRACKER: &str = "latest_checkpointed_iteration.txt";
+
+/// How output directories are named.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Naming {
+    /// `step-<N>` (HF, torchtitan, generic DCP).
+    #[default]
+    StepDash,
+    /// `step<N>` (OLMo-core).
+    Step,
+    /// `iter_<N:07>` plus the tracker file (Megatron).
+    Megatron,
+}
+
+impl Naming {
+    /// The directory name of the output for `step`.
+    pub fn name(self, step: u64) -> String {
+        match self {
+            Naming::StepDash => format!("step-{step}"),
+            Naming::Step => format!("step{step}"),
+            Naming::Megatron => format!("iter_{step:07}"),
+        }
+    }
+
+    /// The step of a directory name of this naming: the inverse of [`Naming::name`].
+    pub fn step_of(self, name: &str) -> Option<u64> {
+        let digits = match self {
+            Naming::StepDash => name.strip_prefix("step-")?,
+            Naming::Step => name.strip_prefix("step")?,
+            Naming::Megatron => name.strip_prefix("iter_")?,
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let step = digits.parse().ok()?;
+        (self.name(step) == name).then_some(step)
+    }
+}
+
 /// A recipe's output directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutDir {
     path: PathBuf,
     in_place: bool,
     shared: bool,
+    naming: Naming,
 }
 
 /// An output that was published.
@@ -70,7 +117,18 @@ impl OutDir {
             path: path.into(),
             in_place: false,
             shared: false,
+            naming: Naming::default(),
         }
+    }
+
+    /// The same directory with outputs named by `naming`.
+    pub fn named(self, naming: Naming) -> OutDir {
+        OutDir { naming, ..self }
+    }
+
+    /// How its outputs are named.
+    pub fn naming(&self) -> Naming {
+        self.naming
     }
 
     /// The same directory shared by several processes (`[partition]`): changes of names and
@@ -110,18 +168,18 @@ impl OutDir {
     }
 
     /// The directory name of the output for `step`.
-    pub fn step_name(step: u64) -> String {
-        format!("step-{step}")
+    pub fn step_name(&self, step: u64) -> String {
+        self.naming.name(step)
     }
 
     /// The step of an output directory name: the inverse of [`OutDir::step_name`].
-    pub fn step_of(name: &str) -> Option<u64> {
-        name.strip_prefix("step-")?.parse().ok()
+    pub fn step_of(&self, name: &str) -> Option<u64> {
+        self.naming.step_of(name)
     }
 
     /// Where the output for `step` is (or would be) published.
     pub fn step_path(&self, step: u64) -> PathBuf {
-        self.path.join(Self::step_name(step))
+        self.path.join(self.step_name(step))
     }
 
     /// Create the directory if needed and remove what a crash left: temp dirs and a
@@ -189,7 +247,7 @@ impl OutDir {
     /// The step `LATEST` names, if any.
     pub fn latest(&self) -> Option<u64> {
         let s = std::fs::read_to_string(self.path.join(LATEST)).ok()?;
-        Self::step_of(s.trim())
+        self.step_of(s.trim())
     }
 
     /// Point `LATEST` at the output for `step`: write a temp file, fsync, rename, fsync the
@@ -209,18 +267,37 @@ impl OutDir {
         if self.in_place {
             // No rename: an object store replaces the object whole when it is closed.
             let latest = self.path.join(LATEST);
-            fsio::overwrite_file(&latest, format!("{}\n", Self::step_name(step)).as_bytes())?;
+            fsio::overwrite_file(&latest, format!("{}\n", self.step_name(step)).as_bytes())?;
+            if self.naming == Naming::Megatron {
+                fsio::overwrite_file(
+                    &self.path.join(MEGATRON_TRACKER),
+                    step.to_string().as_bytes(),
+                )?;
+            }
             return fsio::sync_dir(&self.path);
         }
         let tmp = self
             .path
             .join(format!("{}{LATEST_TMP}-{suffix}", staging::TMP_PREFIX));
-        let written = fsio::write_file(&tmp, format!("{}\n", Self::step_name(step)).as_bytes())
+        let written = fsio::write_file(&tmp, format!("{}\n", self.step_name(step)).as_bytes())
             .and_then(|()| fsio::rename(&tmp, &self.path.join(LATEST)));
         if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         written?;
+        if self.naming == Naming::Megatron {
+            // Megatron's --load reads the tracker; it follows LATEST (never ahead of it).
+            let tmp = self.path.join(format!(
+                "{}{MEGATRON_TRACKER}-{suffix}",
+                staging::TMP_PREFIX
+            ));
+            let written = fsio::write_file(&tmp, step.to_string().as_bytes())
+                .and_then(|()| fsio::rename(&tmp, &self.path.join(MEGATRON_TRACKER)));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written?;
+        }
         fsio::sync_dir(&self.path)
     }
 
@@ -240,7 +317,7 @@ impl OutDir {
                 rd.flatten()
                     .filter_map(|e| {
                         let n = e.file_name();
-                        let s = Self::step_of(n.to_str()?)?;
+                        let s = self.step_of(n.to_str()?)?;
                         let p = e.path();
                         (p.is_dir() && self.is_committed(&p)).then_some((s, p))
                     })
@@ -260,7 +337,7 @@ impl OutDir {
     /// atomically), point `LATEST` at it, then delete the oldest outputs beyond `keep`
     /// (0 = keep all).
     pub fn publish(&self, staged: Staging, step: u64, keep: usize) -> Result<Published> {
-        let name = Self::step_name(step);
+        let name = self.step_name(step);
         let _lock = self.lock()?;
         let path = staged.commit(&name, true)?;
         if let Err(e) = self.set_latest(step) {
@@ -287,7 +364,7 @@ impl OutDir {
         keep: usize,
         same: impl Fn(&Path) -> bool,
     ) -> Result<Option<Published>> {
-        let name = Self::step_name(step);
+        let name = self.step_name(step);
         let path = self.path.join(&name);
         let _lock = self.lock()?;
         if path.exists() {
@@ -312,7 +389,7 @@ impl OutDir {
             }
             return Err(e);
         }
-        let latest = Self::step_name(self.latest().map_or(step, |l| l.max(step)));
+        let latest = self.step_name(self.latest().map_or(step, |l| l.max(step)));
         let removed = self.retain(keep, &latest);
         Ok(Some(Published { path, removed }))
     }
@@ -341,10 +418,10 @@ impl OutDir {
         // Where there are no locks (object stores) another committer may have been at the
         // same output meanwhile: check it is whole before it becomes visible.
         check(&path)?;
-        fsio::overwrite_file(&commit, format!("{}\n", Self::step_name(step)).as_bytes())?;
+        fsio::overwrite_file(&commit, format!("{}\n", self.step_name(step)).as_bytes())?;
         fsio::sync_dir(&path)?;
         self.forward_latest(step)?;
-        let latest = Self::step_name(self.latest().map_or(step, |l| l.max(step)));
+        let latest = self.step_name(self.latest().map_or(step, |l| l.max(step)));
         let removed = self.retain(keep, &latest);
         Ok(Some(Published { path, removed }))
     }
@@ -379,7 +456,7 @@ impl OutDir {
         };
         let mut removed = 0;
         for e in rd.flatten() {
-            let Some(step) = e.file_name().to_str().and_then(Self::step_of) else {
+            let Some(step) = e.file_name().to_str().and_then(|n| self.step_of(n)) else {
                 continue;
             };
             let p = e.path();
@@ -452,12 +529,44 @@ mod tests {
         // Publishing the same step again replaces it atomically.
         out.publish(staged(&out, 300, 7), 300, 2).unwrap();
         assert_eq!(std::fs::read(out.step_path(300).join("f")).unwrap(), [7]);
-        assert_eq!(OutDir::step_of("step-42"), Some(42));
-        assert_eq!(OutDir::step_of("step-x"), None);
+        assert_eq!(out.step_of("step-42"), Some(42));
+        assert_eq!(out.step_of("step-x"), None);
         // No temp dirs or LATEST.tmp are left; a crash's leftovers are swept.
         std::fs::create_dir(out.path().join(format!("{}9-abc", staging::TMP_PREFIX))).unwrap();
         std::fs::write(out.path().join(LATEST_TMP), b"x").unwrap();
         assert_eq!(out.prepare().unwrap(), 2);
+    }
+
+    #[test]
+    fn megatron_naming_writes_iter_dirs_and_the_tracker() {
+        let d = tempfile::tempdir().unwrap();
+        let out = OutDir::new(d.path().join("m")).named(Naming::Megatron);
+        out.prepare().unwrap();
+        std::fs::create_dir(out.path().join("step-5")).unwrap(); // not an output of this naming
+        for step in [1000, 2000, 3000] {
+            let p = out.publish(staged(&out, step, 1), step, 2).unwrap();
+            assert_eq!(p.path, out.path().join(format!("iter_{step:07}")));
+            assert_eq!(
+                std::fs::read_to_string(out.path().join(MEGATRON_TRACKER)).unwrap(),
+                step.to_string()
+            );
+            assert_eq!(out.latest(), Some(step));
+        }
+        let steps: Vec<u64> = out.outputs().iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, [2000, 3000]);
+        assert!(out.path().join("step-5").is_dir());
+        for (n, name, step) in [
+            (Naming::Megatron, "iter_0000300", Some(300)),
+            (Naming::Megatron, "iter_300", None),
+            (Naming::Megatron, "iter_12345678", Some(12345678)),
+            (Naming::Step, "step300", Some(300)),
+            (Naming::Step, "step-300", None),
+            (Naming::Step, "step0300", None),
+            (Naming::StepDash, "step-300", Some(300)),
+            (Naming::StepDash, "step-", None),
+        ] {
+            assert_eq!(n.step_of(name), step, "{n:?} {name}");
+        }
     }
 
     #[test]
