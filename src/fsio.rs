@@ -140,6 +140,32 @@ pub fn mkdir(path: &Path) -> Result<()> {
     std::fs::create_dir(path).ctx("mkdir", path)
 }
 
+/// Create the directories between `dir` and the file `name` (a relative name such as
+/// `model_and_optim/__0_0.distcp`) that do not exist yet; `dir` itself must exist.
+pub fn create_parents(dir: &Path, name: &str) -> Result<()> {
+    let mut at = dir.to_path_buf();
+    let parts: Vec<&str> = name.split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        at.push(part);
+        if !at.is_dir() {
+            mkdir(&at)?;
+        }
+    }
+    Ok(())
+}
+
+/// fsync every directory below `dir` (depth first), then `dir`: the entries of files written
+/// into subdirectories become durable with it.
+pub fn sync_tree(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).ctx("list", dir)? {
+        let e = e.ctx("list", dir)?;
+        if e.file_type().ctx("stat", &e.path())?.is_dir() {
+            sync_tree(&e.path())?;
+        }
+    }
+    sync_dir(dir)
+}
+
 /// Write a small file completely and durably: create, write, fsync.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = create(path)?;

@@ -37,6 +37,9 @@ named_enum! {
         /// torchtitan: `step-N/` holding a DCP checkpoint, complete when its `.metadata`
         /// (written last) exists.
         Torchtitan = "torchtitan",
+        /// OLMo-core: `stepN/` (written as `stepN-tmp`, renamed) holding DCP in
+        /// `model_and_optim/`, complete when `.metadata.json` (written last) exists.
+        OlmoCore = "olmo-core",
         /// Any PyTorch DCP checkpoint (torch FSDP2 `dcp.save`): the pattern is required, the
         /// marker is `.metadata`.
         Dcp = "dcp",

@@ -346,6 +346,7 @@ fn resolve(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
         Layout::Megatron => ("iter_{step}", "latest_checkpointed_iteration.txt"),
         Layout::Deepspeed => ("global_step{step}", "latest"),
         Layout::Torchtitan => ("step-{step}", ".metadata"),
+        Layout::OlmoCore => ("step{step}", ".metadata.json"),
         Layout::Dcp => ("", ".metadata"),
         Layout::Custom => ("", ""),
     };

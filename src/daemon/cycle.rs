@@ -1712,6 +1712,7 @@ fn with_heartbeat<T>(shared: &Arc<Shared>, f: impl FnOnce() -> T) -> T {
 pub(super) fn recipe_out_dir(cfg: &Config, r: &crate::config::Recipe) -> OutDir {
     let naming = match cfg.watch.layout {
         crate::config::Layout::Megatron => crate::output::outdir::Naming::Megatron,
+        crate::config::Layout::OlmoCore => crate::output::outdir::Naming::Step,
         _ => crate::output::outdir::Naming::StepDash,
     };
     let out = OutDir::new(&r.out_dir).named(naming);

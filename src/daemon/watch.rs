@@ -34,6 +34,17 @@ pub struct FileSig {
     pub ino: u64,
 }
 
+impl FileSig {
+    fn of(name: String, m: &std::fs::Metadata) -> FileSig {
+        FileSig {
+            name,
+            size: m.size(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            ino: m.ino(),
+        }
+    }
+}
+
 /// What the files of a checkpoint directory look like right now, sorted by name. Equal
 /// signatures `settle` apart mean the writer is done with it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -107,22 +118,31 @@ impl Scanner {
         Ok(out)
     }
 
-    /// Signature of a candidate directory's regular files (top level only: weights, index,
-    /// marker and aux files all live there).
+    /// Signature of a candidate directory's regular files, and of those one subdirectory
+    /// down (OLMo-core keeps its DCP files in `model_and_optim/`), named `sub/file`.
     pub fn signature(&self, dir: &Path) -> std::io::Result<Signature> {
         let mut v = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let Ok(entry) = entry else { continue };
             let Ok(m) = entry.metadata() else { continue };
-            if !m.is_file() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if m.is_dir() {
+                let Ok(rd) = std::fs::read_dir(entry.path()) else {
+                    continue;
+                };
+                for sub in rd.flatten() {
+                    if let Ok(sm) = sub.metadata() {
+                        if sm.is_file() {
+                            let sub_name = sub.file_name().to_string_lossy().into_owned();
+                            v.push(FileSig::of(format!("{name}/{sub_name}"), &sm));
+                        }
+                    }
+                }
                 continue;
             }
-            v.push(FileSig {
-                name: entry.file_name().to_string_lossy().into_owned(),
-                size: m.size(),
-                mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-                ino: m.ino(),
-            });
+            if m.is_file() {
+                v.push(FileSig::of(name, &m));
+            }
         }
         v.sort();
         Ok(Signature(v))

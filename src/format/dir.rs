@@ -6,8 +6,8 @@
 //! descriptors still reach the data, so the checkpoint can be validated and used as it was
 //! when it was complete instead of being lost.
 //!
-//! Invariant: a snapshot holds only regular files directly inside the directory, or links to
-//! files inside it (a link leaving the directory is not pinned, exactly as an index naming it
+//! Invariant: a snapshot holds only regular files directly inside the directory or one
+//! subdirectory down, or links to files inside the same directory (a link leaving the directory is not pinned, exactly as an index naming it
 //! is refused). Reading a snapshot's files never moves a shared file offset (`pread` only), so
 //! each read sees the file from its start.
 
@@ -26,36 +26,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Open every regular file of `dir` (and every link to a file inside it).
+    /// Open every regular file of `dir` (and every link to a file inside it), and those of its
+    /// subdirectories one level down (named `sub/file`: OLMo-core keeps its DCP files in
+    /// `model_and_optim/`).
     pub fn take(dir: &Path) -> Result<Snapshot> {
-        let canon = std::fs::canonicalize(dir).ctx("canonicalize", dir)?;
         let mut files = BTreeMap::new();
-        for entry in std::fs::read_dir(dir).ctx("list", dir)? {
-            let Ok(entry) = entry else { continue };
-            let Some(name) = entry.file_name().to_str().map(String::from) else {
-                continue;
-            };
-            let path = entry.path();
-            let Ok(meta) = path.symlink_metadata() else {
-                continue; // deleted while listed
-            };
-            let link = meta.file_type().is_symlink();
-            let inside = if link {
-                std::fs::canonicalize(&path)
-                    .ok()
-                    .is_some_and(|t| t.parent() == Some(canon.as_path()) && t.is_file())
-            } else {
-                meta.is_file()
-            };
-            if !inside {
-                continue;
-            }
-            match File::open(&path) {
-                Ok(f) => {
-                    files.insert(name, (f, link));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("open", &path, e)),
+        for sub in take_files(dir, "", &mut files)? {
+            let path = dir.join(&sub);
+            match take_files(&path, &format!("{sub}/"), &mut files) {
+                Ok(_) => {}
+                // A subdirectory deleted while listed: not part of what the snapshot holds.
+                Err(Error::Io { .. }) if !path.exists() => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(Snapshot {
@@ -64,10 +46,54 @@ impl Snapshot {
         })
     }
 
-    /// The directory it was taken of.
+    /// The directory it was taken of (the files are named relative to it).
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Open the regular files of `dir` (and links to files inside it) into `files`, named
+/// `prefix` + file name; returns the names of its real subdirectories (not links).
+fn take_files(
+    dir: &Path,
+    prefix: &str,
+    files: &mut BTreeMap<String, (File, bool)>,
+) -> Result<Vec<String>> {
+    let canon = std::fs::canonicalize(dir).ctx("canonicalize", dir)?;
+    let mut subdirs = Vec::new();
+    for entry in std::fs::read_dir(dir).ctx("list", dir)? {
+        let Ok(entry) = entry else { continue };
+        let Some(name) = entry.file_name().to_str().map(String::from) else {
+            continue;
+        };
+        let path = entry.path();
+        let Ok(meta) = path.symlink_metadata() else {
+            continue; // deleted while listed
+        };
+        let link = meta.file_type().is_symlink();
+        if meta.is_dir() {
+            subdirs.push(name);
+            continue;
+        }
+        let inside = if link {
+            std::fs::canonicalize(&path)
+                .ok()
+                .is_some_and(|t| t.parent() == Some(canon.as_path()) && t.is_file())
+        } else {
+            meta.is_file()
+        };
+        if !inside {
+            continue;
+        }
+        match File::open(&path) {
+            Ok(f) => {
+                files.insert(format!("{prefix}{name}"), (f, link));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("open", &path, e)),
+        }
+    }
+    Ok(subdirs)
 }
 
 /// A checkpoint directory to read.
@@ -158,6 +184,43 @@ impl Dir<'_> {
         }
     }
 
+    /// The names of its regular files and of those one subdirectory down (`sub/file`), as a
+    /// [`Snapshot`] holds them.
+    pub fn files(&self) -> Vec<String> {
+        match self {
+            Dir::Snapshot(s) => s.files.keys().cloned().collect(),
+            Dir::Live(p) => {
+                let list = |d: &Path| -> Vec<(String, bool)> {
+                    std::fs::read_dir(d)
+                        .map(|rd| {
+                            rd.filter_map(|e| e.ok())
+                                .filter_map(|e| {
+                                    let t = e.file_type().ok()?;
+                                    let n = e.file_name().to_str()?.to_string();
+                                    (t.is_file() || t.is_dir()).then_some((n, t.is_dir()))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                let mut out = Vec::new();
+                for (n, is_dir) in list(p) {
+                    if is_dir {
+                        for (m, sub_dir) in list(&p.join(&n)) {
+                            if !sub_dir {
+                                out.push(format!("{n}/{m}"));
+                            }
+                        }
+                    } else {
+                        out.push(n);
+                    }
+                }
+                out.sort();
+                out
+            }
+        }
+    }
+
     /// Refuse a file named by `referrer` (an index) that is a link leaving the directory.
     /// A snapshot holds no such link.
     pub fn confine(&self, name: &str, referrer: &Path) -> Result<()> {
@@ -207,8 +270,12 @@ mod tests {
         std::os::unix::fs::symlink(d.path().join("outside"), ck.join("leak")).unwrap();
         std::os::unix::fs::symlink(ck.join("a"), ck.join("alias")).unwrap();
         std::fs::create_dir(ck.join("sub")).unwrap();
+        std::fs::create_dir_all(ck.join("deep/deeper")).unwrap();
+        std::fs::write(ck.join("sub/x"), b"in sub").unwrap();
+        std::fs::write(ck.join("deep/deeper/y"), b"too deep").unwrap();
+        std::os::unix::fs::symlink(d.path().join("outside"), ck.join("sub/leak")).unwrap();
         let s = Snapshot::take(&ck).unwrap();
-        assert_eq!(Dir::Snapshot(&s).names(), ["a", "alias"]);
+        assert_eq!(Dir::Snapshot(&s).names(), ["a", "alias", "sub/x"]);
         std::fs::remove_dir_all(&ck).unwrap();
         let dir = Dir::Snapshot(&s);
         assert_eq!(dir.read("a").unwrap().as_deref(), Some(&b"hello"[..]));
@@ -217,6 +284,8 @@ mod tests {
         assert_eq!(dir.read("a").unwrap().as_deref(), Some(&b"hello"[..]));
         assert!(dir.read("leak").unwrap().is_none());
         assert!(!dir.has_file("leak") && dir.has_file("a") && !dir.has_file("alias"));
+        assert_eq!(dir.read("sub/x").unwrap().as_deref(), Some(&b"in sub"[..]));
+        assert!(dir.has_file("sub/x") && !dir.has_file("sub/leak"));
         assert!(Dir::Live(&ck).read("a").unwrap().is_none());
     }
 }

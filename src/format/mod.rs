@@ -66,7 +66,7 @@ fn selected(mut c: Checkpoint, select: &Select) -> Checkpoint {
 fn open_dir(dir: Dir<'_>, select: &Select) -> Result<Checkpoint> {
     let names = dir.names();
     let safetensors = names.iter().any(|n| hf::is_weight_file(n));
-    if !safetensors && dcp::is_dcp(&names) {
+    if !safetensors && dcp::is_dcp(&dir) {
         dcp::open_dir(dir, select)
     } else {
         hf::open_dir(dir).map(|c| selected(c, select))

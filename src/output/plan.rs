@@ -203,7 +203,12 @@ pub fn dcp_shards(newest: &Checkpoint, tensors: &[OutTensor]) -> Result<Vec<Shar
         let raw = |out: &mut Vec<OutTensor>, range: Range<usize>| {
             if !range.is_empty() {
                 out.push(OutTensor {
-                    name: format!("{}[{}..{}]", file_name(f), range.start, range.end),
+                    name: format!(
+                        "{}[{}..{}]",
+                        relative_name(newest, f),
+                        range.start,
+                        range.end
+                    ),
                     dtype: Dtype::U8,
                     shape: vec![range.len()],
                     raw: Some(RawBytes { file: fi, range }),
@@ -237,7 +242,7 @@ pub fn dcp_shards(newest: &Checkpoint, tensors: &[OutTensor]) -> Result<Vec<Shar
         crc.sort_by_key(|c| c.at);
         let data_len = out.iter().map(|t| t.bytes()).sum();
         shards.push(ShardPlan {
-            file_name: file_name(f),
+            file_name: relative_name(newest, f),
             tensors: out,
             header: Vec::new(),
             data_len,
@@ -247,10 +252,15 @@ pub fn dcp_shards(newest: &Checkpoint, tensors: &[OutTensor]) -> Result<Vec<Shar
     Ok(shards)
 }
 
-fn file_name(f: &crate::format::SourceFile) -> String {
+/// A file's name relative to its checkpoint directory (`__0_0.distcp`, or
+/// `model_and_optim/__0_0.distcp` for OLMo-core).
+fn relative_name(c: &Checkpoint, f: &crate::format::SourceFile) -> String {
     f.path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
+        .strip_prefix(&c.path)
+        .ok()
+        .and_then(|p| p.to_str())
+        .map(String::from)
+        .or_else(|| f.path.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default()
 }
 
@@ -320,6 +330,7 @@ pub fn header_metadata(method: &Method, steps: &[Option<u64>]) -> BTreeMap<Strin
 /// Write the config/tokenizer files captured when `c` was opened into `dir`.
 pub fn write_aux(c: &Checkpoint, dir: &Path) -> Result<()> {
     for (name, bytes) in &c.aux {
+        fsio::create_parents(dir, name)?;
         fsio::write_file(&dir.join(name), bytes)?;
     }
     Ok(())

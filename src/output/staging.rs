@@ -47,7 +47,7 @@ impl Staging {
     /// `replace`, an existing output of that name is swapped out atomically and then removed.
     pub fn commit(mut self, name: &str, replace: bool) -> Result<PathBuf> {
         let dest = self.parent.join(name);
-        fsio::sync_dir(&self.tmp)?;
+        fsio::sync_tree(&self.tmp)?;
         let exchanged = if dest.exists() {
             if !replace {
                 return Err(Error::Usage(format!(

@@ -251,6 +251,7 @@ impl ShardWriter {
     /// Create the file and write its header.
     pub fn create(dir: &Path, plan: &ShardPlan) -> Result<ShardWriter> {
         let path = dir.join(&plan.file_name);
+        fsio::create_parents(dir, &plan.file_name)?;
         let mut file = fsio::create(&path)?;
         fsio::write_all(&mut file, &path, &plan.header)?;
         let mut hash = xxhash_rust::xxh3::Xxh3::new();

@@ -6,7 +6,9 @@
 //! variants (truncated file, wrong CRC, unknown opcode or class, missing or per-rank
 //! metadata, mixed runs) are refused naming the file.
 
-use crate::harness::{outputs, py_script, repo_root, s, Config, Daemon, Recipe, Run, TestEnv};
+use crate::harness::{
+    copy_tree, outputs, py_script, repo_root, s, Config, Daemon, Recipe, Run, TestEnv,
+};
 use crate::inspect::expect_inspect_invalid;
 use pmad::format::dcp::archive;
 use std::path::{Path, PathBuf};
@@ -418,4 +420,79 @@ fn daemon_publishes_dcp_averages_as_checkpoints_arrive() {
         }
         assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
     }
+}
+
+/// An OLMo-core-style checkpoint made from a torchtitan fixture step: `stepN/` holding the
+/// DCP files in `model_and_optim/`, trainer state in `train/rank0.pt` and `.metadata.json`
+/// written last.
+fn olmo_core_step(src: &Path, dst: &Path, step: u64) {
+    let dcp = dst.join("model_and_optim");
+    std::fs::create_dir_all(&dcp).unwrap();
+    std::fs::create_dir_all(dst.join("train")).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dcp.join(e.file_name())).unwrap();
+    }
+    std::fs::write(dst.join("train/rank0.pt"), format!("trainer state {step}")).unwrap();
+    std::fs::write(dst.join(".metadata.json"), br#"{"version": "1"}"#).unwrap();
+}
+
+#[test]
+fn olmo_core_layout_keeps_its_subdirectories() {
+    const T: Duration = Duration::from_secs(60);
+    let env = TestEnv::new();
+    let set = "torchtitan";
+    let run = env.mkdir("run");
+    let mut inputs = Vec::new();
+    for step in [100u64, 200, 300] {
+        let d = run.join(format!("step{step}"));
+        olmo_core_step(&step_dir(set, step), &d, step);
+        inputs.push(d);
+    }
+    let expected = fixture(set).join("expected/sma-k3-step300.safetensors");
+    let newest = step_dir(set, 300);
+    // pmad merge: the same tree, the DCP part averaged, the rest from the newest.
+    let out = env.join("merged");
+    env.merge(&["--method", "sma"], &out, &inputs).expect_ok();
+    let c = check(&env, &out.join("model_and_optim"), &expected, &newest);
+    assert_eq!(c.code, 0, "{}", c.describe());
+    assert_eq!(
+        std::fs::read_to_string(out.join("train/rank0.pt")).unwrap(),
+        "trainer state 300"
+    );
+    assert!(out.join(".metadata.json").is_file() && out.join("merge.json").is_file());
+    // The daemon with layout = "olmo-core": outputs named stepN like the trainer's.
+    let watch = env.mkdir("watch");
+    let outs = env.join("outs");
+    let cfg = Config::new(&watch)
+        .watch("layout", "olmo-core")
+        .poll("100ms")
+        .settle("100ms")
+        .recipe(Recipe::sma("sma3", 3).all_outputs(&outs))
+        .no_server()
+        .json_log("")
+        .write(&env.join("pmad.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
+    for (i, step) in [100u64, 200, 300].iter().enumerate() {
+        // Written under a temp name and renamed, as OLMo-core does.
+        let tmp = watch.join(format!("step{step}-tmp"));
+        copy_tree(&inputs[i], &tmp);
+        std::fs::rename(&tmp, watch.join(format!("step{step}"))).unwrap();
+        d.expect("acceptance", T, |e| {
+            e.event() == "checkpoint.accepted" && e.u("step") == Some(*step)
+        });
+    }
+    d.expect("sma3 at 300", T, |e| {
+        e.event() == "merge.emitted" && e.s("steps").is_some_and(|s| s.ends_with("300"))
+    });
+    let published = outs.join("sma3/step300");
+    let c = check(&env, &published.join("model_and_optim"), &expected, &newest);
+    assert_eq!(c.code, 0, "{}", c.describe());
+    assert_eq!(
+        std::fs::read_to_string(outs.join("sma3/LATEST"))
+            .unwrap()
+            .trim(),
+        "step300"
+    );
+    assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
 }

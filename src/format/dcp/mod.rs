@@ -55,17 +55,43 @@ const MAX_AUX_BYTES: usize = 256 << 20;
 
 pub use super::checkpoint::{DcpKey as KeyInfo, DcpLayout as Layout};
 
+/// The subdirectory where OLMo-core keeps the DCP part of a checkpoint (`stepN/` holds it,
+/// `train/` and `.metadata.json`).
+pub const OLMO_CORE_DIR: &str = "model_and_optim";
+
+/// OLMo-core's completion marker in `stepN/`, written after everything else.
+pub const OLMO_CORE_MARKER: &str = ".metadata.json";
+
+/// Whether `name` (a file directly in a DCP root) is one of DCP's own files.
+fn is_dcp_file(name: &str) -> bool {
+    is_data_file(name) || name == METADATA || per_rank_metadata(name)
+}
+
 /// Whether a directory holds a DCP checkpoint (or the start of one): its `.metadata`, data
-/// files, or per-rank metadata.
-pub fn is_dcp(names: &[String]) -> bool {
-    names
-        .iter()
-        .any(|n| is_data_file(n) || n == METADATA || per_rank_metadata(n))
+/// files or per-rank metadata, directly or in OLMo-core's `model_and_optim/`.
+pub fn is_dcp(dir: &Dir<'_>) -> bool {
+    let sub = format!("{OLMO_CORE_DIR}/");
+    dir.files().iter().any(|n| {
+        let n = n.strip_prefix(&sub).unwrap_or(n);
+        !n.contains('/') && is_dcp_file(n)
+    })
+}
+
+/// Where the DCP files of `dir` are: the directory itself (`""`), or OLMo-core's
+/// subdirectory (`"model_and_optim/"`).
+fn root_of(dir: &Dir<'_>) -> String {
+    if dir.names().iter().any(|n| is_dcp_file(n)) {
+        String::new()
+    } else {
+        format!("{OLMO_CORE_DIR}/")
+    }
 }
 
 /// Whether `name` is a DCP data file (`__0_0.distcp`) or the metadata: files that must not
 /// change while the checkpoint is in use.
 pub fn is_weight_file(name: &str) -> bool {
+    // Also in OLMo-core's `model_and_optim/`.
+    let name = name.rsplit('/').next().unwrap_or(name);
     is_data_file(name) || name == METADATA
 }
 
@@ -117,12 +143,19 @@ pub fn chunk_name(fqn: &str, offsets: &[u64], sizes: &[u64], size: &[u64]) -> St
 /// Open and validate a DCP checkpoint directory, live or from a snapshot of its files.
 pub fn open_dir(dir: Dir<'_>, select: &Select) -> Result<Checkpoint> {
     let path = dir.path();
-    let names = dir.names();
-    let meta_path = dir.join(METADATA);
-    let Some(meta_bytes) = dir.read(METADATA)? else {
+    let base = root_of(&dir);
+    let files_here = dir.files();
+    let names: Vec<&str> = files_here
+        .iter()
+        .filter_map(|n| n.strip_prefix(base.as_str()))
+        .filter(|n| !n.contains('/'))
+        .collect();
+    let rel = |n: &str| format!("{base}{n}");
+    let meta_path = dir.join(&rel(METADATA));
+    let Some(meta_bytes) = dir.read(&rel(METADATA))? else {
         if let Some(n) = names.iter().find(|n| per_rank_metadata(n)) {
             return Err(Error::invalid(
-                &dir.join(n),
+                &dir.join(&rel(n)),
                 "per-rank DCP metadata (saved with use_collectives=False); pmad reads \
                  checkpoints with one .metadata (the default)",
             ));
@@ -176,9 +209,10 @@ pub fn open_dir(dir: Dir<'_>, select: &Select) -> Result<Checkpoint> {
     let mut sizes = Vec::with_capacity(file_names.len());
     let mut opened = Vec::with_capacity(file_names.len());
     for name in &file_names {
-        dir.confine(name, &meta_path)?;
-        let fpath = dir.join(name);
-        let Some(f) = dir.open(name)? else {
+        let name = rel(name);
+        dir.confine(&name, &meta_path)?;
+        let fpath = dir.join(&name);
+        let Some(f) = dir.open(&name)? else {
             return Err(Error::invalid(
                 &meta_path,
                 format!("names data file {} which does not exist", fpath.display()),
@@ -291,21 +325,31 @@ pub fn open_dir(dir: Dir<'_>, select: &Select) -> Result<Checkpoint> {
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
 
-    // The small files beside the data, copied into every output; `.metadata` is written last.
+    // The other files of the checkpoint (and one subdirectory down: OLMo-core's `train/`),
+    // copied into every output; `.metadata`, then OLMo-core's marker, are written last.
     let mut aux = Vec::new();
     let mut aux_bytes = 0usize;
-    let mut small: Vec<&String> = names
+    let small: Vec<&String> = files_here
         .iter()
-        .filter(|n| !is_data_file(n) && n.as_str() != METADATA && dir.has_file(n))
+        .filter(|n| {
+            let in_root = n.strip_prefix(base.as_str()).filter(|m| !m.contains('/'));
+            !in_root.is_some_and(|m| is_data_file(m) || m == METADATA)
+                && n.as_str() != OLMO_CORE_MARKER
+                && dir.has_file(n)
+        })
         .collect();
-    small.sort();
     for n in small {
         if let Some(b) = dir.read(n)? {
             aux_bytes += b.len();
             aux.push((n.clone(), b));
         }
     }
-    aux_bytes += meta_bytes.len();
+    let olmo_marker = if base.is_empty() {
+        None
+    } else {
+        dir.read(OLMO_CORE_MARKER)?
+    };
+    aux_bytes += meta_bytes.len() + olmo_marker.as_ref().map_or(0, |b| b.len());
     if aux_bytes > MAX_AUX_BYTES {
         return Err(Error::invalid(
             path,
@@ -315,7 +359,10 @@ pub fn open_dir(dir: Dir<'_>, select: &Select) -> Result<Checkpoint> {
             ),
         ));
     }
-    aux.push((METADATA.to_string(), meta_bytes));
+    aux.push((rel(METADATA), meta_bytes));
+    if let Some(b) = olmo_marker {
+        aux.push((OLMO_CORE_MARKER.to_string(), b));
+    }
 
     for f in &files {
         f.check_fd()?;
