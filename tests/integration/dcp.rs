@@ -496,3 +496,70 @@ fn olmo_core_layout_keeps_its_subdirectories() {
     );
     assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
 }
+
+/// The daemon on DCP checkpoints through a SIGKILL and a restart from `state.dir`, with the
+/// trainer rotating old checkpoints away right after each save (torchtitan's
+/// `keep_latest_k`): the output after the restart is the plain average of the window, checked
+/// by the independent reader against its own float64 average of the inputs.
+#[test]
+fn daemon_resumes_dcp_averages_after_a_kill_while_checkpoints_rotate() {
+    const T: Duration = Duration::from_secs(60);
+    let env = TestEnv::new();
+    let set = "torchtitan";
+    let watch = env.mkdir("ckpt");
+    let out = env.join("out");
+    let cfg = Config::new(&watch)
+        .watch("layout", "torchtitan")
+        .poll("100ms")
+        .settle("100ms")
+        .state("dir", env.join("state").as_path())
+        .recipe(Recipe::sma("sma3", 3).all_outputs(&out))
+        .no_server()
+        .json_log("")
+        .write(&env.join("pmad.toml"));
+    let mut d = Daemon::builder(&cfg).tag("run0").start();
+    // Steps 100..300, then a step 400 holding step 100's values.
+    let source = |step: u64| step_dir(set, if step == 400 { 100 } else { step });
+    let save = |step: u64| {
+        save_like_torch(&source(step), &watch.join(format!("step-{step}")));
+        // keep_latest_k = 3: the oldest goes as soon as a new one is saved.
+        let old = watch.join(format!("step-{}", step.saturating_sub(300)));
+        if step > 300 && old.exists() {
+            std::fs::remove_dir_all(&old).unwrap();
+        }
+    };
+    for step in [100u64, 200, 300] {
+        save(step);
+        d.expect("acceptance", T, |e| {
+            e.event() == "checkpoint.accepted" && e.u("step") == Some(step)
+        });
+    }
+    d.expect("sma3 at 300", T, |e| {
+        e.event() == "merge.emitted" && e.s("steps").is_some_and(|s| s.ends_with("300"))
+    });
+    d.restart("run1");
+    d.expect("restored", T, |e| {
+        e.event() == "state.restored" && e.b("restored") == Some(true)
+    });
+    save(400);
+    d.expect("sma3 at 400", T, |e| {
+        e.event() == "merge.emitted" && e.s("steps").is_some_and(|s| s.ends_with("400"))
+    });
+    assert!(!watch.join("step-100").exists(), "rotated away");
+    let published = outputs(&out.join("sma3"));
+    let expected_keys = fixture(set).join("expected/sma-k3-step300.safetensors");
+    let c = py_script(
+        "dcp_check.py",
+        env.path(),
+        [
+            Path::new("sma"),
+            &published[&400],
+            &expected_keys,
+            &source(200),
+            &source(300),
+            &source(400),
+        ],
+    );
+    assert_eq!(c.code, 0, "{}\n{}", c.describe(), d.dump(40));
+    assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+}

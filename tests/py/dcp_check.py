@@ -1,6 +1,7 @@
 """An independent reader of PyTorch DCP checkpoints, without torch, for pmad's tests.
 
     python dcp_check.py check OUT EXPECTED.safetensors NEWEST_INPUT [COPIED_KEYS]
+    python dcp_check.py sma OUT EXPECTED.safetensors INPUT...
     python dcp_check.py keys CKPT
 
 It shares nothing with pmad's Rust reader: `.metadata` and each item's `data.pkl` are read by
@@ -16,6 +17,9 @@ with numpy (ml_dtypes for bfloat16).
 - every other item is byte for byte the newest input's item of the same key and chunk;
   COPIED_KEYS (comma-separated) are taken out of EXPECTED first: keys excluded from averaging.
 Prints one line of counts; exits 1 naming the first difference.
+
+`sma` is `check` against the plain average of INPUT... (oldest first, the last one the
+newest), computed here in float64 from the inputs; EXPECTED only names the averaged keys.
 """
 
 import io
@@ -153,12 +157,30 @@ def ulp(want, dt):
     return np.maximum(2.0 ** (e - frac), tiny)
 
 
+def assembled(ckpt, keys):
+    """The full float64 value of each of `keys`, reassembled from the checkpoint's chunks."""
+    _, sd, items = metadata(ckpt)
+    full = {k: np.zeros(tuple(sd[k].field("size")), dtype=np.float64) for k in keys}
+    for (fqn, off), where in items.items():
+        if fqn in full:
+            arr = chunk_array(item_bytes(ckpt, where))
+            full[fqn][tuple(slice(o, o + n) for o, n in zip(off, arr.shape))] = arr
+    return full
+
+
+def sma(out, expected_path, *inputs):
+    keys = list(load_file(expected_path))
+    vals = [assembled(c, keys) for c in inputs]
+    want = {k: sum(v[k] for v in vals) / len(vals) for k in keys}
+    check(out, want, inputs[-1])
+
+
 def check(out, expected_path, newest, copied=""):
     raw_o, sd, items_o = metadata(out)
     raw_n, _, items_n = metadata(newest)
     if raw_o != raw_n:
         raise SystemExit(".metadata differs from the newest input's")
-    expected = load_file(expected_path)
+    expected = load_file(expected_path) if isinstance(expected_path, str) else expected_path
     for k in filter(None, copied.split(",")):
         del expected[k]
     full = {}
@@ -210,4 +232,4 @@ def keys(ckpt):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"check": check, "keys": keys}[cmd](*args)
+    {"check": check, "sma": sma, "keys": keys}[cmd](*args)
