@@ -137,6 +137,9 @@ pub struct DcpLayout {
     pub crc_fields: BTreeMap<String, Vec<usize>>,
     /// Every key of the checkpoint, in `.metadata` order, for `pmad inspect`.
     pub keys: Vec<DcpKey>,
+    /// The input has Megatron's `integrity.json` (SHA-256 of every file): an output gets its
+    /// own, computed from the files as written, instead of a copy.
+    pub integrity: bool,
 }
 
 /// One key of a DCP checkpoint as `pmad inspect` shows it.

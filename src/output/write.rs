@@ -84,6 +84,9 @@ pub struct WrittenFile {
     pub bytes: u64,
     /// XXH3-64 of the whole file, 16 lowercase hex digits.
     pub xxh3: String,
+    /// SHA-256 of the whole file, lowercase hex, when the plan asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// Stream every shard of `plan` into `dir`, asking `produce` for each unit's bytes.
@@ -231,6 +234,7 @@ pub struct ShardWriter {
     written: usize,
     header_len: usize,
     hash: xxhash_rust::xxh3::Xxh3,
+    sha256: Option<sha2::Sha256>,
     crc: CrcState,
 }
 
@@ -269,7 +273,14 @@ impl ShardWriter {
             }
             crc.fields = plan.crc.clone();
         }
+        let sha256 = plan.sha256.then(|| {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(&plan.header);
+            h
+        });
         Ok(ShardWriter {
+            sha256,
             hash,
             header_len: plan.header.len(),
             path,
@@ -335,6 +346,9 @@ impl ShardWriter {
         }
         fsio::write_all(&mut self.file, &self.path, bytes)?;
         self.hash.update(bytes);
+        if let Some(h) = self.sha256.as_mut() {
+            sha2::Digest::update(h, bytes);
+        }
         // Start writeback of what was just written, so the fsync in `finish` finds little
         // left to do: the disk writes batch N while batch N+1 is computed.
         fsio::start_writeback(
@@ -372,6 +386,12 @@ impl ShardWriter {
                 .unwrap_or_default(),
             bytes: (self.header_len + self.written) as u64,
             xxh3: format!("{:016x}", self.hash.digest()),
+            sha256: self.sha256.map(|h| {
+                sha2::Digest::finalize(h)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            }),
         })
     }
 }

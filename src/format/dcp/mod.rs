@@ -59,6 +59,11 @@ pub use super::checkpoint::{DcpKey as KeyInfo, DcpLayout as Layout};
 /// `train/` and `.metadata.json`).
 pub const OLMO_CORE_DIR: &str = "model_and_optim";
 
+/// Megatron's optional manifest of its checkpoint files' SHA-256 digests
+/// (`{"algorithm": "sha256", "files": {name: hex}}`, written last when saved with
+/// `save_integrity`); an output gets one of its own.
+pub const INTEGRITY: &str = "integrity.json";
+
 /// OLMo-core's completion marker in `stepN/`, written after everything else.
 pub const OLMO_CORE_MARKER: &str = ".metadata.json";
 
@@ -270,7 +275,10 @@ pub fn open_dir(dir: Dir<'_>, select: &Select) -> Result<Checkpoint> {
         }
     }
     let mut tensors = Vec::new();
-    let mut layout = Layout::default();
+    let mut layout = Layout {
+        integrity: dir.has_file(&rel(INTEGRITY)),
+        ..Layout::default()
+    };
     for key in &md.keys {
         let (kind, size, chunks, averaged) = match &key.tensor {
             None => ("bytes".to_string(), Vec::new(), 1, false),
@@ -333,7 +341,7 @@ pub fn open_dir(dir: Dir<'_>, select: &Select) -> Result<Checkpoint> {
         .iter()
         .filter(|n| {
             let in_root = n.strip_prefix(base.as_str()).filter(|m| !m.contains('/'));
-            !in_root.is_some_and(|m| is_data_file(m) || m == METADATA)
+            !in_root.is_some_and(|m| is_data_file(m) || m == METADATA || m == INTEGRITY)
                 && n.as_str() != OLMO_CORE_MARKER
                 && dir.has_file(n)
         })
