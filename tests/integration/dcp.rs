@@ -14,14 +14,32 @@ use pmad::format::dcp::archive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The fixture sets written by torch itself (`step-N/`, DCP at the top).
 const SETS: [&str; 2] = ["torchtitan", "fsdp2-2rank"];
+/// Every fixture set, including those written by Megatron-LM's and OLMo-core's own
+/// checkpointers.
+const ALL_SETS: [&str; 4] = ["torchtitan", "fsdp2-2rank", "megatron-2rank", "olmo-core"];
 
 fn fixture(set: &str) -> PathBuf {
     repo_root().join("tests/fixtures/dcp").join(set)
 }
 
+/// A fixture checkpoint directory, named as its framework names it.
 fn step_dir(set: &str, step: u64) -> PathBuf {
-    fixture(set).join(format!("step-{step}"))
+    fixture(set).join(match set {
+        "megatron-2rank" => format!("iter_{step:07}"),
+        "olmo-core" => format!("step{step}"),
+        _ => format!("step-{step}"),
+    })
+}
+
+/// Where the DCP files of a checkpoint of `set` are (OLMo-core: `model_and_optim/`).
+fn dcp_root(set: &str, dir: &Path) -> PathBuf {
+    if set == "olmo-core" {
+        dir.join("model_and_optim")
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// `dcp_check.py check OUT EXPECTED NEWEST`.
@@ -45,7 +63,7 @@ fn copy_dir(src: &Path, dst: &Path) {
 fn merge_matches_the_averages_torch_computed() {
     let env = TestEnv::new();
     let mut failures = Vec::new();
-    for set in SETS {
+    for set in ALL_SETS {
         for (method, k, step) in [
             ("sma", 2, 200),
             ("sma", 2, 300),
@@ -92,7 +110,12 @@ fn merge_matches_the_averages_torch_computed() {
             let expected = fixture(set)
                 .join("expected")
                 .join(format!("{method}-k{k}-step{step}.safetensors"));
-            let c = check(&env, &out, &expected, &step_dir(set, step));
+            let c = check(
+                &env,
+                &dcp_root(set, &out),
+                &expected,
+                &dcp_root(set, &step_dir(set, step)),
+            );
             if c.code != 0 {
                 failures.push(format!("{set} {method} k{k} step {step}\n{}", c.describe()));
             }
@@ -561,5 +584,80 @@ fn daemon_resumes_dcp_averages_after_a_kill_while_checkpoints_rotate() {
         ],
     );
     assert_eq!(c.code, 0, "{}\n{}", c.describe(), d.dump(40));
+    assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+}
+
+/// Megatron-LM's torch_dist as its training loop leaves it (`iter_0000N00/`, the tracker
+/// written after each save), watched with `layout = "megatron"`: outputs are `iter_<N:07>/`
+/// with the tracker beside `LATEST`, so `--load <out_dir>` finds the newest; the weights and
+/// the fp32 master copy `optimizer.state.fp32_param.*` are both averaged. An input saved with
+/// Megatron's `integrity.json` gives an output whose own manifest matches its files.
+#[test]
+fn megatron_torch_dist_outputs_load_like_megatron_checkpoints() {
+    const T: Duration = Duration::from_secs(60);
+    let env = TestEnv::new();
+    let set = "megatron-2rank";
+    let watch = env.mkdir("save");
+    let out = env.join("merged");
+    let cfg = Config::new(&watch)
+        .watch("layout", "megatron")
+        .poll("100ms")
+        .settle("100ms")
+        .recipe(Recipe::sma("sma3", 3).all_outputs(&out))
+        .no_server()
+        .json_log("")
+        .write(&env.join("pmad.toml"));
+    let mut d = Daemon::start(env.path(), &cfg, "pmad");
+    for step in [100u64, 200, 300] {
+        let dst = watch.join(format!("iter_{step:07}"));
+        copy_tree(&step_dir(set, step), &dst);
+        // Megatron's integrity manifest, as megatron.core writes it with save_integrity.
+        let files: Vec<String> = std::fs::read_dir(&dst)
+            .unwrap()
+            .map(|e| e.unwrap().path().display().to_string())
+            .collect();
+        let code = "import hashlib, json, os, sys\n\
+                    d = os.path.dirname(sys.argv[1])\n\
+                    m = {os.path.basename(p): hashlib.sha256(open(p, 'rb').read()).hexdigest() for p in sorted(sys.argv[1:])}\n\
+                    json.dump({'algorithm': 'sha256', 'files': m}, open(os.path.join(d, 'integrity.json'), 'w'), indent=2)\n";
+        env.python(code, &files).expect_ok();
+        std::fs::write(
+            watch.join("latest_checkpointed_iteration.txt"),
+            step.to_string(),
+        )
+        .unwrap();
+        d.expect("acceptance", T, |e| {
+            e.event() == "checkpoint.accepted" && e.u("step") == Some(step)
+        });
+    }
+    d.expect("sma3 at 300", T, |e| {
+        e.event() == "merge.emitted" && e.s("steps").is_some_and(|s| s.ends_with("300"))
+    });
+    let dir = out.join("sma3");
+    let published = dir.join("iter_0000300");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("latest_checkpointed_iteration.txt")).unwrap(),
+        "300"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("LATEST")).unwrap().trim(),
+        "iter_0000300"
+    );
+    let expected = fixture(set).join("expected/sma-k3-step300.safetensors");
+    let c = check(&env, &published, &expected, &step_dir(set, 300));
+    assert_eq!(c.code, 0, "{}", c.describe());
+    // integrity.json names every file but itself (and pmad's merge.json), with its digest.
+    let verify = "import hashlib, json, os, sys\n\
+                  d = sys.argv[1]\n\
+                  m = json.load(open(os.path.join(d, 'integrity.json')))\n\
+                  assert m['algorithm'] == 'sha256', m\n\
+                  names = sorted(n for n in os.listdir(d) if n not in ('integrity.json', 'merge.json'))\n\
+                  assert sorted(m['files']) == names, (sorted(m['files']), names)\n\
+                  for n, h in m['files'].items():\n\
+                  \x20   assert hashlib.sha256(open(os.path.join(d, n), 'rb').read()).hexdigest() == h, n\n\
+                  print(len(names))\n";
+    let v = env.python(verify, [&published]);
+    assert_eq!(v.code, 0, "{}", v.describe());
+    assert_eq!(v.stdout.trim(), "7", "{}", v.describe());
     assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
 }
