@@ -45,6 +45,9 @@ pub struct Inspection {
     pub error: Option<String>,
     /// Step parsed from the name, if any.
     pub step: Option<u64>,
+    /// `safetensors` or `dcp` (PyTorch Distributed Checkpoint), when it could be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<&'static str>,
     /// Weight files.
     pub files: Vec<String>,
     /// Tensors, sorted by name (for DCP: the averaged chunks).
@@ -134,6 +137,11 @@ pub fn inspect_with(path: &Path, select: &pmad::format::Select) -> Inspection {
                 valid: true,
                 error: None,
                 step: c.step,
+                format: Some(if c.dcp.is_some() {
+                    "dcp"
+                } else {
+                    "safetensors"
+                }),
                 files: c
                     .files
                     .iter()
@@ -151,6 +159,7 @@ pub fn inspect_with(path: &Path, select: &pmad::format::Select) -> Inspection {
             valid: false,
             error: Some(e.to_string()),
             step: None,
+            format: None,
             files: Vec::new(),
             tensors: Vec::new(),
             keys: Vec::new(),

@@ -177,6 +177,7 @@ fn inspect_lists_keys_chunks_and_what_is_averaged() {
     ]);
     assert_eq!(r.code, 0, "{}", r.describe());
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["format"], "dcp");
     let names: Vec<&str> = v["tensors"]
         .as_array()
         .unwrap()
