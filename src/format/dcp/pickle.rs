@@ -918,24 +918,25 @@ mod tests {
         }
     }
 
-    /// Bug 1 (a stack overflow on an 80 KB pickle): a list nested `levels` deep is memoized,
-    /// then `rounds` times fetched from the memo and nested `levels` deeper, memoized again.
-    /// The old machine took a memo lookup to be 0 deep, so each round passed its depth check,
-    /// and the value (levels * rounds deep) overflowed the stack when dropped.
+    /// Bug 1 (a stack overflow on an 80 KB pickle): a list nested `levels` deep is memoized
+    /// and popped, then `rounds` times fetched from the memo, nested `levels` deeper, memoized
+    /// again and popped; finally fetched. The old machine took a value fetched from the memo
+    /// (once off the stack) to be 0 deep, so each round passed its depth check, and the value
+    /// (`levels * rounds` deep) overflowed the stack when cloned or dropped.
     fn memo_depth_pickle(levels: usize, rounds: usize) -> Vec<u8> {
         let mut w = W::new()
             .ops(b"(", levels)
             .op(b"]")
             .ops(b"l", levels)
-            .op(b"q\x00");
+            .op(b"q\x000");
         for _ in 0..rounds {
             w = w
                 .ops(b"(", levels)
                 .op(b"h\x00")
                 .ops(b"l", levels)
-                .op(b"q\x00");
+                .op(b"q\x000");
         }
-        w.stop()
+        w.op(b"h\x00").stop()
     }
 
     /// Bug 2 (3 GB allocated for a 1 MB pickle): one `bytes` of `len` bytes, memoized, and
@@ -971,16 +972,24 @@ mod tests {
     #[test]
     fn memo_depth_is_refused_in_a_small_stack() {
         in_small_stack(|| {
-            // 200 deep, then 200 rounds of 200 more: 40,200 deep, 80 KB.
+            // 200 deep, then 200 rounds of 200 more: 40,200 deep, 81 KB.
             let p = memo_depth_pickle(200, 200);
             let e = refused(&p);
             assert!(e.what.contains("MAX_DEPTH"), "{e}");
             assert_eq!(e.at, p.len() - 1, "refused at STOP");
-            // As the brief case: 200 deep, then wrapped in one more list 1000 times.
-            let mut w = W::new().ops(b"(", 200).op(b"]").ops(b"l", 200).op(b"q\x00");
-            w = w.ops(b"(h\x00lq\x00", 1000);
-            let e = refused(&w.stop());
-            assert!(e.what.contains("MAX_DEPTH"), "{e}");
+            // 200 deep, then fetched and wrapped in one more list 1000 times, on the stack
+            // (as the old machine tracked) and off it (as it did not).
+            for round in [&b"(h\x00lq\x00"[..], b"(h\x00lq\x000h\x00"] {
+                let p = W::new()
+                    .ops(b"(", 200)
+                    .op(b"]")
+                    .ops(b"l", 200)
+                    .op(b"q\x00")
+                    .ops(round, 1000)
+                    .stop();
+                let e = refused(&p);
+                assert!(e.what.contains("MAX_DEPTH"), "{e}");
+            }
         });
     }
 
