@@ -730,15 +730,23 @@ pub fn check_dcp_item(data: &[u8]) {
 /// the bytes: no panic, an accepted pickle's value respects the machine's limits, and decoded
 /// chunks lie inside their tensor.
 pub fn check_dcp_pickle(data: &[u8]) {
-    use pmad::format::dcp::pickle::{run, Value, MAX_DEPTH, MAX_NODES};
+    use pmad::format::dcp::pickle::{run, Value, MAX_BYTES, MAX_DEPTH, MAX_NODES};
     let Ok(v) = run(data) else { return };
-    // Walk it without recursion: node count and depth within the limits.
+    // Walk it without recursion: values, depth and string bytes within the limits (which
+    // grow with the input's length).
+    let (max_nodes, max_bytes) = (MAX_NODES.max(data.len()), MAX_BYTES.max(data.len() * 4));
     let mut todo = vec![(&v, 1usize)];
-    let mut n = 0usize;
+    let (mut n, mut bytes) = (0usize, 0usize);
     while let Some((x, d)) = todo.pop() {
         n += 1;
-        assert!(n <= MAX_NODES, "more than MAX_NODES values accepted");
-        assert!(d <= MAX_DEPTH + 2, "depth {d} accepted");
+        assert!(n <= max_nodes, "more than MAX_NODES values accepted");
+        assert!(d <= MAX_DEPTH, "depth {d} accepted");
+        bytes += match x {
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            _ => 0,
+        };
+        assert!(bytes <= max_bytes, "more than MAX_BYTES accepted");
         match x {
             Value::List(i) | Value::Tuple(i) | Value::Set(i) => {
                 todo.extend(i.iter().map(|y| (y, d + 1)))

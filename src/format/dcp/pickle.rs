@@ -36,12 +36,17 @@
 use std::collections::HashMap;
 
 /// How many values one pickle may build: nodes in the arena while it runs, and values in the
-/// tree it converts to (a value reached through several references counts each time).
+/// tree it converts to (a value reached through several references counts each time). The
+/// limit is this or the input's length in bytes, whichever is larger: every value a pickle
+/// writes costs it at least one byte, so a large real `.metadata` (a model saved by
+/// thousands of ranks has millions of items) is read, while what a small hostile pickle can
+/// make the conversion copy stays in proportion to its size.
 pub const MAX_NODES: usize = 1 << 21;
 /// How deeply values may nest: the top value is at depth 1, what it holds at depth 2, ...
 pub const MAX_DEPTH: usize = 256;
 /// How many bytes of `str` and `bytes` content (and names of globals) the converted value may
-/// hold in all, copies included.
+/// hold in all, copies included; or 4 times the input's length, whichever is larger (keys are
+/// memoized once and referred to by every item).
 pub const MAX_BYTES: usize = 64 << 20;
 
 /// A value of the pickle, as data.
@@ -247,6 +252,9 @@ struct Machine<'a> {
     marks: Vec<usize>,
     /// Memo key -> node.
     memo: HashMap<u32, u32>,
+    /// [`MAX_NODES`] and [`MAX_BYTES`] as they apply to this input (they grow with its length).
+    max_nodes: usize,
+    max_bytes: usize,
 }
 
 /// Run the pickle in `bytes` and return the value it builds. Opcodes: `PROTO`, `FRAME`,
@@ -269,6 +277,8 @@ pub fn run(bytes: &[u8]) -> Result<Value, PickleError> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        max_nodes: MAX_NODES.max(bytes.len()),
+        max_bytes: MAX_BYTES.max(bytes.len().saturating_mul(4)),
     };
     m.run()
 }
@@ -334,8 +344,11 @@ impl<'a> Machine<'a> {
 
     /// Make a new node and push it.
     fn push(&mut self, n: Node<'a>) -> Result<(), PickleError> {
-        if self.arena.len() >= MAX_NODES {
-            return self.err(format!("more than {MAX_NODES} values built (MAX_NODES)"));
+        if self.arena.len() >= self.max_nodes {
+            return self.err(format!(
+                "more than {} values built (MAX_NODES)",
+                self.max_nodes
+            ));
         }
         let i = self.arena.len() as u32;
         self.arena.push(n);
@@ -386,8 +399,11 @@ impl<'a> Machine<'a> {
 
     fn memo_put(&mut self, id: u32) -> Result<(), PickleError> {
         let top = self.top()?;
-        if self.memo.len() >= MAX_NODES && !self.memo.contains_key(&id) {
-            return self.err(format!("more than {MAX_NODES} memo entries (MAX_NODES)"));
+        if self.memo.len() >= self.max_nodes && !self.memo.contains_key(&id) {
+            return self.err(format!(
+                "more than {} memo entries (MAX_NODES)",
+                self.max_nodes
+            ));
         }
         self.memo.insert(id, top);
         Ok(())
@@ -669,10 +685,11 @@ impl<'a> Machine<'a> {
         let mut path: Vec<Frame> = Vec::new();
         let mut enter = |node: u32, path: &mut Vec<Frame>| {
             values += 1;
-            if values > MAX_NODES {
+            if values > self.max_nodes {
                 return self.err(format!(
-                    "the value holds more than {MAX_NODES} values, copies of shared ones \
-                     included (MAX_NODES)"
+                    "the value holds more than {} values, copies of shared ones included \
+                     (MAX_NODES)",
+                    self.max_nodes
                 ));
             }
             if path.len() >= MAX_DEPTH {
@@ -681,10 +698,11 @@ impl<'a> Machine<'a> {
                 ));
             }
             bytes = bytes.saturating_add(self.arena[node as usize].content_bytes());
-            if bytes > MAX_BYTES {
+            if bytes > self.max_bytes {
                 return self.err(format!(
-                    "the value holds more than {MAX_BYTES} bytes of strings and bytes, copies \
-                     of shared ones included (MAX_BYTES)"
+                    "the value holds more than {} bytes of strings and bytes, copies of shared \
+                     ones included (MAX_BYTES)",
+                    self.max_bytes
                 ));
             }
             path.push(Frame {
@@ -1041,6 +1059,23 @@ mod tests {
             .op(b"C\x01xe")
             .stop();
         assert!(refused(&p).what.contains("MAX_BYTES"));
+    }
+
+    /// A real `.metadata` of a model saved by thousands of ranks has millions of values: the
+    /// limits grow with the input's length, so a pickle of more than `MAX_NODES` small values
+    /// (each written, none shared) is read.
+    #[test]
+    fn limits_grow_with_the_input() {
+        // [0, 1, 2, ...] as MARK BININT1 ... LIST: 2 bytes per value.
+        let n = MAX_NODES + 1000;
+        let mut p = vec![0x80, 2, b']', b'('];
+        for i in 0..n {
+            p.extend([b'K', (i % 256) as u8]);
+        }
+        p.extend([b'e', b'.']);
+        let v = run(&p).unwrap();
+        let Value::List(items) = v else { panic!() };
+        assert_eq!(items.len(), n);
     }
 
     #[test]
