@@ -42,6 +42,7 @@ def best_floor(med, s, c):
 
 SECTIONS = [
     ("moe", "Many small tensors (MoE shape) vs the I/O floor: bench/merge_vs_floor.sh --shape moe"),
+    ("dcp", "DCP checkpoints (torchtitan layout) vs the I/O floor and two torch routes: bench/dcp.sh"),
     ("kernels", "One thread, each merge kernel: bench/merge_vs_floor.sh --threads 1, PMAD_KERNEL"),
     ("memory", "Peak RSS of pmad merge by K and threads (default --memory-budget)"),
     ("partition", "One merge split between processes: bench/partition.sh"),
