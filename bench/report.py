@@ -253,13 +253,17 @@ def main():
         if reported:
             ax = axes.pop(0)
             labels = [f"{t['section']}: {t['case']}" for t in reported]
-            vals = [max(number(t["measured"]), 1e-3) for t in reported]
+            raw = [number(t["measured"]) for t in reported]
+            pos = [v for v in raw if v > 0] or [1.0]
+            # Whole decades, with room on the right for the labels; values <= 0 (a negative
+            # slowdown) get no bar, only their label at the left edge.
+            lo = 10 ** math.floor(math.log10(min(pos)))
+            vals = [v if v > 0 else lo for v in raw]
             ax.barh(range(len(reported)), vals, color="tab:gray")
             for i, t in enumerate(reported):
                 ax.text(vals[i], i, f" {t['measured']} {t['unit']}", va="center", fontsize=7)
             ax.set_xscale("log")
-            # Whole decades, with room on the right for the labels.
-            ax.set_xlim(10 ** math.floor(math.log10(min(vals))), 10 ** math.ceil(math.log10(max(vals) * 4)))
+            ax.set_xlim(lo, 10 ** math.ceil(math.log10(max(pos) * 4)))
             ax.set_yticks(range(len(reported)))
             ax.set_yticklabels(labels, fontsize=7)
             ax.invert_yaxis()
