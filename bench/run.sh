@@ -66,7 +66,8 @@
 # Environment: PMAD_BENCH_VENV (default bench/.venv), CARGO_TARGET_DIR.
 #   -h, --help         this text
 # Needs: cargo, python3, /usr/bin/time (Debian package `time`), coreutils dd/sync.
-# Disk: K x size of inputs per size, plus about 4 x size of outputs while it runs.
+# Disk: K x size of inputs per size, plus about 4 x size of outputs while it runs; the dcp
+# section keeps 4 GB of DCP inputs in P-dcp and needs about 6 GB more while it runs.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
