@@ -50,7 +50,7 @@
 #   --smoke            a quick run: K=3, 4MB, R=1, dir /tmp/pmad-bench-dcp-smoke; the numbers
 #                      mean nothing (Python start-up dominates)
 #   -h, --help         this text
-# Needs: cargo, a Python with torch >= 2.4 (bench/run.sh --setup makes bench/.venv),
+# Needs: cargo, a Python with torch (tested with 2.15; bench/run.sh --setup makes bench/.venv),
 # /usr/bin/time (Debian package `time`).
 # Disk: K x SIZE of inputs, 3 x SIZE of outputs, and K x SIZE more while `convert` runs.
 set -euo pipefail
