@@ -3,13 +3,16 @@
 
     python bench/report.py RESULTS_DIR
 
-Reads RESULTS_DIR/raw.tsv (one line per timed run), daemon.tsv, checks.txt and meta.txt;
-writes RESULTS_DIR/results.md (a Markdown table per size and cache state, the targets, the
-daemon's numbers, the agreement checks, the machine's load) and, when matplotlib imports,
-RESULTS_DIR/merge_time.png (median wall time vs checkpoint size per tool, warm cache).
-Only the standard library is needed for the tables.
+Reads RESULTS_DIR/raw.tsv (one line per timed run), daemon.tsv, targets.tsv, checks.txt,
+meta.txt and each section's <section>.txt; writes RESULTS_DIR/results.md (a Markdown table per
+size and cache state, the targets, the daemon's numbers, the sections' reports, the agreement
+checks, the machine's load) and, when matplotlib imports, RESULTS_DIR/merge_time.png (median
+wall time vs checkpoint size per tool, warm cache; only when the dense section ran) and
+RESULTS_DIR/targets.png (every target with a goal as measured / goal, and in a second panel
+those reported without a goal, as measured). Only the standard library is needed for the tables.
 """
 import csv
+import math
 import os
 import statistics
 import sys
@@ -42,6 +45,7 @@ def best_floor(med, s, c):
 
 SECTIONS = [
     ("moe", "Many small tensors (MoE shape) vs the I/O floor: bench/merge_vs_floor.sh --shape moe"),
+    ("dcp", "DCP checkpoints (torchtitan layout) vs the I/O floor and two torch routes: bench/dcp.sh"),
     ("kernels", "One thread, each merge kernel: bench/merge_vs_floor.sh --threads 1, PMAD_KERNEL"),
     ("memory", "Peak RSS of pmad merge by K and threads (default --memory-budget)"),
     ("partition", "One merge split between processes: bench/partition.sh"),
@@ -188,47 +192,87 @@ def main():
     except ImportError:
         print("report.py: matplotlib not available, no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [size_bytes(s) / 1e6 for s in sizes]
-    color = {"floor": "tab:blue", "floor1": "tab:cyan", "pmad": "tab:green", "mergekit": "tab:red", "torch": "tab:purple"}
-    for c, style in (("warm", "-o"), ("cold", "--s")):
-        for t in TOOLS:
-            ys = [med[s, c, t]["wall"] if (s, c, t) in med else None for s in sizes]
-            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-            if not pts:
-                continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color[t], label=f"{t} ({c})")
-    k = "K"
-    if os.path.exists(meta):
-        for tok in open(meta).read().split():
-            if tok.startswith("K="):
-                k = tok[2:]
-    ax.set_xlabel(f"checkpoint size (MB of tensor data); {k} checkpoints merged")
-    ax.set_ylabel("wall time, median (s)")
-    ax.set_yscale("log")
-    ax.set_title("Merging K checkpoints: time vs checkpoint size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(d, "merge_time.png"), dpi=120)
-    plt.close(fig)
+    wrote = ["results.md"]
+    if sizes:  # no dense section measured (--sections without dense): no time-vs-size plot
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        xs = [size_bytes(s) / 1e6 for s in sizes]
+        color = {"floor": "tab:blue", "floor1": "tab:cyan", "pmad": "tab:green", "mergekit": "tab:red", "torch": "tab:purple"}
+        for c, style in (("warm", "-o"), ("cold", "--s")):
+            for t in TOOLS:
+                ys = [med[s, c, t]["wall"] if (s, c, t) in med else None for s in sizes]
+                pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+                if not pts:
+                    continue
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color[t], label=f"{t} ({c})")
+        k = "K"
+        if os.path.exists(meta):
+            for tok in open(meta).read().split():
+                if tok.startswith("K="):
+                    k = tok[2:]
+        ax.set_xlabel(f"checkpoint size (MB of tensor data); {k} checkpoints merged")
+        ax.set_ylabel("wall time, median (s)")
+        ax.set_yscale("log")
+        ax.set_title("Merging K checkpoints: time vs checkpoint size")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(d, "merge_time.png"), dpi=120)
+        plt.close(fig)
+        wrote.append("merge_time.png")
     goals = [t for t in targets if t["goal"] and t["measured"]]
-    if goals:
-        # Every target with a goal as measured / goal: below the line is met.
-        fig, ax = plt.subplots(figsize=(8, 0.45 * len(goals) + 1.2))
-        labels = [f"{t['section']}: {t['case']}" for t in goals]
-        vals = [max(float(t["measured"]), 0.0) / float(t["goal"]) for t in goals]
-        cols = ["tab:green" if v <= 1 else "tab:red" for v in vals]
-        ax.barh(range(len(goals)), vals, color=cols)
-        ax.axvline(1.0, color="black", lw=1)
-        ax.set_yticks(range(len(goals)))
-        ax.set_yticklabels(labels, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("measured / goal (1 = the goal; left of the line is met)")
-        ax.set_title("Performance targets, one run")
+
+    def number(v):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+
+    # Targets reported without a goal (the peers' ratios, CPU per GB): as measured, own panel.
+    reported = [t for t in targets if not t["goal"] and number(t["measured"]) is not None]
+    if goals or reported:
+        rows = [len(goals), len(reported)]
+        fig, axes = plt.subplots(
+            sum(1 for r in rows if r), 1, squeeze=False,
+            figsize=(8, 0.45 * sum(rows) + 1.2 + (1.0 if all(rows) else 0)),
+            gridspec_kw={"height_ratios": [r for r in rows if r]},
+        )
+        axes = list(axes[:, 0])
+        if goals:
+            # Every target with a goal as measured / goal: below the line is met.
+            ax = axes.pop(0)
+            labels = [f"{t['section']}: {t['case']}" for t in goals]
+            vals = [max(float(t["measured"]), 0.0) / float(t["goal"]) for t in goals]
+            cols = ["tab:green" if v <= 1 else "tab:red" for v in vals]
+            ax.barh(range(len(goals)), vals, color=cols)
+            ax.axvline(1.0, color="black", lw=1)
+            ax.set_yticks(range(len(goals)))
+            ax.set_yticklabels(labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel("measured / goal (1 = the goal; left of the line is met)")
+            ax.set_title("Performance targets, one run")
+        if reported:
+            ax = axes.pop(0)
+            labels = [f"{t['section']}: {t['case']}" for t in reported]
+            raw = [number(t["measured"]) for t in reported]
+            pos = [v for v in raw if v > 0] or [1.0]
+            # Whole decades, with room on the right for the labels; values <= 0 (a negative
+            # slowdown) get no bar, only their label at the left edge.
+            lo = 10 ** math.floor(math.log10(min(pos)))
+            vals = [v if v > 0 else lo for v in raw]
+            ax.barh(range(len(reported)), vals, color="tab:gray")
+            for i, t in enumerate(reported):
+                ax.text(vals[i], i, f" {t['measured']} {t['unit']}", va="center", fontsize=7)
+            ax.set_xscale("log")
+            ax.set_xlim(lo, 10 ** math.ceil(math.log10(max(pos) * 4)))
+            ax.set_yticks(range(len(reported)))
+            ax.set_yticklabels(labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel("as measured, in each row's unit (log scale); no goal")
+            ax.set_title("Reported without a goal", fontsize=10)
         fig.tight_layout()
         fig.savefig(os.path.join(d, "targets.png"), dpi=120)
-    print(f"report.py: wrote {os.path.join(d, 'results.md')}, merge_time.png and targets.png", file=sys.stderr)
+        wrote.append("targets.png")
+    print(f"report.py: wrote {', '.join(wrote)} in {d}", file=sys.stderr)
 
 
 if __name__ == "__main__":

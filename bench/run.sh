@@ -16,6 +16,9 @@
 # checks that pmad, mergekit and torch agree (bench/peers/compare.py: names, shapes, dtypes,
 # values within 1 bf16 ulp); then, in the same run, the other sections (--sections):
 #   moe           bench/merge_vs_floor.sh --shape moe: 8 x 40 MB, ~9.4k tensors each, vs floor
+#   dcp           bench/dcp.sh: 8 x 500 MB f32 torchtitan-style DCP checkpoints, pmad merge vs
+#                 the floor and two torch routes (dcp.load; dcp_to_torch_save + torch.load);
+#                 needs torch in the venv
 #   kernels       merge_vs_floor.sh on the first size with --threads 1, for each merge kernel
 #                 (PMAD_KERNEL=portable and the default): ratio to floor and CPU s per GB
 #   memory        peak RSS of pmad merge over 64 MB checkpoints, K = 8/32/64 x threads 1/2/8
@@ -44,8 +47,8 @@
 #   --drop-caches      make cold runs drop the whole page cache (root) instead of evicting inputs
 #   --tools LIST       subset of floor,floor1,pmad,mergekit,torch (default all five)
 #   --no-daemon        skip (e)
-#   --sections LIST    of dense,moe,kernels,memory,partition,interference (default all; dense
-#                      is (a)-(e))
+#   --sections LIST    of dense,moe,dcp,kernels,memory,partition,interference (default all;
+#                      dense is (a)-(e))
 #   --dir-prefix P     checkpoints go to P-<size>            (default /tmp/pmad-bench)
 #   --results DIR      where results go                      (default bench/results)
 #   --threads N        pmad --threads (default: all cores)
@@ -55,14 +58,16 @@
 #   --clean            remove the checkpoints of the measured sizes at the end
 #   --smoke            CI mode, seconds: sizes 2MB,4MB, K=3, R=1, warm only, dir prefix
 #                      /tmp/pmad-bench-smoke, results in /tmp/pmad-bench-smoke/results;
-#                      mergekit/torch only if the venv exists (never installs it; with it they
-#                      add ~25 s per size of Python start-up); checks the outputs with
+#                      mergekit/torch and the dcp section only if the venv exists (never
+#                      installs it; with it they add ~25 s per size and ~30 s for dcp, mostly
+#                      Python start-up); checks the outputs with
 #                      `pmad inspect` and, when the venv exists, compare.py. The targets table
 #                      is printed but means nothing at these sizes.
 # Environment: PMAD_BENCH_VENV (default bench/.venv), CARGO_TARGET_DIR.
 #   -h, --help         this text
 # Needs: cargo, python3, /usr/bin/time (Debian package `time`), coreutils dd/sync.
-# Disk: K x size of inputs per size, plus about 4 x size of outputs while it runs.
+# Disk: K x size of inputs per size, plus about 4 x size of outputs while it runs; the dcp
+# section keeps 4 GB of DCP inputs in P-dcp and needs about 6 GB more while it runs.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -74,7 +79,7 @@ COLD=0
 DROP=0
 TOOLS=floor,floor1,pmad,mergekit,torch
 DAEMON=1
-SECTIONS=dense,moe,kernels,memory,partition,interference
+SECTIONS=dense,moe,dcp,kernels,memory,partition,interference
 PREFIX=/tmp/pmad-bench
 RESULTS=$ROOT/bench/results
 THREADS=""
@@ -145,6 +150,16 @@ if [[ $HAVE_VENV == 0 ]]; then
 fi
 PY=$VENV/bin/python
 [[ $HAVE_VENV == 1 ]] || PY=python3
+# The dcp section generates its checkpoints with torch: it needs only torch in the venv.
+if [[ ",$SECTIONS," == *",dcp,"* ]]; then
+  HAVE_TORCH=0
+  [[ -x $VENV/bin/python ]] && "$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)' 2>/dev/null && HAVE_TORCH=1
+  if [[ $HAVE_TORCH == 0 ]]; then
+    [[ $SMOKE == 1 ]] || die "section dcp needs torch in $VENV: rerun with --setup (or leave dcp out of --sections)"
+    log "no torch in $VENV: skipping the dcp section (smoke mode never installs it)"
+    SECTIONS=${SECTIONS//dcp/}
+  fi
+fi
 
 # --- build -------------------------------------------------------------------------------------
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -332,6 +347,7 @@ vs_floor() { # LABEL-FILE ARGS...: run merge_vs_floor.sh, keep its report
     >"$f" 2>>"$LOG" || die "merge_vs_floor.sh $* failed, see $LOG"
 }
 ratio_of() { sed -n 's/^ratio pmad\/floor: \([0-9.]*\)x.*/\1/p' "$1"; }
+ratio_tool() { sed -n "s/^ratio $1\\/floor: \\([0-9.]*\\)x.*/\\1/p" "$2"; } # TOOL REPORT
 cpu_per_gb() { # REPORT: pmad CPU seconds per GB of input
   local cpu mb
   cpu=$(sed -n 's/.*pmad CPU (user+sys): median \([0-9.]*\) s.*/\1/p' "$1")
@@ -352,6 +368,18 @@ if section moe; then
   target moe "daemon per-arrival update, MoE $MK x $MSZ, ratio to its floor" \
     "$(sed -n 's/^median update [0-9.]*s vs floor [0-9.]*s: \([0-9.]*\)x.*/\1/p' "$RESULTS/.moe-daemon")" 1.5 x
   rm -f "$RESULTS/.moe-daemon"
+fi
+if section dcp; then
+  DK=8 DSZ=500MB
+  [[ $SMOKE == 1 ]] && DK=3 DSZ=4MB
+  log "section dcp: $DK x $DSZ f32 DCP checkpoints, pmad vs floor and torch"
+  bash "$ROOT/bench/dcp.sh" --no-build --pmad "$PMAD" --floor "$FLOOR" --python "$VENV/bin/python" \
+    --reps "$R_SECT" --dir "$PREFIX-dcp" --count "$DK" --size "$DSZ" ${THREADS:+--threads "$THREADS"} \
+    >"$RESULTS/dcp.txt" 2>>"$LOG" || die "dcp.sh failed, see $LOG and $RESULTS/dcp.txt"
+  target dcp "pmad merge, DCP $DK x $DSZ, ratio to floor" "$(ratio_of "$RESULTS/dcp.txt")" 1.3 x
+  target dcp "torch dcp.load route, DCP $DK x $DSZ, ratio to floor" "$(ratio_tool dcp_load "$RESULTS/dcp.txt")" "" x
+  target dcp "torch dcp_to_torch_save route, DCP $DK x $DSZ, ratio to floor" "$(ratio_tool convert "$RESULTS/dcp.txt")" "" x
+  [[ $CLEAN == 1 ]] && rm -rf "$PREFIX-dcp"
 fi
 if section kernels; then
   log "section kernels: --threads 1 on $FIRST, each kernel"
