@@ -331,7 +331,14 @@ pub fn merge_checkpoints(
         weights: p.weights.clone(),
         accumulator: p.accumulator,
         bytes_written,
-        bytes_read: p.inputs.iter().map(|c| c.data_bytes()).sum(),
+        // Every input's averaged tensors, and what is copied from the newest: its other
+        // tensors (already counted) and, for DCP, the rest of its data files.
+        bytes_read: p.inputs.iter().map(|c| c.data_bytes()).sum::<u64>()
+            + if p.newest().dcp.is_some() {
+                p.newest().file_bytes() - p.newest().data_bytes()
+            } else {
+                0
+            },
         tensors: p.newest().tensors.len(),
         shards: plan.len(),
         nonfinite: report.count,
