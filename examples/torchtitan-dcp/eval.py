@@ -92,12 +92,13 @@ def compare_copied(out_dir, got, newest_dir, newest, averaged):
 
 
 def verify(out_dir, rec, model_args, recipe_dir):
-    """Returns a dict: ok, and mode, max_err, copied (number of keys) or a note."""
+    """Returns a dict: ok (True, False, or None when the inputs needed are gone), and mode,
+    max_err, copied (number of keys) or a note."""
     averaged = model_keys(model_args)
     got = M.load_everything(out_dir, model_args)
     newest_dir = rec["inputs"][-1]
     if not os.path.isdir(newest_dir):
-        return {"ok": False, "note": f"newest input {newest_dir} is gone"}
+        return {"ok": None, "note": f"not checked: the newest input {newest_dir} was deleted"}
     newest = M.load_everything(newest_dir, model_args)
     copied = compare_copied(out_dir, got, newest_dir, newest, averaged)
     present = [os.path.isdir(p) for p in rec["inputs"]]
@@ -113,7 +114,7 @@ def verify(out_dir, rec, model_args, recipe_dir):
         err = compare_averaged(got, want, averaged)
         return {"ok": err <= TOL, "mode": f"all {len(rec['inputs'])} inputs", "max_err": err, "copied": copied}
     if rec["method"] != "ema":
-        return {"ok": False, "note": f"{present.count(False)} of {len(present)} inputs are gone"}
+        return {"ok": None, "note": f"not checked: {present.count(False)} of {len(present)} inputs deleted"}
     # The EMA recurrence, back through the kept outputs.
     links, worst = 0, 0.0
     cur_dir, cur_rec, cur = out_dir, rec, got
@@ -135,8 +136,8 @@ def verify(out_dir, rec, model_args, recipe_dir):
         links += 1
         cur_dir, cur_rec, cur = prev_dir, prev_rec, prev
     if links == 0:
-        return {"ok": False, "note": "inputs gone and no previous output kept"}
-    return {"ok": worst <= TOL, "mode": f"EMA recurrence, {links} outputs back", "max_err": worst, "copied": copied}
+        return {"ok": None, "note": "not checked: inputs deleted and no previous output kept"}
+    return {"ok": worst <= TOL, "mode": f"EMA recurrence over {links} output{'s' if links > 1 else ''}", "max_err": worst, "copied": copied}
 
 
 def describe_steps(steps):
@@ -193,7 +194,7 @@ def main():
     recipes = []
     if os.path.isdir(args.merged_dir):
         recipes = sorted((d for d in os.listdir(args.merged_dir) if os.path.isdir(os.path.join(args.merged_dir, d))), key=recipe_order)
-    failed = 0
+    failed = unchecked = 0
     for r in recipes:
         rdir = os.path.join(args.merged_dir, r)
         if args.step:
@@ -220,7 +221,8 @@ def main():
                 row["verify"] = verify(mdir, rec, model_args, rdir)
             except AssertionError as e:
                 row["verify"] = {"ok": False, "note": str(e)}
-            failed += not row["verify"]["ok"]
+            failed += row["verify"]["ok"] is False
+            unchecked += row["verify"]["ok"] is None
         rows.append(row)
 
     base = rows[0]["loss"]
@@ -243,15 +245,18 @@ def main():
             elif "max_err" in v:
                 line += f" {'ok' if v['ok'] else 'FAIL'} {v['max_err']:.1e} ({v['mode']}) | {v['copied']} keys |"
             else:
-                line += f" FAIL: {v['note']} | |"
+                line += f" {'FAIL: ' if v['ok'] is False else ''}{v['note']} | |"
         print(line)
     print()
     print(f"(all {len(rows)} model(s) loaded with torch.distributed.checkpoint.load; eval took {time.time() - t0:.0f}s)")
     if args.verify:
-        print("verify: " + ("ok" if not failed else f"{failed} output(s) FAILED"))
+        checked = sum(1 for r in rows if r.get("verify")) - unchecked
+        print(f"verify: {'ok' if not failed else 'FAILED'}: {checked - failed} output(s) passed, {failed} failed"
+              + (f", {unchecked} not checkable (inputs deleted by train.py --keep)" if unchecked else ""))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"step": step, "rows": rows, "scored_bytes": scored, "verify_failed": failed if args.verify else None}, fh, indent=2)
+            json.dump({"step": step, "rows": rows, "scored_bytes": scored, "verify_failed": failed if args.verify else None,
+                       "verify_unchecked": unchecked if args.verify else None}, fh, indent=2)
     if failed:
         sys.exit(1)
 
