@@ -14,13 +14,13 @@ is what pmad watches (`layout = "torchtitan"`).
 Schedule: linear warmup for --warmup-steps, then a constant LR (a `LambdaLR`, like
 torchtitan's): the stable phase of a warmup-stable-decay run, where averaging pays off.
 
-    python train.py --output-dir run/output --max-steps 800
+    python train.py --output-dir run/output --max-steps 1500
 
 Restart from a checkpoint or from a pmad output (PMA-init): the model, optimizer, LR
 scheduler, data position and step all come from the DCP directory (a pmad output carries the
 averaged weights and the newest input's optimizer/scheduler/data/step state):
 
-    python train.py --output-dir run/resume --max-steps 850 --resume-from run/merged/sma8/step-800
+    python train.py --output-dir run/resume --max-steps 1550 --resume-from run/merged/sma8/step-1500
 """
 
 import argparse
@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=os.path.join(HERE, "run", "output"), help="dump folder; checkpoints go to <dir>/checkpoint/step-N")
-    p.add_argument("--max-steps", type=int, default=800)
+    p.add_argument("--max-steps", type=int, default=1500)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint interval (torchtitan's checkpoint.interval)")
     p.add_argument("--keep", type=int, default=10, help="keep the newest K step directories, 0 = all (torchtitan's keep_latest_k)")
     p.add_argument("--warmup-steps", type=int, default=50)
@@ -113,7 +113,8 @@ def main():
             resumed["val_loss_before"], n = data.val_loss(model, M.loss_fn, val_tokens, args.block_size, args.eval_blocks)
             print(f"resumed: validation loss before training {resumed['val_loss_before']:.4f} ({n} bytes)", flush=True)
 
-    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+    # One JSON line per step; a fresh run starts the file over, a resumed one appends to it.
+    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume_from else "w")
     first_step = step + 1
     t_train = time.time()
     t_save = 0.0
