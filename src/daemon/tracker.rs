@@ -159,13 +159,24 @@ impl Tracker {
                 // rewrite: the pinned maps stay valid. Other files changing (an eval job
                 // writing results into the directory, the trainer adding files) do not touch
                 // the weights we pinned either.
-                if entry.phase == Phase::Accepted && sig.only_weights_removed(&entry.sig) {
+                // A decided (skipped, rejected, abandoned) directory being deleted stays
+                // decided: it is not a checkpoint to wait for, so its disappearance is not a
+                // loss (the trainer rotating away a warmup checkpoint pmad skipped).
+                let decided = matches!(
+                    entry.phase,
+                    Phase::Skipped | Phase::Rejected | Phase::Abandoned
+                );
+                if (entry.phase == Phase::Accepted && sig.only_weights_removed(&entry.sig))
+                    || (decided && sig.only_removed(&entry.sig))
+                {
                     entry.sig = sig.clone();
                 } else {
                     let was = entry.phase;
                     entry.sig = sig.clone();
                     entry.since = now;
                     entry.phase = Phase::Pending;
+                    // Its marker is looked at again below: complete only if it still is.
+                    entry.marker_seen = false;
                     if was == Phase::Accepted && obs.rewritten.is_none() {
                         obs.rewritten = Some(s.step);
                         self.abandon_after(s.step);
@@ -441,6 +452,44 @@ mod tests {
         assert_eq!(t.phase(&full.path), None);
         let o = observe(&mut t, &[], t0 + SETTLE * 3);
         assert_eq!(o.gone, [(6, PathBuf::from("/w/checkpoint-6"), true)]);
+    }
+
+    /// A checkpoint pmad skipped (warmup) that the trainer rotates away later is not a lost
+    /// checkpoint, even when a scan catches the deletion half done.
+    #[test]
+    fn a_skipped_checkpoint_deleted_later_is_not_lost() {
+        let mut t = Tracker::new();
+        let t0 = Instant::now();
+        observe(&mut t, &[ckpt(50, 1)], t0);
+        let o = observe(&mut t, &[ckpt(50, 1)], t0 + SETTLE);
+        assert_eq!(ready_steps(&o), [50]);
+        t.set(Path::new("/w/checkpoint-50"), Phase::Skipped);
+        // The trainer's rm -r: the weights go first, the marker is still there.
+        let half = Seen {
+            step: 50,
+            path: PathBuf::from("/w/checkpoint-50"),
+            sig: Some(sig(&[("trainer_state.json", 10)])),
+        };
+        let o = observe(&mut t, &[half], t0 + SETTLE * 2);
+        assert!(o.ready.is_empty(), "still decided");
+        assert_eq!(t.phase(Path::new("/w/checkpoint-50")), Some(Phase::Skipped));
+        let o = observe(&mut t, &[], t0 + SETTLE * 3);
+        assert!(o.gone.is_empty(), "skipped, not lost: {:?}", o.gone);
+        // A file added (the trainer writing it again) makes it a checkpoint to look at.
+        let o = observe(&mut t, &[ckpt(60, 1)], t0 + SETTLE * 4);
+        t.set(Path::new("/w/checkpoint-60"), Phase::Skipped);
+        assert!(o.gone.is_empty());
+        let more = Seen {
+            step: 60,
+            path: PathBuf::from("/w/checkpoint-60"),
+            sig: Some(sig(&[
+                ("model.safetensors", 1),
+                ("trainer_state.json", 10),
+                ("extra.bin", 3),
+            ])),
+        };
+        observe(&mut t, &[more], t0 + SETTLE * 5);
+        assert_eq!(t.phase(Path::new("/w/checkpoint-60")), Some(Phase::Pending));
     }
 
     #[test]

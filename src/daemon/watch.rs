@@ -59,6 +59,12 @@ impl Signature {
             .filter(|f| crate::format::is_weight_file(&f.name))
             .all(|f| before.0.contains(f))
     }
+
+    /// Whether this signature only lacks files of `before` (every file it has is there
+    /// unchanged): a deletion in progress.
+    pub fn only_removed(&self, before: &Signature) -> bool {
+        self.0.iter().all(|f| before.0.contains(f))
+    }
 }
 
 /// Whether a name is a temp name some writer (or pmad) uses while writing.
