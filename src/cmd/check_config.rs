@@ -13,6 +13,5 @@ pub struct CheckConfigArgs {
 /// Print the resolved settings; a bad config is an error naming the key.
 pub fn run(args: CheckConfigArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config)?;
-    print!("{}", cfg.describe());
-    Ok(())
+    super::print_out(&cfg.describe())
 }

@@ -26,9 +26,9 @@ pub fn run(args: InspectArgs) -> anyhow::Result<bool> {
         .map_err(|e| pmad::Error::Usage(format!("--{e}")))?;
     let i = inspect_with(&args.checkpoint, &select);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&i)?);
+        super::print_out(&format!("{}\n", serde_json::to_string_pretty(&i)?))?;
     } else {
-        print!("{}", render(&i));
+        super::print_out(&render(&i))?;
     }
     Ok(i.valid)
 }

@@ -178,3 +178,26 @@ fn inspect_good_checkpoints() {
     }
     assert_no_failures(&failures);
 }
+
+/// `pmad inspect CKPT | head`: a reader that goes away is not an error (no panic, exit 0).
+#[test]
+fn inspect_into_a_closed_pipe_exits_quietly() {
+    let env = TestEnv::new();
+    let ckpt = crate::harness::repo_root().join("tests/fixtures/dcp/megatron-2rank/iter_0000300");
+    for json in ["", " --json"] {
+        // `true` exits without reading: pmad's write finds the pipe closed.
+        let script = format!(
+            "set -o pipefail; {} inspect {}{json} | true",
+            crate::harness::pmad_bin().display(),
+            ckpt.display()
+        );
+        let r = crate::harness::run(
+            std::process::Command::new("bash")
+                .arg("-c")
+                .arg(&script)
+                .current_dir(env.path()),
+        );
+        assert_eq!(r.code, 0, "{}", r.describe());
+        assert!(!r.stderr.contains("panicked"), "{}", r.describe());
+    }
+}
