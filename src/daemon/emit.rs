@@ -269,7 +269,7 @@ fn publish(
     let nf = write_values(&a, staging.path(), &shards, progress, cancel)?;
     plan::write_index(staging.path(), &shards)?;
     plan::write_aux(newest, staging.path())?;
-    plan::write_integrity(newest, staging.path(), &nf.files)?;
+    crate::output::write::write_integrity(newest, staging.path(), &nf.files)?;
     let bytes: u64 = shards.iter().map(|s| s.data_len as u64).sum();
     record(bytes, nf.count).write(staging.path())?;
     if let Some((name, bytes)) = &a.extra {

@@ -321,7 +321,7 @@ pub fn merge_checkpoints(
     let report = p.write(spec, staging.path(), &plan, progress, cancel)?;
     plan::write_index(staging.path(), &plan)?;
     plan::write_aux(p.newest(), staging.path())?;
-    plan::write_integrity(p.newest(), staging.path(), &report.files)?;
+    super::write::write_integrity(p.newest(), staging.path(), &report.files)?;
     let bytes_written: u64 = plan.iter().map(|s| s.data_len as u64).sum();
     p.record(spec, bytes_written, report.count)
         .write(staging.path())?;

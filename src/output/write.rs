@@ -396,6 +396,40 @@ impl ShardWriter {
     }
 }
 
+/// For an input with Megatron's `integrity.json`: write the output's own into `dir`, after
+/// every other file of the output (except `merge.json`) was written: the SHA-256 of each data
+/// file as the writer streamed it (`files`) and of each copied file. Megatron lists every file
+/// of the directory but the manifest itself.
+pub fn write_integrity(
+    c: &crate::format::Checkpoint,
+    dir: &Path,
+    files: &[WrittenFile],
+) -> Result<()> {
+    use sha2::Digest;
+    if !c.dcp.as_ref().is_some_and(|d| d.integrity) {
+        return Ok(());
+    }
+    let mut manifest = std::collections::BTreeMap::new();
+    for f in files {
+        let h = f
+            .sha256
+            .clone()
+            .ok_or_else(|| Error::Internal(format!("{}: written without its SHA-256", f.name)))?;
+        manifest.insert(f.name.clone(), h);
+    }
+    for (name, bytes) in &c.aux {
+        if !name.contains('/') {
+            let h = sha2::Sha256::digest(bytes);
+            manifest.insert(name.clone(), h.iter().map(|b| format!("{b:02x}")).collect());
+        }
+    }
+    let v = serde_json::json!({ "algorithm": "sha256", "files": manifest });
+    let mut out = serde_json::to_vec_pretty(&v)
+        .map_err(|e| Error::Internal(format!("integrity.json: {e}")))?;
+    out.push(b'\n');
+    fsio::write_file(&dir.join(crate::format::dcp::INTEGRITY), &out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
