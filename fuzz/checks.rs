@@ -770,8 +770,12 @@ pub fn check_dcp_pickle(data: &[u8]) {
     }
     // The decoders of what the pickles say never panic on any value, and what they accept
     // is consistent.
-    use pmad::format::dcp::meta;
-    if let Ok(m) = meta::metadata(&v) {
+    // The decoders read the machine's values in place (`pickle::parse`), as pmad does.
+    use pmad::format::dcp::{meta, pickle::parse};
+    let Ok(parsed) = parse(data) else {
+        panic!("run accepted what parse refused")
+    };
+    if let Ok(m) = meta::metadata(parsed.root()) {
         for k in &m.keys {
             if let Some(t) = &k.tensor {
                 for c in &t.chunks {
@@ -787,7 +791,7 @@ pub fn check_dcp_pickle(data: &[u8]) {
             }
         }
     }
-    if let Ok(t) = meta::item_tensor(&v) {
+    if let Ok(t) = meta::item_tensor(parsed.root()) {
         let _ = meta::dense(&t.size, &t.stride, t.numel);
     }
 }

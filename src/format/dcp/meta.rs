@@ -1,6 +1,9 @@
-//! Decoding what the pickles of a DCP checkpoint say, from the [`Value`] trees of
-//! [`super::pickle`]: the checkpoint's `.metadata` ([`Metadata`]) and each tensor item's
-//! `data.pkl` ([`ItemTensor`]).
+//! Decoding what the pickles of a DCP checkpoint say, reading the values of
+//! [`super::pickle::parse`] in place ([`Ref`]: nothing is copied into a tree, so a `.metadata`
+//! of a million items costs its machine's arena, not ~10 KB per item): the checkpoint's
+//! `.metadata` ([`Metadata`]) and each tensor item's `data.pkl` ([`ItemTensor`]). The decoders
+//! read fixed paths (an object's fields, a tuple's items), so a value that refers to itself
+//! cannot make them loop.
 //!
 //! Classes are matched by name and fields, never by module path, because the paths drift:
 //! torch's `_StorageInfo` lives in `torch.distributed.checkpoint.filesystem`, OLMo-core pickles
@@ -9,7 +12,7 @@
 //! not need (planner data, storage meta, requires_grad, ...) are not read, so a new field in a
 //! later torch is harmless. Every error says what was expected and what was found.
 
-use super::pickle::Value;
+use super::pickle::{Items, Ref, View};
 use safetensors::Dtype;
 
 /// What `.metadata` says about the checkpoint.
@@ -143,87 +146,89 @@ pub fn elem_size(torch_name: &str) -> Option<u64> {
 
 type R<T> = std::result::Result<T, String>;
 
-fn describe(v: &Value) -> String {
-    match v {
-        Value::None => "None".into(),
-        Value::Bool(b) => format!("{b}"),
-        Value::Int(i) => format!("{i}"),
-        Value::Float(f) => format!("{f}"),
-        Value::Str(s) => format!("{s:?}"),
-        Value::Bytes(b) => format!("{} bytes", b.len()),
-        Value::List(_) => "a list".into(),
-        Value::Tuple(_) => "a tuple".into(),
-        Value::Dict(_) => "a dict".into(),
-        Value::Set(_) => "a set".into(),
-        Value::Global { module, name } => format!("{module}.{name}"),
-        Value::Object { class, .. } => match class.as_ref() {
-            Value::Global { module, name } => format!("a {module}.{name} object"),
+/// A value of a parsed pickle, read in place (see [`super::pickle::parse`]).
+pub type V<'p, 'a> = Ref<'p, 'a>;
+
+fn describe(v: V<'_, '_>) -> String {
+    match v.view() {
+        View::None => "None".into(),
+        View::Bool(b) => format!("{b}"),
+        View::Int(i) => format!("{i}"),
+        View::Float(f) => format!("{f}"),
+        View::Str(s) => format!("{s:?}"),
+        View::Bytes(b) => format!("{} bytes", b.len()),
+        View::List(_) => "a list".into(),
+        View::Tuple(_) => "a tuple".into(),
+        View::Dict(_) => "a dict".into(),
+        View::Set(_) => "a set".into(),
+        View::Global { module, name } => format!("{module}.{name}"),
+        View::Object { class, .. } => match class.view() {
+            View::Global { module, name } => format!("a {module}.{name} object"),
             _ => "an object".into(),
         },
-        Value::PersId(_) => "a persistent id".into(),
+        View::PersId(_) => "a persistent id".into(),
     }
 }
 
-fn int(v: &Value, what: &str) -> R<i64> {
-    match v {
-        Value::Int(i) => Ok(*i),
-        Value::Bool(b) => Ok(*b as i64),
-        o => Err(format!(
+fn int(v: V<'_, '_>, what: &str) -> R<i64> {
+    match v.view() {
+        View::Int(i) => Ok(i),
+        View::Bool(b) => Ok(b as i64),
+        _ => Err(format!(
             "{what}: expected an integer, found {}",
-            describe(o)
+            describe(v)
         )),
     }
 }
 
-fn uint(v: &Value, what: &str) -> R<u64> {
+fn uint(v: V<'_, '_>, what: &str) -> R<u64> {
     let i = int(v, what)?;
     u64::try_from(i).map_err(|_| format!("{what}: {i} is negative"))
 }
 
-fn string(v: &Value, what: &str) -> R<String> {
-    match v {
-        Value::Str(s) => Ok(s.clone()),
-        o => Err(format!("{what}: expected a string, found {}", describe(o))),
+fn string(v: V<'_, '_>, what: &str) -> R<String> {
+    match v.view() {
+        View::Str(s) => Ok(s.to_string()),
+        _ => Err(format!("{what}: expected a string, found {}", describe(v))),
     }
 }
 
 /// The items of a tuple or list.
-fn seq<'a>(v: &'a Value, what: &str) -> R<&'a [Value]> {
-    match v {
-        Value::Tuple(x) | Value::List(x) => Ok(x),
-        o => Err(format!(
+fn seq<'p, 'a>(v: V<'p, 'a>, what: &str) -> R<Items<'p, 'a>> {
+    match v.view() {
+        View::Tuple(x) | View::List(x) => Ok(x),
+        _ => Err(format!(
             "{what}: expected a sequence, found {}",
-            describe(o)
+            describe(v)
         )),
     }
 }
 
 /// A `torch.Size` (REDUCE of `torch.Size` with a tuple of ints), or a plain tuple/list of ints.
-fn shape(v: &Value, what: &str) -> R<Vec<u64>> {
-    let items = match v {
-        Value::Object { args, .. } => match seq(args, what)?.first() {
+fn shape(v: V<'_, '_>, what: &str) -> R<Vec<u64>> {
+    let items = match v.view() {
+        View::Object { args, .. } => match seq(args, what)?.get(0) {
             Some(t) => seq(t, what)?,
-            None => &[],
+            None => return Ok(Vec::new()),
         },
-        v => seq(v, what)?,
+        _ => seq(v, what)?,
     };
     items.iter().map(|x| uint(x, what)).collect()
 }
 
 /// A field of an object: from its `BUILD` dict state.
-fn field<'a>(obj: &'a Value, name: &str, class: &str) -> R<&'a Value> {
+fn field<'p, 'a>(obj: V<'p, 'a>, name: &str, class: &str) -> R<V<'p, 'a>> {
     obj.field(name)
         .ok_or_else(|| format!("{class} has no field {name:?}"))
 }
 
 /// A field that may be missing or `None`.
-fn opt_field<'a>(obj: &'a Value, name: &str) -> Option<&'a Value> {
-    obj.field(name).filter(|v| !matches!(v, Value::None))
+fn opt_field<'p, 'a>(obj: V<'p, 'a>, name: &str) -> Option<V<'p, 'a>> {
+    obj.field(name).filter(|v| !matches!(v.view(), View::None))
 }
 
 /// Decode a checkpoint's `.metadata` pickle.
-pub fn metadata(root: &Value) -> R<Metadata> {
-    let class = root.class_name().unwrap_or("?");
+pub fn metadata(root: V<'_, '_>) -> R<Metadata> {
     let (Some(sd), Some(storage)) = (
         root.field("state_dict_metadata"),
         root.field("storage_data"),
@@ -234,15 +239,14 @@ pub fn metadata(root: &Value) -> R<Metadata> {
             describe(root)
         ));
     };
-    let _ = class;
-    let Value::Dict(sd) = sd else {
+    let View::Dict(sd_items) = sd.view() else {
         return Err(format!(
             "state_dict_metadata: expected a dict, found {}",
             describe(sd)
         ));
     };
-    let mut keys = Vec::with_capacity(sd.len());
-    for (k, v) in sd {
+    let mut keys = Vec::with_capacity(sd_items.len());
+    for (k, v) in sd_items.iter() {
         let fqn = string(k, "state_dict_metadata key")?;
         let tensor = match v.class_name() {
             Some("BytesStorageMetadata") => None,
@@ -259,69 +263,75 @@ pub fn metadata(root: &Value) -> R<Metadata> {
         };
         keys.push(Key { fqn, tensor });
     }
-    let Value::Dict(storage) = storage else {
+    let View::Dict(storage_items) = storage.view() else {
         return Err(format!(
             "storage_data: expected a dict, found {}",
             describe(storage)
         ));
     };
-    let mut items = Vec::with_capacity(storage.len());
-    for (k, v) in storage {
+    let mut items = Vec::with_capacity(storage_items.len());
+    for (k, v) in storage_items.iter() {
         items.push(stored(k, v).map_err(|e| format!("storage_data: {e}"))?);
     }
     Ok(Metadata { keys, items })
 }
 
-fn tensor_meta(v: &Value) -> R<TensorMeta> {
+fn tensor_meta(v: V<'_, '_>) -> R<TensorMeta> {
     let c = "TensorStorageMetadata";
     let props = field(v, "properties", c)?;
     // TensorProperties pickles its state as a tuple (dtype, layout, requires_grad,
     // memory_format, pin_memory[, strides]) through __getstate__; a dataclass without it
     // would give a dict.
-    let (dtype_v, layout_v) = match props {
-        Value::Object { state: Some(s), .. } => match s.as_ref() {
-            Value::Tuple(t) if t.len() >= 2 => (&t[0], Some(&t[1])),
-            Value::Dict(_) => (
+    let (dtype_v, layout_v) = match props.view() {
+        View::Object { state: Some(s), .. } => match s.view() {
+            View::Tuple(t) if t.len() >= 2 => match (t.get(0), t.get(1)) {
+                (Some(d), l) => (d, l),
+                _ => return Err("properties: an empty TensorProperties state".into()),
+            },
+            View::Dict(_) => (
                 field(props, "dtype", "TensorProperties")?,
                 props.field("layout"),
             ),
-            o => {
+            _ => {
                 return Err(format!(
                     "properties: unexpected TensorProperties state {}",
-                    describe(o)
+                    describe(s)
                 ))
             }
         },
-        o => {
+        _ => {
             return Err(format!(
                 "properties: expected TensorProperties, found {}",
-                describe(o)
+                describe(props)
             ))
         }
     };
-    let torch_dtype = match dtype_v {
-        Value::Global { module, name } if module == "torch" => name.clone(),
-        o => {
+    let torch_dtype = match dtype_v.view() {
+        View::Global {
+            module: "torch",
+            name,
+        } => name.to_string(),
+        _ => {
             return Err(format!(
                 "properties.dtype: expected torch.<dtype>, found {}",
-                describe(o)
+                describe(dtype_v)
             ))
         }
     };
-    let strided = match layout_v {
-        None | Some(Value::None) => true,
+    let strided = match layout_v.map(|l| l.view()) {
+        None | Some(View::None) => true,
         // torch.serialization._get_layout("torch.strided")
-        Some(Value::Object { args, .. }) => matches!(
-            seq(args, "layout")?.first(),
-            Some(Value::Str(s)) if s == "torch.strided"
+        Some(View::Object { args, .. }) => matches!(
+            seq(args, "layout")?.get(0).map(|a| a.view()),
+            Some(View::Str(s)) if s == "torch.strided"
         ),
-        Some(Value::Global { name, .. }) => name == "strided",
+        Some(View::Global { name, .. }) => name == "strided",
         Some(_) => false,
     };
     let size = shape(field(v, "size", c)?, "size")?;
     let chunks_v = seq(field(v, "chunks", c)?, "chunks")?;
     let mut chunks = Vec::with_capacity(chunks_v.len());
-    for ch in chunks_v {
+    for ch in chunks_v.iter() {
         let cc = "ChunkStorageMetadata";
         let offsets = shape(field(ch, "offsets", cc)?, "chunk offsets")?;
         let sizes = shape(field(ch, "sizes", cc)?, "chunk sizes")?;
@@ -349,7 +359,7 @@ fn tensor_meta(v: &Value) -> R<TensorMeta> {
     })
 }
 
-fn stored(k: &Value, v: &Value) -> R<Stored> {
+fn stored(k: V<'_, '_>, v: V<'_, '_>) -> R<Stored> {
     if k.field("fqn").is_none() {
         return Err(format!("a key is {}, not a MetadataIndex", describe(k)));
     }
@@ -373,9 +383,9 @@ fn stored(k: &Value, v: &Value) -> R<Stored> {
         Some(t) => seq(t, "transform_descriptors")
             .map_err(ctx)?
             .iter()
-            .map(|x| match x {
-                Value::Str(s) => s.clone(),
-                o => describe(o),
+            .map(|x| match x.view() {
+                View::Str(s) => s.to_string(),
+                _ => describe(x),
             })
             .collect(),
     };
@@ -393,16 +403,16 @@ fn stored(k: &Value, v: &Value) -> R<Stored> {
 /// (typed storage) or `_rebuild_tensor_v3` (untyped storage plus dtype). Anything else —
 /// a quantized, sparse or subclass tensor, a parameter, a non-tensor object — is refused
 /// with the rebuild function's name.
-pub fn item_tensor(root: &Value) -> R<ItemTensor> {
-    let Value::Object { class, args, .. } = root else {
+pub fn item_tensor(root: V<'_, '_>) -> R<ItemTensor> {
+    let View::Object { class, args, .. } = root.view() else {
         return Err(format!(
             "the item's data.pkl holds {}, not a tensor",
             describe(root)
         ));
     };
-    let func = match class.as_ref() {
-        Value::Global { module, name } => format!("{module}.{name}"),
-        o => describe(o),
+    let func = match class.view() {
+        View::Global { module, name } => format!("{module}.{name}"),
+        _ => describe(class),
     };
     let v3 = match func.as_str() {
         "torch._utils._rebuild_tensor_v2" => false,
@@ -415,38 +425,50 @@ pub fn item_tensor(root: &Value) -> R<ItemTensor> {
         }
     };
     let a = seq(args, "rebuild arguments")?;
+    let arg = |i: usize| {
+        a.get(i)
+            .ok_or_else(|| format!("{func} has {} arguments", a.len()))
+    };
     if a.len() < 4 {
         return Err(format!(
             "{func} has {} arguments, expected at least 4",
             a.len()
         ));
     }
-    let Value::PersId(pid) = &a[0] else {
+    let View::PersId(pid) = arg(0)?.view() else {
         return Err(format!(
             "the storage argument is {}, not a persistent id",
-            describe(&a[0])
+            describe(arg(0)?)
         ));
     };
     // ('storage', <storage class>, key, location, numel)
     let p = seq(pid, "storage id")?;
-    if p.len() != 5 || !matches!(&p[0], Value::Str(s) if s == "storage") {
+    let part = |i: usize| p.get(i).ok_or("the storage's persistent id is too short");
+    if p.len() != 5 || !matches!(part(0)?.view(), View::Str(s) if s == "storage") {
         return Err(
             "the storage's persistent id is not ('storage', class, key, location, numel)".into(),
         );
     }
-    let class_name = match &p[1] {
-        Value::Global { name, .. } => name.as_str(),
-        o => return Err(format!("storage class: {}", describe(o))),
+    let class_name = match part(1)?.view() {
+        View::Global { name, .. } => name,
+        _ => return Err(format!("storage class: {}", describe(part(1)?))),
     };
-    let key = string(&p[2], "storage key")?;
-    let numel_raw = uint(&p[4], "storage size")?;
+    let key = string(part(2)?, "storage key")?;
+    let numel_raw = uint(part(4)?, "storage size")?;
     let (torch_dtype, numel) = if v3 {
-        let dt = match a.get(6) {
-            Some(Value::Global { module, name }) if module == "torch" => name.clone(),
+        let dt = match a.get(6).map(|d| (d, d.view())) {
+            Some((
+                _,
+                View::Global {
+                    module: "torch",
+                    name,
+                },
+            )) => name.to_string(),
             o => {
                 return Err(format!(
                     "_rebuild_tensor_v3's dtype argument is {}",
-                    o.map(describe).unwrap_or_else(|| "missing".into())
+                    o.map(|(d, _)| describe(d))
+                        .unwrap_or_else(|| "missing".into())
                 ))
             }
         };
@@ -467,9 +489,9 @@ pub fn item_tensor(root: &Value) -> R<ItemTensor> {
         key,
         torch_dtype,
         numel,
-        storage_offset: uint(&a[1], "storage offset")?,
-        size: shape(&a[2], "size")?,
-        stride: shape(&a[3], "stride")?,
+        storage_offset: uint(arg(1)?, "storage offset")?,
+        size: shape(arg(2)?, "size")?,
+        stride: shape(arg(3)?, "stride")?,
     })
 }
 
@@ -525,8 +547,8 @@ mod tests {
 
     #[test]
     fn decodes_the_fixtures_metadata() {
-        let m =
-            metadata(&pickle::run(&fixture("fsdp2-2rank/step-300/.metadata")).unwrap()).unwrap();
+        let bytes = fixture("fsdp2-2rank/step-300/.metadata");
+        let m = metadata(pickle::parse(&bytes).unwrap().root()).unwrap();
         let head = m
             .keys
             .iter()
@@ -572,7 +594,8 @@ mod tests {
     #[test]
     fn decodes_item_tensors_with_their_strides() {
         let bytes = fixture("torchtitan/step-300/__0_0.distcp");
-        let m = metadata(&pickle::run(&fixture("torchtitan/step-300/.metadata")).unwrap()).unwrap();
+        let meta = fixture("torchtitan/step-300/.metadata");
+        let m = metadata(pickle::parse(&meta).unwrap().root()).unwrap();
         let wo = m
             .items
             .iter()
@@ -584,7 +607,7 @@ mod tests {
             .iter()
             .find(|e| e.name.ends_with("/data.pkl"))
             .unwrap();
-        let t = item_tensor(&pickle::run(&item[pkl.data.clone()]).unwrap()).unwrap();
+        let t = item_tensor(pickle::parse(&item[pkl.data.clone()]).unwrap().root()).unwrap();
         assert_eq!(
             t,
             ItemTensor {
@@ -609,7 +632,7 @@ mod tests {
             .iter()
             .find(|e| e.name.ends_with("/data.pkl"))
             .unwrap();
-        let e = item_tensor(&pickle::run(&item[pkl.data.clone()]).unwrap()).unwrap_err();
+        let e = item_tensor(pickle::parse(&item[pkl.data.clone()]).unwrap().root()).unwrap_err();
         assert!(e.contains("not a tensor"), "{e}");
     }
 
@@ -628,15 +651,9 @@ mod tests {
 
     #[test]
     fn refuses_other_rebuild_functions_by_name() {
-        let root = Value::Object {
-            class: Box::new(Value::Global {
-                module: "torch._utils".into(),
-                name: "_rebuild_qtensor".into(),
-            }),
-            args: Box::new(Value::Tuple(vec![])),
-            state: None,
-        };
-        let e = item_tensor(&root).unwrap_err();
+        // pickle.dumps of a call of torch._utils._rebuild_qtensor with no arguments.
+        let p = b"\x80\x02ctorch._utils\n_rebuild_qtensor\n)R.";
+        let e = item_tensor(pickle::parse(p).unwrap().root()).unwrap_err();
         assert!(e.contains("torch._utils._rebuild_qtensor"), "{e}");
         assert!(e.contains("quantized"), "{e}");
     }

@@ -173,9 +173,11 @@ pub fn open_dir(dir: Dir<'_>, select: &Select) -> Result<Checkpoint> {
     if meta_bytes.is_empty() {
         return Err(Error::not_ready(&meta_path, "is empty"));
     }
-    let root = pickle::run(&meta_bytes).map_err(|e| Error::invalid(&meta_path, e.to_string()))?;
-    let md = meta::metadata(&root).map_err(|e| Error::invalid(&meta_path, e))?;
-    drop(root);
+    // Read in place: the pickle's values are decoded without being copied into a tree.
+    let parsed =
+        pickle::parse(&meta_bytes).map_err(|e| Error::invalid(&meta_path, e.to_string()))?;
+    let md = meta::metadata(parsed.root()).map_err(|e| Error::invalid(&meta_path, e))?;
+    drop(parsed);
 
     // The data files the items name, opened and sized.
     let mut file_ix: BTreeMap<&str, usize> = BTreeMap::new();
@@ -448,9 +450,10 @@ fn chunk_tensor(
             ));
         }
     }
-    let root = pickle::run(&item[pkl.data.clone()]).map_err(|e| bad(format!("data.pkl: {e}")))?;
-    let it_t = meta::item_tensor(&root).map_err(bad)?;
-    drop(root);
+    let parsed =
+        pickle::parse(&item[pkl.data.clone()]).map_err(|e| bad(format!("data.pkl: {e}")))?;
+    let it_t = meta::item_tensor(parsed.root()).map_err(bad)?;
+    drop(parsed);
     if it_t.torch_dtype != t.torch_dtype {
         return Err(bad(format!(
             "its storage is {} but .metadata says {}",

@@ -280,7 +280,231 @@ pub fn run(bytes: &[u8]) -> Result<Value, PickleError> {
         max_nodes: MAX_NODES.max(bytes.len()),
         max_bytes: MAX_BYTES.max(bytes.len().saturating_mul(4)),
     };
-    m.run()
+    let top = m.exec()?;
+    // First a walk that only checks the limits, so that a refused value copies nothing; then
+    // the walk that copies.
+    m.convert(top, false)?;
+    match m.convert(top, true)? {
+        Some(v) => Ok(v),
+        None => m.err("conversion made no value"),
+    }
+}
+
+/// Run the pickle in `bytes` and keep its values as the machine built them, read in place
+/// through [`Parsed::root`]: nothing is copied, shared values stay shared. This is how pmad
+/// reads `.metadata`, whose tree of copies would be ~10 KB per item (a million items is a
+/// model saved by hundreds of ranks); memory stays in proportion to the pickle. The same
+/// opcodes and arena limit as [`run`]; no conversion limits are needed, since nothing is
+/// converted (a reader walking a cycle must bound its own walk, as the decoders in
+/// [`super::meta`] do by reading fixed paths).
+pub fn parse(bytes: &[u8]) -> Result<Parsed<'_>, PickleError> {
+    let mut m = Machine {
+        b: bytes,
+        pos: 0,
+        op_at: 0,
+        arena: Vec::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        max_nodes: MAX_NODES.max(bytes.len()),
+        max_bytes: MAX_BYTES.max(bytes.len().saturating_mul(4)),
+    };
+    let top = m.exec()?;
+    Ok(Parsed {
+        arena: m.arena,
+        top,
+    })
+}
+
+/// A pickle's values as [`parse`] left them.
+pub struct Parsed<'a> {
+    arena: Vec<Node<'a>>,
+    top: u32,
+}
+
+impl<'a> Parsed<'a> {
+    /// The value the pickle returns.
+    pub fn root(&self) -> Ref<'_, 'a> {
+        Ref {
+            arena: &self.arena,
+            i: self.top,
+        }
+    }
+}
+
+/// A value of a [`Parsed`] pickle, read in place.
+#[derive(Clone, Copy)]
+pub struct Ref<'p, 'a> {
+    arena: &'p [Node<'a>],
+    i: u32,
+}
+
+/// What a [`Ref`] is: the same cases as [`Value`], holding references.
+pub enum View<'p, 'a> {
+    /// `None`.
+    None,
+    /// `True` / `False`.
+    Bool(bool),
+    /// An integer that fits in 64 bits.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A `str`.
+    Str(&'a str),
+    /// `bytes` or `bytearray`.
+    Bytes(&'a [u8]),
+    /// A list.
+    List(Items<'p, 'a>),
+    /// A tuple.
+    Tuple(Items<'p, 'a>),
+    /// A dict, in insertion order.
+    Dict(Pairs<'p, 'a>),
+    /// A set or frozenset.
+    Set(Items<'p, 'a>),
+    /// A class or function named by the pickle.
+    Global {
+        /// Its module.
+        module: &'a str,
+        /// Its qualified name.
+        name: &'a str,
+    },
+    /// The result of calling a class or function, with the state `BUILD` gave it.
+    Object {
+        /// What was called.
+        class: Ref<'p, 'a>,
+        /// Its arguments.
+        args: Ref<'p, 'a>,
+        /// Its state, if any.
+        state: Option<Ref<'p, 'a>>,
+    },
+    /// A persistent id.
+    PersId(Ref<'p, 'a>),
+}
+
+/// The items of a list, tuple or set.
+#[derive(Clone, Copy)]
+pub struct Items<'p, 'a> {
+    arena: &'p [Node<'a>],
+    ids: &'p [u32],
+}
+
+impl<'p, 'a> Items<'p, 'a> {
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The `i`-th.
+    pub fn get(&self, i: usize) -> Option<Ref<'p, 'a>> {
+        self.ids.get(i).map(|&i| Ref {
+            arena: self.arena,
+            i,
+        })
+    }
+
+    /// All of them, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Ref<'p, 'a>> + use<'p, 'a> {
+        let arena = self.arena;
+        self.ids.iter().map(move |&i| Ref { arena, i })
+    }
+}
+
+/// The entries of a dict.
+#[derive(Clone, Copy)]
+pub struct Pairs<'p, 'a> {
+    arena: &'p [Node<'a>],
+    ids: &'p [(u32, u32)],
+}
+
+impl<'p, 'a> Pairs<'p, 'a> {
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// (key, value) in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (Ref<'p, 'a>, Ref<'p, 'a>)> + use<'p, 'a> {
+        let arena = self.arena;
+        self.ids
+            .iter()
+            .map(move |&(k, v)| (Ref { arena, i: k }, Ref { arena, i: v }))
+    }
+
+    /// The value under the string key `key`.
+    pub fn get(&self, key: &str) -> Option<Ref<'p, 'a>> {
+        self.iter()
+            .find_map(|(k, v)| matches!(k.view(), View::Str(s) if s == key).then_some(v))
+    }
+}
+
+impl<'p, 'a> Ref<'p, 'a> {
+    fn at(&self, i: u32) -> Ref<'p, 'a> {
+        Ref {
+            arena: self.arena,
+            i,
+        }
+    }
+
+    /// What it is.
+    pub fn view(&self) -> View<'p, 'a> {
+        let arena = self.arena;
+        match &arena[self.i as usize] {
+            Node::None => View::None,
+            Node::Bool(b) => View::Bool(*b),
+            Node::Int(i) => View::Int(*i),
+            Node::Float(f) => View::Float(*f),
+            Node::Str(s) => View::Str(s),
+            Node::Bytes(b) => View::Bytes(b),
+            Node::List(x) => View::List(Items { arena, ids: x }),
+            Node::Tuple(x) => View::Tuple(Items { arena, ids: x }),
+            Node::Set(x) => View::Set(Items { arena, ids: x }),
+            Node::Dict(p) => View::Dict(Pairs { arena, ids: p }),
+            Node::Global { module, name } => View::Global { module, name },
+            Node::Object { class, args, state } => View::Object {
+                class: self.at(*class),
+                args: self.at(*args),
+                state: state.map(|s| self.at(s)),
+            },
+            Node::PersId(p) => View::PersId(self.at(*p)),
+        }
+    }
+
+    /// The class's name when this is an object of a class named by a `Global`.
+    pub fn class_name(&self) -> Option<&'a str> {
+        match self.view() {
+            View::Object { class, .. } => match class.view() {
+                View::Global { name, .. } => Some(name),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// A field of an object: from its `BUILD` state when that is a dict keyed by strings, or
+    /// the (dict, slots) pair of a slotted class.
+    pub fn field(&self, key: &str) -> Option<Ref<'p, 'a>> {
+        let View::Object { state: Some(s), .. } = self.view() else {
+            return None;
+        };
+        match s.view() {
+            View::Dict(d) => d.get(key),
+            View::Tuple(t) if t.len() == 2 => t.iter().find_map(|part| match part.view() {
+                View::Dict(d) => d.get(key),
+                _ => None,
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl<'a> Machine<'a> {
@@ -419,7 +643,8 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn run(&mut self) -> Result<Value, PickleError> {
+    /// Run the opcodes up to `STOP`; the index of the node it returns.
+    fn exec(&mut self) -> Result<u32, PickleError> {
         loop {
             self.op_at = self.pos;
             let op = match self.b.get(self.pos) {
@@ -439,16 +664,7 @@ impl<'a> Machine<'a> {
                     // FRAME: a length hint only
                     self.uint(8)?;
                 }
-                b'.' => {
-                    let top = self.pop()?;
-                    // First a walk that only checks the limits, so that a refused value
-                    // copies nothing; then the walk that copies.
-                    self.convert(top, false)?;
-                    return match self.convert(top, true)? {
-                        Some(v) => Ok(v),
-                        None => self.err("conversion made no value"),
-                    };
-                }
+                b'.' => return self.pop(),
                 b'(' => self.marks.push(self.stack.len()),
                 b'0' => {
                     self.pop()?;
