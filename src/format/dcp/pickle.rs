@@ -269,17 +269,7 @@ struct Machine<'a> {
 /// Refused, besides malformed input: more than [`MAX_NODES`] values, nesting deeper than
 /// [`MAX_DEPTH`] (so any cycle), more than [`MAX_BYTES`] of strings and bytes.
 pub fn run(bytes: &[u8]) -> Result<Value, PickleError> {
-    let mut m = Machine {
-        b: bytes,
-        pos: 0,
-        op_at: 0,
-        arena: Vec::new(),
-        stack: Vec::new(),
-        marks: Vec::new(),
-        memo: HashMap::new(),
-        max_nodes: MAX_NODES.max(bytes.len()),
-        max_bytes: MAX_BYTES.max(bytes.len().saturating_mul(4)),
-    };
+    let mut m = Machine::new(bytes);
     let top = m.exec()?;
     // First a walk that only checks the limits, so that a refused value copies nothing; then
     // the walk that copies.
@@ -298,17 +288,7 @@ pub fn run(bytes: &[u8]) -> Result<Value, PickleError> {
 /// converted (a reader walking a cycle must bound its own walk, as the decoders in
 /// [`super::meta`] do by reading fixed paths).
 pub fn parse(bytes: &[u8]) -> Result<Parsed<'_>, PickleError> {
-    let mut m = Machine {
-        b: bytes,
-        pos: 0,
-        op_at: 0,
-        arena: Vec::new(),
-        stack: Vec::new(),
-        marks: Vec::new(),
-        memo: HashMap::new(),
-        max_nodes: MAX_NODES.max(bytes.len()),
-        max_bytes: MAX_BYTES.max(bytes.len().saturating_mul(4)),
-    };
+    let mut m = Machine::new(bytes);
     let top = m.exec()?;
     Ok(Parsed {
         arena: m.arena,
@@ -508,6 +488,21 @@ impl<'p, 'a> Ref<'p, 'a> {
 }
 
 impl<'a> Machine<'a> {
+    /// A machine about to run `bytes`, its limits set for their length.
+    fn new(bytes: &'a [u8]) -> Machine<'a> {
+        Machine {
+            b: bytes,
+            pos: 0,
+            op_at: 0,
+            arena: Vec::new(),
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+            max_nodes: MAX_NODES.max(bytes.len()),
+            max_bytes: MAX_BYTES.max(bytes.len().saturating_mul(4)),
+        }
+    }
+
     fn err<T>(&self, what: impl Into<String>) -> Result<T, PickleError> {
         Err(PickleError {
             at: self.op_at,
