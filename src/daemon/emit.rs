@@ -440,37 +440,62 @@ fn write_values(
             // The sums are kept pre-scaled: they are the output.
             let (acc, slot) = (*acc, *slot);
             let layout = acc.layout();
+            // Where each output tensor's bytes come from, resolved once (not per unit): raw
+            // bytes of the newest input's file, the sums, or the newest input's tensor.
+            enum From<'c> {
+                Raw(&'c crate::format::SourceFile, usize),
+                Sums(usize, FloatKind),
+                Copy(&'c crate::format::Tensor),
+            }
+            let from: Vec<Vec<From<'_>>> = shards
+                .iter()
+                .map(|s| {
+                    s.tensors
+                        .iter()
+                        .map(|t| {
+                            if let Some(raw) = &t.raw {
+                                return Ok(From::Raw(&newest.files[raw.file], raw.range.start));
+                            }
+                            let src = newest.tensor(&t.name);
+                            let averaged = src.is_some_and(|s| FloatKind::of_tensor(s).is_some());
+                            if let Some(kind) = FloatKind::of(t.dtype).filter(|_| averaged) {
+                                let i = layout
+                                    .tensors
+                                    .binary_search_by(|x| x.name.as_str().cmp(&t.name))
+                                    .map_err(|_| {
+                                        Error::Internal(format!(
+                                            "tensor {} is not accumulated",
+                                            t.name
+                                        ))
+                                    })?;
+                                return Ok(From::Sums(i, kind));
+                            }
+                            src.map(From::Copy).ok_or_else(|| {
+                                Error::Internal(format!(
+                                    "tensor {} is not in the newest input",
+                                    t.name
+                                ))
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })
+                .collect::<Result<_>>()?;
             let produce_unit = |u: &Unit, buf: &mut [u8]| -> Result<()> {
-                let t = &shards[u.shard].tensors[u.tensor];
-                if let Some(raw) = &t.raw {
-                    let r = raw.range.start + u.elems.start..raw.range.start + u.elems.end;
-                    buf.copy_from_slice(newest.files[raw.file].slice(r));
-                    return Ok(());
-                }
-                let averaged = newest
-                    .tensor(&t.name)
-                    .is_some_and(|s| FloatKind::of_tensor(s).is_some());
-                match FloatKind::of(t.dtype).filter(|_| averaged) {
-                    Some(kind) => {
-                        let i = layout
-                            .tensors
-                            .binary_search_by(|x| x.name.as_str().cmp(&t.name))
-                            .map_err(|_| {
-                                Error::Internal(format!("tensor {} is not accumulated", t.name))
-                            })?;
-                        let ft = &layout.tensors[i];
+                match &from[u.shard][u.tensor] {
+                    From::Raw(f, start) => {
+                        buf.copy_from_slice(f.slice(start + u.elems.start..start + u.elems.end));
+                    }
+                    From::Sums(i, kind) => {
+                        let ft = &layout.tensors[*i];
                         acc.emit_into(
                             slot,
                             1.0,
                             ft.start + u.elems.start..ft.start + u.elems.end,
-                            kind,
+                            *kind,
                             buf,
                         );
                     }
-                    None => {
-                        let src = newest.tensor(&t.name).ok_or_else(|| {
-                            Error::Internal(format!("tensor {} is not in the newest input", t.name))
-                        })?;
+                    From::Copy(src) => {
                         let sz = buf.len() / u.elems.len().max(1);
                         let r = src.range.start + u.elems.start * sz
                             ..src.range.start + u.elems.end * sz;
