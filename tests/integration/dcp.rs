@@ -382,6 +382,17 @@ fn hostile_dcp_inputs_are_refused_naming_the_file() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// The daemon tests' config: watching `watch` with `layout`, poll and settle 100 ms, no HTTP
+/// server, JSON log; each test adds its recipes.
+fn daemon_config(watch: &Path, layout: &str) -> Config {
+    Config::new(watch)
+        .watch("layout", layout)
+        .poll("100ms")
+        .settle("100ms")
+        .no_server()
+        .json_log("")
+}
+
 /// A DCP save as torch does it: the data files first, `.metadata` last.
 fn save_like_torch(src: &Path, dst: &Path) {
     let tmp = dst.with_extension("partial");
@@ -403,14 +414,9 @@ fn daemon_publishes_dcp_averages_as_checkpoints_arrive() {
         let env = TestEnv::new();
         let watch = env.mkdir("ckpt");
         let out = env.join("out");
-        let cfg = Config::new(&watch)
-            .watch("layout", "torchtitan")
-            .poll("100ms")
-            .settle("100ms")
+        let cfg = daemon_config(&watch, "torchtitan")
             .recipe(Recipe::sma("sma3", 3).all_outputs(&out))
             .recipe(Recipe::ema("ema", 0.5).all_outputs(&out))
-            .no_server()
-            .json_log("")
             .write(&env.join("pmad.toml"));
         let mut d = Daemon::start(env.path(), &cfg, "pmad");
         for step in [100u64, 200, 300] {
@@ -488,13 +494,8 @@ fn olmo_core_layout_keeps_its_subdirectories() {
     // The daemon with layout = "olmo-core": outputs named stepN like the trainer's.
     let watch = env.mkdir("watch");
     let outs = env.join("outs");
-    let cfg = Config::new(&watch)
-        .watch("layout", "olmo-core")
-        .poll("100ms")
-        .settle("100ms")
+    let cfg = daemon_config(&watch, "olmo-core")
         .recipe(Recipe::sma("sma3", 3).all_outputs(&outs))
-        .no_server()
-        .json_log("")
         .write(&env.join("pmad.toml"));
     let mut d = Daemon::start(env.path(), &cfg, "pmad");
     for (i, step) in [100u64, 200, 300].iter().enumerate() {
@@ -532,14 +533,9 @@ fn daemon_resumes_dcp_averages_after_a_kill_while_checkpoints_rotate() {
     let set = "torchtitan";
     let watch = env.mkdir("ckpt");
     let out = env.join("out");
-    let cfg = Config::new(&watch)
-        .watch("layout", "torchtitan")
-        .poll("100ms")
-        .settle("100ms")
+    let cfg = daemon_config(&watch, "torchtitan")
         .state("dir", env.join("state").as_path())
         .recipe(Recipe::sma("sma3", 3).all_outputs(&out))
-        .no_server()
-        .json_log("")
         .write(&env.join("pmad.toml"));
     let mut d = Daemon::builder(&cfg).tag("run0").start();
     // Steps 100..300, then a step 400 holding step 100's values.
@@ -600,13 +596,8 @@ fn megatron_torch_dist_outputs_load_like_megatron_checkpoints() {
     let set = "megatron-2rank";
     let watch = env.mkdir("save");
     let out = env.join("merged");
-    let cfg = Config::new(&watch)
-        .watch("layout", "megatron")
-        .poll("100ms")
-        .settle("100ms")
+    let cfg = daemon_config(&watch, "megatron")
         .recipe(Recipe::sma("sma3", 3).all_outputs(&out))
-        .no_server()
-        .json_log("")
         .write(&env.join("pmad.toml"));
     let mut d = Daemon::start(env.path(), &cfg, "pmad");
     for step in [100u64, 200, 300] {
