@@ -12,7 +12,6 @@ use super::dir::Dir;
 use super::safetensors::{self, header};
 use super::source::SourceFile;
 use crate::error::{Error, IoContext, Result};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Single-file weights name in an HF checkpoint directory.
@@ -188,66 +187,75 @@ fn catalog(
     opened: Vec<(SourceFile, header::Header)>,
     index: Option<(PathBuf, header::Index)>,
 ) -> Result<(Vec<Tensor>, Vec<SourceFile>)> {
-    let mut tensors = Vec::new();
-    let mut owner: BTreeMap<String, usize> = BTreeMap::new();
+    let mut tensors = Vec::with_capacity(opened.iter().map(|(_, h)| h.tensors.len()).sum());
     let mut files: Vec<SourceFile> = Vec::with_capacity(opened.len());
     for (fi, (f, h)) in opened.into_iter().enumerate() {
-        for t in h.tensors {
-            if let Some(prev) = owner.insert(t.name.clone(), fi) {
-                return Err(Error::invalid(
-                    &f.path,
-                    format!(
-                        "tensor {} also appears in {}",
-                        t.name,
-                        // `prev` < `fi`: its file was pushed already.
-                        files[prev].path.display()
-                    ),
-                ));
-            }
-            tensors.push(Tensor {
-                range: h.data_start + t.begin..h.data_start + t.end,
-                name: t.name,
-                dtype: t.dtype,
-                shape: t.shape,
-                file: fi,
-                view: None,
-                average: true,
-            });
-        }
+        tensors.extend(h.tensors.into_iter().map(|t| Tensor {
+            range: h.data_start + t.begin..h.data_start + t.end,
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            file: fi,
+            view: None,
+            average: true,
+        }));
         files.push(f);
     }
+    // Sorted by name (then file), a name in two shards is two neighbours.
+    tensors.sort_unstable_by(|a, b| a.name.cmp(&b.name).then(a.file.cmp(&b.file)));
+    if let Some(w) = tensors.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(Error::invalid(
+            &files[w[1].file].path,
+            format!(
+                "tensor {} also appears in {}",
+                w[1].name,
+                files[w[0].file].path.display()
+            ),
+        ));
+    }
+    let by_name = |name: &str| {
+        tensors
+            .binary_search_by(|t| t.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &tensors[i])
+    };
     if let Some((index_path, index)) = &index {
         for (name, file) in &index.weight_map {
-            match owner.get(name) {
+            match by_name(name) {
                 None => {
                     return Err(Error::invalid(
                         index_path,
                         format!("maps tensor {name} to {file}, which does not contain it"),
                     ))
                 }
-                Some(fi) if files[*fi].path.file_name().and_then(|s| s.to_str()) != Some(file) => {
+                Some(t)
+                    if files[t.file].path.file_name().and_then(|s| s.to_str()) != Some(file) =>
+                {
                     return Err(Error::invalid(
                         index_path,
                         format!(
                             "maps tensor {name} to {file} but it is in {}",
-                            files[*fi].path.display()
+                            files[t.file].path.display()
                         ),
                     ))
                 }
                 _ => {}
             }
         }
-        if let Some(extra) = owner.keys().find(|n| !index.weight_map.contains_key(*n)) {
+        if let Some(extra) = tensors
+            .iter()
+            .find(|t| !index.weight_map.contains_key(&t.name))
+        {
             return Err(Error::invalid(
                 index_path,
                 format!(
-                    "does not list tensor {extra}, which is in {}",
-                    files[owner[extra]].path.display()
+                    "does not list tensor {}, which is in {}",
+                    extra.name,
+                    files[extra.file].path.display()
                 ),
             ));
         }
     }
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
     Ok((tensors, files))
 }
 
