@@ -202,6 +202,16 @@ impl Checkpoint {
             .map(|i| &self.tensors[i])
     }
 
+    /// Look a tensor up by name, trying position `hint` first: checkpoints of one run list
+    /// the same names, so the position of a name in one is its position in the others, and
+    /// resolving thousands of tensors across K inputs costs one comparison each, not a search.
+    pub fn tensor_near(&self, hint: usize, name: &str) -> Option<&Tensor> {
+        match self.tensors.get(hint) {
+            Some(t) if t.name == name => Some(t),
+            _ => self.tensor(name),
+        }
+    }
+
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.range.len() as u64).sum()

@@ -170,10 +170,14 @@ pub fn write_average(
                 v.push((job, Vec::new()));
                 continue;
             }
+            let hint = newest
+                .tensors
+                .binary_search_by(|n| n.name.as_str().cmp(&t.name))
+                .unwrap_or(0);
             let srcs: Vec<&Tensor> = inputs
                 .iter()
                 .map(|c| {
-                    c.tensor(&t.name).ok_or_else(|| Error::Mismatch {
+                    c.tensor_near(hint, &t.name).ok_or_else(|| Error::Mismatch {
                         path: c.path.clone(),
                         detail: format!("tensor {} is missing", t.name),
                     })
@@ -202,6 +206,11 @@ pub fn write_average(
         // the rest when the task ends, so a task of thousands of small tensors makes a few
         // madvise calls, not one per tensor per input.
         let mut spans: Vec<Option<Span<'_>>> = (0..inputs.len()).map(|_| None).collect();
+        // Reused by every step of every tensor of the task (thousands of small tensors: no
+        // allocation per tensor).
+        let mut files: Vec<&SourceFile> = Vec::with_capacity(inputs.len());
+        let mut ranges: Vec<Range<usize>> = Vec::with_capacity(inputs.len());
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(inputs.len());
         for (ui, (u, out)) in split(shard, task, out).enumerate() {
             let (job, srcs) = &jobs[u.shard][u.tensor];
             match job {
@@ -235,18 +244,16 @@ pub fn write_average(
                     // memory does not grow with the number of inputs.
                     let (isz, osz) = (kind.size(), ok.size());
                     let step = (mem.read_step.unwrap_or(RELEASE_STEP) / isz).max(1);
-                    let files: Vec<&SourceFile> = inputs
-                        .iter()
-                        .zip(srcs)
-                        .map(|(c, t)| &c.files[t.file])
-                        .collect();
+                    files.clear();
+                    files.extend(inputs.iter().zip(srcs).map(|(c, t)| &c.files[t.file]));
                     let mut e0 = u.elems.start;
                     while e0 < u.elems.end {
                         let e1 = (e0 + step).min(u.elems.end);
-                        let ranges: Vec<Range<usize>> = srcs
-                            .iter()
-                            .map(|t| t.range.start + e0 * isz..t.range.start + e1 * isz)
-                            .collect();
+                        ranges.clear();
+                        ranges.extend(
+                            srcs.iter()
+                                .map(|t| t.range.start + e0 * isz..t.range.start + e1 * isz),
+                        );
                         let o = &mut out[(e0 - u.elems.start) * osz..(e1 - u.elems.start) * osz];
                         let mut merge = |slices: &[&[u8]]| -> (u64, Option<usize>) {
                             let bad = match how.accumulator {
@@ -288,13 +295,12 @@ pub fn write_average(
                                 Ok(merge(&slices))
                             })?
                         } else {
-                            let slices: Vec<&[u8]> = files
-                                .iter()
-                                .zip(&ranges)
-                                .map(|(f, r)| f.slice(r.clone()))
-                                .collect();
+                            slices.clear();
+                            slices
+                                .extend(files.iter().zip(&ranges).map(|(f, r)| f.slice(r.clone())));
                             let found = merge(&slices);
-                            for ((span, f), r) in spans.iter_mut().zip(&files).zip(ranges) {
+                            for ((span, f), r) in spans.iter_mut().zip(&files).zip(ranges.drain(..))
+                            {
                                 Span::advance(span, f, r);
                             }
                             found
