@@ -11,15 +11,18 @@
 #               daemon.threads = "auto" (the defaults: nice 10, SCHED_BATCH, lowest
 #               best-effort I/O level; a quarter of the cores, at least 1)
 #   normal      the same with daemon.priority = "normal" and daemon.threads = nproc
-# and two optional ones that separate the causes (not run unless named in --conditions):
+# and optional ones that separate the causes (not run unless named in --conditions):
 #   background-n  daemon.priority = "background" with daemon.threads = nproc
+#   background-save0  the defaults with state.save_interval = "0s": the sums saved after
+#                 every checkpoint (pmad's behaviour before that setting existed)
 #   idle          daemon.priority = "normal", threads "auto", pmad started under
 #                 `chrt --idle 0 ionice -c 3`: SCHED_IDLE (runs only on otherwise idle CPU
 #                 time) and the idle I/O class; what a stronger background mode would do
 # pmad's config: an SMA over the last 4 checkpoints published after every checkpoint and an
-# EMA (alpha 0.2) published after every other, keep = 2 each, state.dir set (state saved after
-# every arrival), settle 2s, JSON logs, /metrics on 127.0.0.1:--port; everything in a temp dir
-# removed after each run.
+# EMA (alpha 0.2) published after every other, keep = 2 each, state.dir set (sums saved when
+# state.save_interval says: by default when the trainer deletes a checkpoint they absorbed),
+# settle 2s, JSON logs, /metrics on 127.0.0.1:--port; everything in a temp dir removed after
+# each run.
 #
 # Per run it records the CPU time used by everything else on the machine while the trainer ran
 # (all busy CPU time in /proc/stat less the trainer's and pmad's: other jobs, and kernel
@@ -41,7 +44,8 @@
 #   --save-every K     steps between checkpoints (default 80: one every ~3.5 s)
 #   --keep N           checkpoints the trainer keeps (default 6)
 #   --threads T        trainer threads (default 0: every core)
-#   --conditions L     of alone,background,normal,background-n,idle (default the first three)
+#   --conditions L     of alone,background,normal,background-n,background-save0,idle
+#                      (default the first three)
 #   --port P           pmad's /metrics port (default 39464)
 #   --drain-timeout S  give up waiting for pmad to catch up after this (default 120)
 #   --wait-idle S      before each run, wait up to S seconds for the CPUs to be >= 90% idle
@@ -89,7 +93,7 @@ done
 (( STEPS / SAVE_EVERY >= 5 )) || die "--steps / --save-every must be at least 5 (saves)"
 IFS=, read -r -a CONDS <<<"$CONDITIONS"
 for c in "${CONDS[@]}"; do
-  [[ $c =~ ^(alone|background|normal|background-n|idle)$ ]] || die "unknown condition: $c"
+  [[ $c =~ ^(alone|background|normal|background-n|background-save0|idle)$ ]] || die "unknown condition: $c"
 done
 command -v curl >/dev/null || die "curl not found"
 command -v python3 >/dev/null || die "python3 not found"
@@ -165,8 +169,9 @@ metric() { # metric FILE NAME_WITH_LABELS: the value of one sample, 0 if absent
   awk -v m="$2" '$1 == m {v = $2} END {print v + 0}' "$1"
 }
 
-write_config() { # write_config DIR PRIORITY THREADS
-  local d=$1
+write_config() { # write_config DIR PRIORITY THREADS [SAVE_INTERVAL]
+  local d=$1 save=""
+  [[ -z ${4:-} ]] || save="save_interval = \"$4\""
   {
     cat <<TOML
 [watch]
@@ -180,6 +185,7 @@ lr_from_trainer_state = true
 
 [state]
 dir = "$d/state"
+$save
 
 [[recipe]]
 name = "sma4"
@@ -221,6 +227,7 @@ run_one() { # run_one ROUND COND
       background) write_config "$d" background auto ;;
       normal) write_config "$d" normal "$NPROC" ;;
       background-n) write_config "$d" background "$NPROC" ;;
+      background-save0) write_config "$d" background auto 0s ;;
       idle) write_config "$d" normal auto; prefix=(chrt --idle 0 ionice -c 3) ;;
     esac
     "${prefix[@]}" "$PMAD" run --config "$d/pmad.toml" > "$d/pmad.log" 2>&1 &
@@ -329,7 +336,7 @@ echo
 python3 - "$RAWTSV" <<'PY'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-conds = [c for c in ["alone", "background", "normal", "background-n", "idle"] if any(r["cond"] == c for r in rows)]
+conds = [c for c in ["alone", "background", "normal", "background-n", "background-save0", "idle"] if any(r["cond"] == c for r in rows)]
 by = {c: [r for r in rows if r["cond"] == c] for c in conds}
 alone = {r["round"]: r for r in by.get("alone", [])}
 med = statistics.median

@@ -111,6 +111,11 @@ impl Config {
                 ""
             }
         );
+        let _ = writeln!(
+            s,
+            "save_interval  = {}",
+            humantime::format_duration(st.save_interval)
+        );
         for r in &self.recipes {
             let _ = writeln!(s, "[[recipe]] {}", r.name);
             let method = match &r.method {

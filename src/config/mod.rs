@@ -158,6 +158,9 @@ pub struct StateConfig {
     pub memory_budget: u64,
     /// Whether `memory_budget` was derived automatically.
     pub memory_budget_auto: bool,
+    /// Longest time changed sums wait before they are saved (they are saved at once when a
+    /// checkpoint they hold is deleted, and at shutdown); zero saves after every change.
+    pub save_interval: Duration,
 }
 
 /// One `[[recipe]]`, resolved.
@@ -368,6 +371,21 @@ mod tests {
         assert_eq!(c.recipes[0].shard_size, 5_000_000_000);
         assert_eq!(c.listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert!(c.describe().contains("sma10"));
+    }
+
+    #[test]
+    fn sums_wait_for_the_save_interval_except_with_partition() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.state.save_interval, Duration::from_secs(30 * 60));
+        let c = Config::parse(&format!("{MIN}\n[state]\nsave_interval = \"0s\"")).unwrap();
+        assert_eq!(c.state.save_interval, Duration::ZERO);
+        let c = Config::parse(&format!(
+            "{MIN}\n[state]\ndir = \"/s\"\n[partition]\ncount = 2\nindex = 0"
+        ))
+        .unwrap();
+        assert_eq!(c.state.save_interval, Duration::ZERO);
+        let e = bad(&format!("{MIN}\n[state]\nsave_interval = \"soon\""));
+        assert!(e.contains("state.save_interval"), "{e}");
     }
 
     #[test]

@@ -175,6 +175,8 @@ struct RawState {
     accumulator: String,
     #[serde(default = "d_budget")]
     memory_budget: String,
+    #[serde(default)]
+    save_interval: Option<String>,
 }
 impl Default for RawState {
     fn default() -> Self {
@@ -182,6 +184,7 @@ impl Default for RawState {
             dir: String::new(),
             accumulator: d_acc(),
             memory_budget: d_budget(),
+            save_interval: None,
         }
     }
 }
@@ -430,6 +433,13 @@ fn resolve(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
         accumulator,
         memory_budget,
         memory_budget_auto,
+        // Default: 30 minutes, or 0 with [partition], where a restart that reads checkpoints
+        // again waits for the other instances' verdicts on each of them.
+        save_interval: match &s.save_interval {
+            Some(v) => duration("state.save_interval", v)?,
+            None if raw.partition.is_some() => Duration::ZERO,
+            None => Duration::from_secs(30 * 60),
+        },
     };
 
     if raw.recipes.is_empty() {

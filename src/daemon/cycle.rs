@@ -74,12 +74,27 @@ struct Intake {
     waiting_logged: bool,
 }
 
-/// The state directory and whether the sums changed since they were last saved.
+/// The state directory and what of the sums is not saved yet.
+///
+/// Saving the sums writes all of them (several times a checkpoint's size when they are in
+/// RAM), so changed sums wait up to `state.save_interval`: a crash before they are saved only
+/// makes a restart read again the checkpoints absorbed since, which are still on disk. They
+/// are saved at once when one of those checkpoints is deleted (a restart could no longer
+/// read it), when the window was rebuilt, and at shutdown.
 struct Persist {
     dir: StateDir,
     /// The sums changed since they were last saved (or that save failed): the next save must
     /// include them (a manifest must never describe sums that are not on disk).
     acc_unsaved: bool,
+    /// The sums changed otherwise than by absorbing a checkpoint still on disk (a rebuild,
+    /// a rollback): save them at the next opportunity.
+    urgent: bool,
+    /// When the sums were last saved (or the daemon started).
+    saved_at: Instant,
+    /// Checkpoints absorbed since the sums were last saved, which a restart would read again.
+    unsaved: BTreeMap<u64, PathBuf>,
+    /// How many of them the journal on disk lists.
+    journaled: usize,
 }
 
 /// The daemon's state, driven one cycle at a time.
@@ -209,6 +224,10 @@ impl Daemon {
             Some(d) => Some(Persist {
                 dir: StateDir::open(d)?,
                 acc_unsaved: false,
+                urgent: false,
+                saved_at: Instant::now(),
+                unsaved: BTreeMap::new(),
+                journaled: 0,
             }),
             None => None,
         };
@@ -255,18 +274,40 @@ impl Daemon {
         self.scanner.clone()
     }
 
-    /// Resume from `state.dir` if a usable state is there.
+    /// Resume from `state.dir` if a usable state is there. Without one, outputs already in
+    /// each `out_dir` are not published again (`LATEST` never moves back). Checkpoints the
+    /// journal says were absorbed after the saved state, and that are gone now, are logged as
+    /// lost.
     pub fn restore(&mut self) {
+        if !self.restore_saved() {
+            for (ri, out) in self.outputs.iter().enumerate() {
+                if let Some(l) = out.latest() {
+                    self.schedule.expect(ri, l);
+                }
+            }
+        }
+        let journal = self.persist.as_ref().and_then(|p| p.dir.journal());
+        for (step, path) in journal.map(|j| j.absorbed).unwrap_or_default() {
+            if self.intake.restored_upto.is_some_and(|u| step <= u) || path.exists() {
+                continue;
+            }
+            self.ctx.shared.metrics.lost.inc();
+            warn!(event = "checkpoint.lost", step, path = %path.display(), "absorbed before pmad stopped, but deleted by the trainer before pmad restarted and before its sums were saved (state.save_interval): the averages continue without it; state.save_interval = \"0s\" saves the sums after every checkpoint");
+        }
+    }
+
+    /// Resume from `state.dir` if a usable state is there; whether it was.
+    fn restore_saved(&mut self) -> bool {
         let Some(p) = self.persist.as_mut() else {
-            return;
+            return false;
         };
         let dir = p.dir.path().display().to_string();
         let m = match p.dir.load() {
             Ok(Some(x)) => x,
-            Ok(None) => return,
+            Ok(None) => return false,
             Err(why) => {
                 warn!(event = "state.restored", restored = false, dir = %dir, reason = %why, "starting fresh");
-                return;
+                return false;
             }
         };
         // Which saved checkpoints are still exactly what was accepted?
@@ -295,7 +336,7 @@ impl Daemon {
         let recipes = &self.cfg.recipes;
         let Some(plan) = resume::plan(&m, &found, recipes, &recipes_signature(recipes)) else {
             warn!(event = "state.restored", restored = false, dir = %dir, reason = "the recipes in the config changed", "starting fresh");
-            return;
+            return false;
         };
         let snapshot = Saved {
             layout: m.layout.clone(),
@@ -313,7 +354,7 @@ impl Daemon {
         if let Err(e) = pool.install(|| window.restore(snapshot)) {
             warn!(event = "state.restored", restored = false, dir = %dir, reason = %e, "starting fresh");
             self.window = fresh_window(&self.cfg);
-            return;
+            return false;
         }
         for (ri, (since, last)) in plan.counters.iter().enumerate() {
             self.schedule.restore(ri, *since, *last);
@@ -378,6 +419,7 @@ impl Daemon {
         if !plan.rebuild.is_empty() || !plan.changed.is_empty() {
             self.save(true);
         }
+        true
     }
 
     /// One cycle.
@@ -527,6 +569,11 @@ impl Daemon {
         }
         if !self.pending.is_empty() {
             next = next.min(Instant::now() + COMMIT_POLL);
+        }
+        // Sums waiting to be saved: due by time, or because the trainer deleted a checkpoint
+        // they absorbed (this cycle's scan is when pmad sees that).
+        if let Some(t) = self.save_sums_if_due(Instant::now()) {
+            next = next.min(t);
         }
         next
     }
@@ -911,9 +958,10 @@ impl Daemon {
                 for ri in rep.absorbed {
                     self.schedule.absorbed(ri);
                 }
-                // Saved after the emissions below: publishing is not delayed by the copy of
-                // the sums, and a crash before the save only re-processes this step.
-                self.sums_changed();
+                // Saved after the emissions below, when due: publishing is not delayed by
+                // the copy of the sums, and a crash before the save only re-processes this
+                // step (still on disk: the sums are saved when it is deleted).
+                self.sums_changed(Some((step, &path)));
                 self.skip_republish(step);
             }
             Err(f) => {
@@ -935,7 +983,7 @@ impl Daemon {
                 // It never entered the window.
                 self.accepted.remove(&step);
                 if f.recovery != Recovery::Unchanged {
-                    self.sums_changed();
+                    self.sums_changed(None);
                 }
                 return;
             }
@@ -962,9 +1010,7 @@ impl Daemon {
             }
             self.emit(ri);
         }
-        if self.persist.as_ref().is_some_and(|p| p.acc_unsaved) {
-            self.save(true);
-        }
+        self.save_sums_if_due(Instant::now());
     }
 
     /// Feed the sentinel the history a checkpoint at `step` carries; log what changed and
@@ -1096,10 +1142,69 @@ impl Daemon {
         self.intake.considered_upto = self.intake.considered_upto.max(Some(step));
     }
 
-    /// The sums changed: the next state save must include them.
-    fn sums_changed(&mut self) {
+    /// The sums changed (by absorbing the checkpoint `absorbed`, or otherwise): the next
+    /// state save must include them.
+    fn sums_changed(&mut self, absorbed: Option<(u64, &std::path::Path)>) {
         if let Some(p) = self.persist.as_mut() {
             p.acc_unsaved = true;
+            match absorbed {
+                Some((step, path)) => {
+                    p.unsaved.insert(step, path.to_path_buf());
+                }
+                None => p.urgent = true,
+            }
+        }
+    }
+
+    /// Save changed sums if they are due (see [`Persist`]): `state.save_interval` has passed
+    /// since the last save, or a checkpoint they absorbed since is gone from disk, or they
+    /// changed otherwise. Returns when they will be due by time, if they still wait.
+    fn save_sums_if_due(&mut self, now: Instant) -> Option<Instant> {
+        let p = self.persist.as_ref()?;
+        if !p.acc_unsaved {
+            return None;
+        }
+        let by_time = p.saved_at + self.cfg.state.save_interval;
+        let reason = if p.urgent {
+            "changed"
+        } else if now >= by_time {
+            "interval"
+        } else if p.unsaved.values().any(|path| !path.exists()) {
+            "deleted"
+        } else if p.journaled < p.unsaved.len() {
+            // Waiting: the journal names what a restart must find again.
+            let absorbed: Vec<_> = p.unsaved.iter().map(|(s, p)| (*s, p.clone())).collect();
+            match p.dir.write_journal(absorbed) {
+                Ok(()) => {
+                    let n = p.unsaved.len();
+                    if let Some(p) = self.persist.as_mut() {
+                        p.journaled = n;
+                    }
+                    return Some(by_time);
+                }
+                Err(e) => {
+                    match e.errno() {
+                        Some(errno) => {
+                            error!(event = "state.saved", ok = false, reason = e.reason(), errno, error = %e, "cannot write the journal; saving the sums now")
+                        }
+                        None => {
+                            error!(event = "state.saved", ok = false, reason = e.reason(), error = %e, "cannot write the journal; saving the sums now")
+                        }
+                    }
+                    "journal"
+                }
+            }
+        } else {
+            return Some(by_time);
+        };
+        self.save_because(true, reason);
+        None
+    }
+
+    /// At shutdown: save whatever is not saved yet, so a restart reads nothing again.
+    pub fn flush_state(&mut self) {
+        if self.persist.as_ref().is_some_and(|p| p.acc_unsaved) {
+            self.save_because(true, "shutdown");
         }
     }
 
@@ -1107,7 +1212,21 @@ impl Daemon {
     /// steps was published before the crash (and after the last state save) counts it as
     /// published instead of publishing it again.
     fn skip_republish(&mut self, step: u64) {
+        let now = Instant::now();
         for ri in 0..self.window.recipe_count() {
+            if let Some(later) = self.schedule.superseded(ri, step) {
+                // Older than the newest output published before the restart (the sums were
+                // saved less often than outputs were published): never published again.
+                if self.schedule.due(ri, self.window.ready(ri), now) == Due::Now {
+                    let held = self.window.held(ri);
+                    let at = held.last().copied().unwrap_or(step);
+                    let out = &self.outputs[ri];
+                    let on_disk = out.published_as(at, held);
+                    self.schedule.emitted(ri, at, now);
+                    info!(event = "merge.skipped", recipe = %self.cfg.recipes[ri].name, step = at, later, on_disk, "older than the output of step {later}, published before the restart; not published again");
+                }
+                continue;
+            }
             let Some(published) = self.schedule.reached(ri, step) else {
                 continue;
             };
@@ -1166,7 +1285,7 @@ impl Daemon {
                     _ => "rebuild failed; recomputed from the checkpoints still pinned".into(),
                 };
                 error!(event = "window.updated", error = %f.error, reason = why, window = %fmt_steps(&w), n = w.len(), "{how}");
-                self.sums_changed();
+                self.sums_changed(None);
             }
         }
     }
@@ -1190,6 +1309,12 @@ impl Daemon {
     }
 
     fn due(&self, ri: usize, now: Instant) -> Due {
+        // An output older than one published before a restart is never published (by an
+        // interval either): `LATEST` never moves back.
+        let newest = self.window.held(ri).last().copied();
+        if newest.is_some_and(|s| self.schedule.superseded(ri, s).is_some()) {
+            return Due::No;
+        }
         self.schedule.due(ri, self.window.ready(ri), now)
     }
 
@@ -1653,28 +1778,49 @@ impl Daemon {
         })
     }
 
-    /// Persist the state (with the accumulators when `sums` is set or they are unsaved).
+    /// Persist the state: with the accumulators when `sums` is set. Without them (after an
+    /// emission) only when the saved sums are current: otherwise the bookkeeping waits for
+    /// the sums' own save, as a manifest must describe the sums on disk.
     fn save(&mut self, sums: bool) {
+        self.save_because(sums, if sums { "changed" } else { "published" });
+    }
+
+    fn save_because(&mut self, sums: bool, reason: &'static str) {
+        if !sums && self.persist.as_ref().is_some_and(|p| p.acc_unsaved) {
+            return;
+        }
         let Some(m) = self.manifest() else { return };
         let Some(p) = self.persist.as_mut() else {
             return;
         };
         let t0 = Instant::now();
-        let sums = sums || p.acc_unsaved;
         let acc = if sums {
             self.window.acc().map(AccBytes::of)
         } else {
             None
         };
         let result = p.dir.save(m, acc);
-        p.acc_unsaved = sums && result.is_err();
+        if sums {
+            // On failure the sums stay unsaved and are tried again after the interval, or when
+            // another absorbed checkpoint is deleted: not every cycle against a full disk.
+            p.acc_unsaved = result.is_err();
+            p.urgent = false;
+            p.saved_at = t0;
+            match &result {
+                Ok(_) => {
+                    p.unsaved.clear();
+                    p.journaled = 0;
+                }
+                Err(_) => p.unsaved.retain(|_, path| path.exists()),
+            }
+        }
         let dir = p.dir.path().display().to_string();
         match result {
             Ok(n) => {
                 // A file-backed store must keep the generation the manifest now names.
                 let g = p.dir.generation();
                 self.window.persisted(g);
-                info!(event = "state.saved", dir = %dir, size = %bytes(n), took = %secs(t0.elapsed()), accumulators = sums)
+                info!(event = "state.saved", dir = %dir, size = %bytes(n), took = %secs(t0.elapsed()), accumulators = sums, reason)
             }
             // Keep running: the previous generation stays valid on disk.
             Err(e) => match e.errno() {

@@ -266,6 +266,17 @@ async fn run_loop(cfg: Config, shutdown: CancellationToken, shared: Arc<Shared>)
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }
+    // Sums still waiting for their save (state.save_interval) are saved now, unless the
+    // grace period is already over.
+    if !cancel.load(Ordering::Relaxed) {
+        let d = daemon.clone();
+        blocking(move || {
+            if let Ok(mut daemon) = d.lock() {
+                daemon.flush_state();
+            }
+        })
+        .await?;
+    }
     cancel.store(true, Ordering::Relaxed);
     hook_loop.abort();
     hooks.close();

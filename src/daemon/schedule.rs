@@ -3,10 +3,11 @@
 //! A recipe is due when its sums are ready (a full window, or any EMA state), at least
 //! `emit_every` accepted checkpoints went into them since its last emission (0: by interval
 //! only), and `emit_interval` (if set) has passed since that emission. A failed emission is
-//! retried with the next arrival or interval, never in a tight loop. After a restart, an
-//! output published before the crash but after the last state save is *expected*: when the
-//! re-processed window reaches exactly that output again, it counts as published instead of
-//! being published twice.
+//! retried with the next arrival or interval, never in a tight loop. After a restart, the
+//! newest output published before the crash but after the last state save is *expected*:
+//! when the re-processed window reaches exactly that output again, it counts as published
+//! instead of being published twice, and outputs of the steps before it are not published
+//! again either ([`Schedule::superseded`]).
 //!
 //! Pure bookkeeping: no I/O, no clock reads (callers pass `now`).
 
@@ -157,6 +158,13 @@ impl Schedule {
         }
     }
 
+    /// The output published before a restart that makes recipe `ri`'s output at `step`
+    /// superseded: re-processing a step older than it must not publish (the output is on
+    /// disk already, or retention removed it, and `LATEST` never moves back).
+    pub fn superseded(&self, ri: usize, step: u64) -> Option<u64> {
+        self.recipes[ri].expected.filter(|&p| step < p)
+    }
+
     /// A rollback abandoned steps: no output expected from before the restart can be
     /// reached exactly any more.
     pub fn forget_expected(&mut self) {
@@ -246,5 +254,17 @@ mod tests {
         s.published_before(0, 300);
         assert_eq!(s.saved(0), (0, Some(300)));
         assert_eq!(s.last_emit(0), None);
+    }
+
+    #[test]
+    fn steps_before_the_expected_output_are_superseded_until_it_is_reached() {
+        let mut s = schedule("");
+        assert_eq!(s.superseded(0, 100), None, "nothing expected");
+        s.expect(0, 300);
+        assert_eq!(s.superseded(0, 100), Some(300));
+        assert_eq!(s.superseded(0, 200), Some(300));
+        assert_eq!(s.superseded(0, 300), None, "the expected output itself");
+        assert_eq!(s.reached(0, 300), Some(300));
+        assert_eq!(s.superseded(0, 200), None, "settled");
     }
 }

@@ -27,6 +27,18 @@ use std::path::{Path, PathBuf};
 /// Bumped when the format changes; older states are ignored (and rebuilt).
 pub const FORMAT: u32 = 1;
 const MANIFEST: &str = "manifest.json";
+const JOURNAL: &str = "journal.json";
+
+/// The checkpoints absorbed into the sums after the saved generation `generation`, while
+/// their save waits (`state.save_interval`). A restart reads them again from the training
+/// directory; the journal says which of them it can no longer find.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Journal {
+    /// The generation of the saved state these checkpoints came after (0: none saved yet).
+    pub generation: u64,
+    /// Step and path of each checkpoint absorbed since, oldest first.
+    pub absorbed: Vec<(u64, PathBuf)>,
+}
 
 /// One pinned checkpoint as saved.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -195,6 +207,32 @@ impl StateDir {
         accum::generation_path(&self.dir, generation)
     }
 
+    /// Record the checkpoints absorbed since the saved generation (small: written after every
+    /// such arrival, atomically).
+    pub fn write_journal(&self, absorbed: Vec<(u64, PathBuf)>) -> Result<()> {
+        let j = Journal {
+            generation: self.generation,
+            absorbed,
+        };
+        let json = serde_json::to_vec(&j).unwrap_or_default();
+        let tmp = self.dir.join("journal.json.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let r = fsio::write_file(&tmp, &json)
+            .and_then(|_| fsio::rename(&tmp, &self.dir.join(JOURNAL)))
+            .and_then(|_| fsio::sync_dir(&self.dir));
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    /// The journal written after the generation loaded last (see [`StateDir::load`]), if any.
+    pub fn journal(&self) -> Option<Journal> {
+        let bytes = std::fs::read(self.dir.join(JOURNAL)).ok()?;
+        let j: Journal = serde_json::from_slice(&bytes).ok()?;
+        (j.generation == self.generation).then_some(j)
+    }
+
     /// Save a new generation: accumulator bytes (when `acc` is given; otherwise the current
     /// generation's bytes are still valid) and the manifest. Returns bytes written.
     pub fn save(&mut self, mut m: Manifest, acc: Option<AccBytes<'_>>) -> Result<u64> {
@@ -240,6 +278,8 @@ impl StateDir {
             return Err(e);
         }
         written += json.len() as u64;
+        // A journal names an older generation now: it is ignored, and removed.
+        let _ = std::fs::remove_file(self.dir.join(JOURNAL));
         // Older generations are unreachable now.
         for g in accum::generations(&self.dir) {
             if g != self.generation {
@@ -301,6 +341,29 @@ mod tests {
             .collect();
         assert_eq!(names, ["acc-2.bin"]);
         assert!(accum::read_into(&acc, &mut [0u8; 3]).is_err());
+    }
+
+    #[test]
+    fn a_journal_counts_only_after_the_generation_it_names() {
+        let d = tempfile::tempdir().unwrap();
+        let mut sd = StateDir::open(d.path()).unwrap();
+        assert_eq!(sd.journal(), None);
+        let absorbed = vec![(100, PathBuf::from("/w/checkpoint-100"))];
+        sd.write_journal(absorbed.clone()).unwrap();
+        let j = sd.journal().unwrap();
+        assert_eq!((j.generation, j.absorbed), (0, absorbed.clone()));
+        // Saving the sums supersedes it.
+        sd.save(manifest(), Some(AccBytes::Memory(&[0u8; 8])))
+            .unwrap();
+        assert_eq!(sd.generation(), 1);
+        assert_eq!(sd.journal(), None);
+        assert!(!d.path().join(JOURNAL).exists());
+        // A journal after generation 1, read by a restart that loads generation 1.
+        sd.write_journal(absorbed.clone()).unwrap();
+        drop(sd);
+        let mut sd = StateDir::open(d.path()).unwrap();
+        assert!(sd.load().unwrap().is_some());
+        assert_eq!(sd.journal().unwrap().absorbed, absorbed);
     }
 
     #[test]

@@ -361,6 +361,100 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
     );
 }
 
+/// With the default `state.save_interval`, sums are not saved after every checkpoint: the
+/// journal lists what was absorbed since the last save; deleting one of those checkpoints
+/// saves them at once (`reason = deleted`). A SIGKILL after a later checkpoint restarts from
+/// that save, reads the later one again without publishing its output again, and the EMA
+/// stays bit-identical to an uninterrupted run; SIGTERM saves what is pending (`shutdown`).
+#[test]
+fn sums_wait_for_their_save_and_a_restart_reads_again_what_came_after() {
+    let env = TestEnv::new();
+    let reference = ema_run(&env, "ref", &[&[100, 200, 300, 400, 500]], false, None);
+    let name = "lazy";
+    let (watch, out, cfg) = ema_setup(&env, name, None);
+    let state = env.join(format!("{name}/state"));
+    let make = |step: u32| {
+        env.make(
+            &format!("{name}/ckpt/checkpoint-{step}"),
+            "bf16",
+            step,
+            step,
+            &[],
+        );
+    };
+    let emitted = |d: &mut Daemon, step: u32| {
+        d.expect("emission", T, |e| {
+            e.event() == "merge.emitted"
+                && e.s("steps").is_some_and(|s| s.ends_with(&step.to_string()))
+        });
+    };
+    let sums_saved = |events: &[crate::harness::Event], reason: &str| {
+        events.iter().any(|e| {
+            e.event() == "state.saved"
+                && e.b("accumulators") == Some(true)
+                && e.s("reason") == Some(reason)
+        })
+    };
+    let mut d = Daemon::builder(&cfg).tag("run0").start();
+    for step in [100, 200, 300] {
+        make(step);
+        emitted(&mut d, step);
+    }
+    let journal = state.join("journal.json");
+    assert!(
+        d.wait_until(T, |_| std::fs::read_to_string(&journal)
+            .is_ok_and(|j| j.contains("checkpoint-300"))),
+        "no journal naming checkpoint-300\n{}",
+        d.dump(30)
+    );
+    assert!(
+        !d.log()
+            .iter()
+            .any(|e| e.event() == "state.saved" && e.b("accumulators") == Some(true)),
+        "sums saved before they were due\n{}",
+        d.dump(30)
+    );
+    // The trainer rotates checkpoint-100 away: the sums are saved at once.
+    std::fs::remove_dir_all(watch.join("checkpoint-100")).unwrap();
+    assert!(
+        d.wait_until(T, |events| sums_saved(events, "deleted")),
+        "{}",
+        d.dump(30)
+    );
+    assert!(!journal.exists(), "the journal outlived the save");
+    make(400);
+    emitted(&mut d, 400);
+    let step400 = out.join("step-400/model.safetensors");
+    let before = std::fs::read(&step400).unwrap();
+    d.kill9();
+    d = d.spec().clone().tag("run1").start();
+    let r = d.expect("state.restored", T, |e| e.event() == "state.restored");
+    assert_eq!(r.b("restored"), Some(true), "{}", r.line());
+    let skipped = d.expect("merge.skipped", T, |e| e.event() == "merge.skipped");
+    assert_eq!(skipped.u("step"), Some(400), "{}", skipped.line());
+    make(500);
+    emitted(&mut d, 500);
+    assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
+    assert!(sums_saved(&d.log(), "shutdown"), "{}", d.dump(30));
+    assert!(
+        !d.log()
+            .iter()
+            .any(|e| e.event() == "merge.emitted"
+                && e.s("out").is_some_and(|o| o.ends_with("step-400"))),
+        "step-400 published again\n{}",
+        d.dump(30)
+    );
+    assert!(
+        std::fs::read(&step400).unwrap() == before,
+        "step-400 changed"
+    );
+    let resumed = std::fs::read(out.join("step-500/model.safetensors")).unwrap();
+    assert!(
+        resumed == reference,
+        "EMA after the restart differs from an uninterrupted run"
+    );
+}
+
 #[test]
 fn run_waits_for_a_missing_watch_dir() {
     // A sidecar starts before the trainer creates its output directory: pmad must say it is

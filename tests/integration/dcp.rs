@@ -525,18 +525,35 @@ fn olmo_core_layout_keeps_its_subdirectories() {
 /// The daemon on DCP checkpoints through a SIGKILL and a restart from `state.dir`, with the
 /// trainer rotating old checkpoints away right after each save (torchtitan's
 /// `keep_latest_k`): the output after the restart is the plain average of the window, checked
-/// by the independent reader against its own float64 average of the inputs.
+/// by the independent reader against its own float64 average of the inputs. With
+/// `state.save_interval = "0s"` the sums of 100..300 were saved before the kill and the
+/// restart resumes from them.
 #[test]
 fn daemon_resumes_dcp_averages_after_a_kill_while_checkpoints_rotate() {
+    kill_while_checkpoints_rotate(true);
+}
+
+/// The same with the default `state.save_interval`: the kill comes before the sums of
+/// 100..300 were saved, and step 100 is deleted while pmad is down. The restart reads 200 and
+/// 300 again, logs 100 as lost (from the journal), and the window 200..400 is still exact.
+#[test]
+fn a_kill_before_the_sums_are_saved_reads_again_and_reports_what_rotated_away() {
+    kill_while_checkpoints_rotate(false);
+}
+
+fn kill_while_checkpoints_rotate(save_every_checkpoint: bool) {
     const T: Duration = Duration::from_secs(60);
     let env = TestEnv::new();
     let set = "torchtitan";
     let watch = env.mkdir("ckpt");
     let out = env.join("out");
-    let cfg = daemon_config(&watch, "torchtitan")
+    let mut cfg = daemon_config(&watch, "torchtitan")
         .state("dir", env.join("state").as_path())
-        .recipe(Recipe::sma("sma3", 3).all_outputs(&out))
-        .write(&env.join("pmad.toml"));
+        .recipe(Recipe::sma("sma3", 3).all_outputs(&out));
+    if save_every_checkpoint {
+        cfg = cfg.state("save_interval", "0s");
+    }
+    let cfg = cfg.write(&env.join("pmad.toml"));
     let mut d = Daemon::builder(&cfg).tag("run0").start();
     // Steps 100..300, then a step 400 holding step 100's values.
     let source = |step: u64| step_dir(set, if step == 400 { 100 } else { step });
@@ -557,14 +574,43 @@ fn daemon_resumes_dcp_averages_after_a_kill_while_checkpoints_rotate() {
     d.expect("sma3 at 300", T, |e| {
         e.event() == "merge.emitted" && e.s("steps").is_some_and(|s| s.ends_with("300"))
     });
-    d.restart("run1");
-    d.expect("restored", T, |e| {
-        e.event() == "state.restored" && e.b("restored") == Some(true)
-    });
-    save(400);
+    if save_every_checkpoint {
+        d.restart("run1");
+        d.expect("restored", T, |e| {
+            e.event() == "state.restored" && e.b("restored") == Some(true)
+        });
+        save(400);
+    } else {
+        // The journal lists 100..300 once the arrival of 300 is handled.
+        let journal = env.join("state/journal.json");
+        let t0 = std::time::Instant::now();
+        while !std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("step-300")) {
+            assert!(
+                t0.elapsed() < T,
+                "no journal naming step-300\n{}",
+                d.dump(30)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d.kill9();
+        save(400);
+        d = d.spec().clone().tag("run1").start();
+        d.expect("step 100 reported lost", T, |e| {
+            e.event() == "checkpoint.lost" && e.u("step") == Some(100)
+        });
+    }
     d.expect("sma3 at 400", T, |e| {
         e.event() == "merge.emitted" && e.s("steps").is_some_and(|s| s.ends_with("400"))
     });
+    // 300's output was published before the kill: not published again.
+    assert!(
+        !d.log()
+            .iter()
+            .any(|e| e.event() == "merge.emitted"
+                && e.s("steps").is_some_and(|s| s.ends_with("300"))),
+        "step 300 published again after the restart\n{}",
+        d.dump(40)
+    );
     assert!(!watch.join("step-100").exists(), "rotated away");
     let published = outputs(&out.join("sma3"));
     let expected_keys = fixture(set).join("expected/sma-k3-step300.safetensors");

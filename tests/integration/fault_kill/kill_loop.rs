@@ -3,7 +3,8 @@
 //! checkpoints arrive. After every kill: only complete outputs under final names, an intact
 //! `LATEST`, and temp dirs removed by the next start (promise 2). At the end: every output
 //! byte-identical to an uninterrupted reference run, and no output ever replaced by different
-//! content (promise 3). Once with the accumulators in RAM, once file-backed.
+//! content (promise 3). Once with the accumulators in RAM and saved at most every 300 ms,
+//! once file-backed with the default `state.save_interval` (no save before a kill).
 //! `PMAD_KILL_SEED=N` changes the seed.
 
 use super::{
@@ -83,8 +84,12 @@ fn kill_loop(memory_budget: Option<&str>, want_kills: u32) {
     let out_root = root.join("out");
     let cfg = root.join("pmad.toml");
     let mut c = config(&watch, &out_root, Some(&state), &T1_RECIPES, "20s");
-    if let Some(m) = memory_budget {
-        c = c.state("memory_budget", m);
+    match memory_budget {
+        Some(m) => c = c.state("memory_budget", m),
+        // Sums saved at most every 300 ms: kills land in saves, and between them, where a
+        // restart reads again what was absorbed since the last save. (The file-backed run
+        // keeps the default interval: after a kill, everything since the start is read again.)
+        None => c = c.state("save_interval", "300ms"),
     }
     c.write(&cfg);
     // Every run of the loop logs to logs/run-NNN.*.log.
