@@ -24,6 +24,7 @@
 #   memory        peak RSS of pmad merge over 64 MB checkpoints, K = 8/32/64 x threads 1/2/8
 #   partition     bench/partition.sh: one merge split between 2 and 4 processes vs one
 #   interference  bench/interference.sh: a stand-in trainer's step time alone and beside pmad
+#                 (default settings, normal priority, and sums saved after every checkpoint)
 # and writes bench/results/results.md (a Markdown table per size and section, every target
 # of the performance work with its measured value, machine load), bench/results/raw.tsv
 # (every dense run), bench/results/<section>.txt (each section's own report) and the plots
@@ -435,7 +436,7 @@ if section interference; then
   if [[ $SMOKE == 1 ]]; then
     set -- --rounds 1 --steps 100 --save-every 20 --ckpt-size 8MB --work-mb 8
   else
-    set -- --rounds "$((REPS > 5 ? REPS : 5))" --wait-idle 20
+    set -- --rounds "$((REPS > 5 ? REPS : 5))" --wait-idle 20 --conditions alone,background,normal,background-save0
   fi
   bash "$ROOT/bench/interference.sh" --no-build --raw "$RESULTS/interference.tsv" "$@" \
     >"$RESULTS/interference.txt" 2>>"$LOG" || die "interference.sh failed, see $LOG"
