@@ -198,6 +198,24 @@ fn ema_setup(
     (watch, out, cfg)
 }
 
+/// Write `checkpoint-<step>` into the watch dir of the setup `name` (values seeded by the step).
+fn make_ckpt(env: &TestEnv, name: &str, step: u32) {
+    env.make(
+        &format!("{name}/ckpt/checkpoint-{step}"),
+        "bf16",
+        step,
+        step,
+        &[],
+    );
+}
+
+/// Wait for the emission of the output whose steps end at `step`.
+fn expect_emitted(d: &mut Daemon, step: u32) {
+    d.expect("emission", T, |e| {
+        e.event() == "merge.emitted" && e.s("steps").is_some_and(|s| s.ends_with(&step.to_string()))
+    });
+}
+
 /// Run pmad (with state) over `steps`, SIGTERM, and return the EMA output of the last step.
 fn ema_run(
     env: &TestEnv,
@@ -216,19 +234,10 @@ fn ema_run(
             }
         }
         let mut d = Daemon::builder(&cfg).tag(&format!("run{b}")).start();
-        for step in batch.iter() {
-            env.make(
-                &format!("{name}/ckpt/checkpoint-{step}"),
-                "bf16",
-                *step,
-                *step,
-                &[],
-            );
-            d.expect("emission", T, |e| {
-                e.event() == "merge.emitted"
-                    && e.s("steps").is_some_and(|s| s.ends_with(&step.to_string()))
-            });
-            last = *step;
+        for &step in batch.iter() {
+            make_ckpt(env, name, step);
+            expect_emitted(&mut d, step);
+            last = step;
         }
         if b > 0 {
             let r = d
@@ -289,25 +298,11 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
     let name = "crash";
     let (_watch, out, cfg) = ema_setup(&env, name, None);
     let state = env.join(format!("{name}/state"));
-    let make = |step: u32| {
-        env.make(
-            &format!("{name}/ckpt/checkpoint-{step}"),
-            "bf16",
-            step,
-            step,
-            &[],
-        );
-    };
-    let emitted = |d: &mut Daemon, step: u32| {
-        d.expect("emission", T, |e| {
-            e.event() == "merge.emitted"
-                && e.s("steps").is_some_and(|s| s.ends_with(&step.to_string()))
-        });
-    };
+    let make = |step: u32| make_ckpt(&env, name, step);
     let mut d = Daemon::builder(&cfg).tag("run0").start();
     for step in [100, 200, 300] {
         make(step);
-        emitted(&mut d, step);
+        expect_emitted(&mut d, step);
     }
     assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
     // The state as it was after step 300.
@@ -317,7 +312,7 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
     }
     d.restart("run1");
     make(400);
-    emitted(&mut d, 400);
+    expect_emitted(&mut d, 400);
     assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
     let step400 = out.join("step-400/model.safetensors");
     let before = (
@@ -336,7 +331,7 @@ fn output_published_before_a_lost_state_save_is_not_published_again() {
         skipped.line()
     );
     make(500);
-    emitted(&mut d, 500);
+    expect_emitted(&mut d, 500);
     assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
     let republished: Vec<String> = d
         .log()
@@ -373,21 +368,7 @@ fn sums_wait_for_their_save_and_a_restart_reads_again_what_came_after() {
     let name = "lazy";
     let (watch, out, cfg) = ema_setup(&env, name, None);
     let state = env.join(format!("{name}/state"));
-    let make = |step: u32| {
-        env.make(
-            &format!("{name}/ckpt/checkpoint-{step}"),
-            "bf16",
-            step,
-            step,
-            &[],
-        );
-    };
-    let emitted = |d: &mut Daemon, step: u32| {
-        d.expect("emission", T, |e| {
-            e.event() == "merge.emitted"
-                && e.s("steps").is_some_and(|s| s.ends_with(&step.to_string()))
-        });
-    };
+    let make = |step: u32| make_ckpt(&env, name, step);
     let sums_saved = |events: &[crate::harness::Event], reason: &str| {
         events.iter().any(|e| {
             e.event() == "state.saved"
@@ -398,7 +379,7 @@ fn sums_wait_for_their_save_and_a_restart_reads_again_what_came_after() {
     let mut d = Daemon::builder(&cfg).tag("run0").start();
     for step in [100, 200, 300] {
         make(step);
-        emitted(&mut d, step);
+        expect_emitted(&mut d, step);
     }
     let journal = state.join("journal.json");
     assert!(
@@ -423,7 +404,7 @@ fn sums_wait_for_their_save_and_a_restart_reads_again_what_came_after() {
     );
     assert!(!journal.exists(), "the journal outlived the save");
     make(400);
-    emitted(&mut d, 400);
+    expect_emitted(&mut d, 400);
     let step400 = out.join("step-400/model.safetensors");
     let before = std::fs::read(&step400).unwrap();
     d.kill9();
@@ -433,7 +414,7 @@ fn sums_wait_for_their_save_and_a_restart_reads_again_what_came_after() {
     let skipped = d.expect("merge.skipped", T, |e| e.event() == "merge.skipped");
     assert_eq!(skipped.u("step"), Some(400), "{}", skipped.line());
     make(500);
-    emitted(&mut d, 500);
+    expect_emitted(&mut d, 500);
     assert_eq!(d.terminate(T), Some(0), "{}", d.dump(30));
     assert!(sums_saved(&d.log(), "shutdown"), "{}", d.dump(30));
     assert!(
