@@ -287,10 +287,11 @@ fn ema_resumes_bit_identically_after_its_checkpoints_were_rotated_away() {
     }
 }
 
-/// The state is saved after an update's emissions: a crash between publishing step N and that
-/// save restarts from the state before N. Step N is then processed again but its output,
-/// already published, is not published again (promise 3 of `docs/reliability.md`), and the
-/// EMA still ends bit-identical to an uninterrupted run.
+/// The state is saved after an update's emissions at the earliest: a crash between publishing
+/// step N and the next save restarts from the state before N (here the state dir is rolled
+/// back to it). Step N is then processed again but its output, already published, is not
+/// published again (promise 3 of `docs/reliability.md`), and the EMA still ends
+/// bit-identical to an uninterrupted run.
 #[test]
 fn output_published_before_a_lost_state_save_is_not_published_again() {
     let env = TestEnv::new();
