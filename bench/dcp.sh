@@ -56,6 +56,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 DIR=""
 K=8
 SIZE=500MB
@@ -155,24 +157,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-now() { date +%s%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
-median() { # FORMAT VALUE...
-  local fmt=$1
-  shift
-  printf '%s\n' "$@" | sort -g | awk -v f="$fmt" '{ v[NR] = $1 } END { printf f, (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-maxof() { printf '%s\n' "$@" | sort -g | tail -n 1; }
 mb() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1e6 }'; }
 warm() { cat "${INPUT_FILES[@]}" >/dev/null; }
-idle_pct() { # percent of CPU time idle over the next second, all CPUs
-  local a b
-  a=$(awk '/^cpu / { print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
-  sleep 1
-  b=$(awk '/^cpu / { print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
-  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%d", 100 * (y[1] - x[1]) / (y[2] - x[2]) }'
-}
-busy() { [[ $1 -lt 90 ]]; }
 
 PMAD_ARGS=(merge --method sma --force)
 [[ -n $THREADS ]] && PMAD_ARGS+=(--threads "$THREADS")

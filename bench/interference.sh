@@ -59,6 +59,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 ROUNDS=5 STEPS=600 PASSES=4 WORK_MB=64 CKPT=128MB SAVE_EVERY=80 KEEP=6 TTHREADS=0
 CONDITIONS=alone,background,normal PORT=39464 DRAIN_TIMEOUT=120 DIR="" RAW="" BUILD=1 WAIT_IDLE=0
 
@@ -146,13 +148,6 @@ context() {
 
 # Busy CPU ticks of the whole machine (user nice system irq softirq steal).
 busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
-idle_pct() { # idle % of all CPUs over one second
-  local a b
-  a=$(awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat)
-  sleep 1
-  b=$(awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat)
-  echo "$a $b" | awk '{d = $4 - $2; print (d > 0 ? int(100 * ($3 - $1) / d) : 100)}'
-}
 wait_idle() {
   [[ $WAIT_IDLE -gt 0 ]] || return 0
   local t0 idle

@@ -40,6 +40,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 DIR=${PMAD_BENCH_DIR:-}
 K=${PMAD_BENCH_K:-8}
@@ -125,14 +127,6 @@ PMAD_ARGS+=("${EXTRA[@]}")
 cleanup() { rm -rf "$OUT" "$FLOOR_OUT" "$FLOOR_SRC" "$DIR/.rss"; }
 trap cleanup EXIT
 
-now() { date +%s%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
-median() { # FORMAT VALUE...
-  local fmt=$1
-  shift
-  printf '%s\n' "$@" | sort -g | awk -v f="$fmt" '{ v[NR] = $1 } END { printf f, (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-maxof() { printf '%s\n' "$@" | sort -g | tail -n 1; }
 
 read_inputs() {
   local f
@@ -186,14 +180,6 @@ fi
 # --- timed, interleaved runs -----------------------------------------------------------------
 desc="threads=${THREADS:-default}${CHUNK:+ chunk=$CHUNK}${EXTRA[*]:+ extra=${EXTRA[*]}}"
 echo "== $REPS repetitions, $desc (log: $LOG)" >&2
-idle_pct() { # percent of CPU time idle over the next second, all CPUs
-  local a b
-  a=$(awk '/^cpu / { print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
-  sleep 1
-  b=$(awk '/^cpu / { print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
-  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%d", 100 * (y[1] - x[1]) / (y[2] - x[2]) }'
-}
-busy() { [[ $1 -lt 90 ]]; }
 if [[ $WAIT_IDLE -gt 0 ]]; then
   deadline=$((SECONDS + WAIT_IDLE))
   until [[ $(idle_pct) -ge 95 ]]; do

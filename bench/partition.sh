@@ -18,6 +18,8 @@
 #   defaults: /tmp/pmad-bench-part, 8, 250MB, 16MB (so ~16 output shards: split by shard), 5
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 DIR=/tmp/pmad-bench-part
 K=8
 SIZE=250MB
@@ -49,9 +51,6 @@ rm -rf "$OUTS"
 mkdir -p "$OUTS"
 ARGS=(--method sma --threads 1 --shard-size "$SHARD")
 
-now() { date +%s%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { printf "%.3f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 same() { # A B: every file but merge.json identical
   local f
   for f in "$1"/*; do
@@ -97,14 +96,14 @@ for ((r = 1; r <= REPS; r++)); do
 done
 
 # shellcheck disable=SC2086
-S=$(median ${T[single]})
+S=$(median %.3f ${T[single]})
 printf '\n%-28s %9s %9s %9s %s\n' "" "median s" "vs one" "+commit" "bytes read per process"
 printf '%-28s %9s %9s %9s %s\n' "one process, 1 thread" "$S" "1.00x" "" "all"
 for n in 2 4; do
   # shellcheck disable=SC2086
-  P=$(median ${T[parts$n]})
+  P=$(median %.3f ${T[parts$n]})
   # shellcheck disable=SC2086
-  C=$(median ${T[commit$n]})
+  C=$(median %.3f ${T[commit$n]})
   printf '%-28s %9s %9s %9s %s\n' "$n processes, 1 thread each" "$P" \
     "$(awk -v a="$P" -v b="$S" 'BEGIN { printf "%.2fx", a / b }')" \
     "$(awk -v a="$P" -v c="$C" -v b="$S" 'BEGIN { printf "%.2fx", (a + c) / b }')" "${READ[$n]}"
