@@ -10,8 +10,11 @@
 //! this process may use; like a trainer's intra-op pool they are woken at the start of every
 //! step and sleep, without spinning, once done), each over its own slice of a `--work-mb` working set (default 64 MB, far
 //! larger than the caches): `--passes` times, a matmul-like pass `Y = X · W` (`X` rows of 32
-//! f32, `W` 32 x 32, 32 multiply-adds per element of `X`) followed by `X = (X + Y) / 2`, so it
-//! is both compute- and memory-bandwidth-bound, like the host side of a trainer that is busy.
+//! f32, `W` 32 x 32, 32 multiply-adds per element of `X`) followed by `X = (X + Y) / 2 + 1/2`,
+//! so it is both compute- and memory-bandwidth-bound, like the host side of a trainer that is
+//! busy. (The `+ 1/2` keeps `X` near 1. A first version without it let `X` decay towards zero
+//! and become subnormal after ~35 steps of 4 passes: on Intel CPUs each step then took up to
+//! 30 times as long for a stretch of steps, so the step time depended on the step number.)
 //! Then an "optimizer" updates a `1/save_every` slice of the parameters (bf16, `--ckpt-size`
 //! bytes in all, `1/100` without saves), so every parameter has changed by the next save. The
 //! threads meet at the end of the step (like ranks at a collective), so one slow thread slows
@@ -131,7 +134,7 @@ struct Shard {
     first: u64,
 }
 
-/// One thread's share of a step: `passes` x (Y = X W; X = (X + Y) / 2), then the optimizer
+/// One thread's share of a step: `passes` x (Y = X W; X = (X + Y) / 2 + 1/2), then the optimizer
 /// update of the `1/save_every` slice of its parameters this step is due to change.
 fn work(s: &mut Shard, w: &[[f32; K]; K], passes: usize, save_every: u64, step: u64) {
     for _ in 0..passes {
@@ -145,7 +148,9 @@ fn work(s: &mut Shard, w: &[[f32; K]; K], passes: usize, save_every: u64, step: 
             yr.copy_from_slice(&acc);
         }
         for (a, b) in s.x.iter_mut().zip(s.y.iter()) {
-            *a = 0.5 * (*a + b);
+            // The offset keeps X near 1 (see the module docs): without it X halves every
+            // pass, turns subnormal and every multiply slows down ~100x on x86.
+            *a = 0.5 * (*a + b) + 0.5;
         }
     }
     let n = s.params.len();
