@@ -489,9 +489,22 @@ impl Daemon {
         // Pin what complete checkpoints hold now (again when their files changed), so a
         // trainer rotating them away before they settle cannot take them from pmad.
         for path in &obs.complete {
-            let sig = self.tracker.signature(path);
-            if sig.is_some() && self.pins.get(path).map(|p| &p.0) != sig {
-                if let (Some(sig), Ok(snap)) = (sig.cloned(), Snapshot::take(path)) {
+            let Some(sig) = self.tracker.signature(path).cloned() else {
+                continue;
+            };
+            // Unchanged, or only lacking files of the pinned version: a deletion in progress
+            // (`rm -rf` removes the files one by one, the marker maybe last). The pin keeps
+            // the whole checkpoint; a new one would hold what is left of it.
+            if self
+                .pins
+                .get(path)
+                .is_some_and(|(pinned, _)| sig.only_removed(pinned))
+            {
+                continue;
+            }
+            // Pinned only if nothing changed while the files were opened.
+            if let Ok(snap) = Snapshot::take(path) {
+                if self.scanner.signature(path).is_ok_and(|now| now == sig) {
                     self.pins.insert(path.clone(), (sig, snap));
                 }
             }
@@ -865,7 +878,17 @@ impl Daemon {
                     self.vanished.insert(step);
                 }
             }
-            Verdict::Reject { reason, error } => self.rejected(step, path, reason, &error),
+            Verdict::Reject {
+                error: error @ Error::NonFinite { .. },
+                reason,
+            } => self.rejected(step, path, reason, &error),
+            // What was pinned is not a whole checkpoint: most likely it was pinned while the
+            // directory was being deleted (`rm -rf` removes files one by one, the marker maybe
+            // last). Gone either way, so lost, not a bad checkpoint to warn about.
+            Verdict::Reject { error, .. } => {
+                self.ctx.shared.metrics.lost.inc();
+                info!(event = "checkpoint.lost", step, path = %path.display(), error = %error, "deleted before it settled, and the files pinned when its marker appeared are not a whole checkpoint (pinned while it was being deleted)");
+            }
             // A snapshot neither changes nor disappears.
             Verdict::Unsettled(_) | Verdict::Gone => self.lost(step, path),
         }
