@@ -1183,11 +1183,12 @@ impl Daemon {
     /// since the last save, or a checkpoint they absorbed since is gone from disk, or they
     /// changed otherwise. Returns when they will be due by time, if they still wait.
     fn save_sums_if_due(&mut self, now: Instant) -> Option<Instant> {
-        let p = self.persist.as_ref()?;
+        let interval = self.cfg.state.save_interval;
+        let p = self.persist.as_mut()?;
         if !p.acc_unsaved {
             return None;
         }
-        let by_time = p.saved_at + self.cfg.state.save_interval;
+        let by_time = p.saved_at + interval;
         let reason = if p.urgent {
             "changed"
         } else if now >= by_time {
@@ -1199,21 +1200,11 @@ impl Daemon {
             let absorbed: Vec<_> = p.unsaved.iter().map(|(s, p)| (*s, p.clone())).collect();
             match p.dir.write_journal(absorbed) {
                 Ok(()) => {
-                    let n = p.unsaved.len();
-                    if let Some(p) = self.persist.as_mut() {
-                        p.journaled = n;
-                    }
+                    p.journaled = p.unsaved.len();
                     return Some(by_time);
                 }
                 Err(e) => {
-                    match e.errno() {
-                        Some(errno) => {
-                            error!(event = "state.saved", ok = false, reason = e.reason(), errno, error = %e, "cannot write the journal; saving the sums now")
-                        }
-                        None => {
-                            error!(event = "state.saved", ok = false, reason = e.reason(), error = %e, "cannot write the journal; saving the sums now")
-                        }
-                    }
+                    save_failed(&e, "cannot write the journal; saving the sums now");
                     "journal"
                 }
             }
@@ -1846,15 +1837,18 @@ impl Daemon {
                 info!(event = "state.saved", dir = %dir, size = %bytes(n), took = %secs(t0.elapsed()), accumulators = sums, reason)
             }
             // Keep running: the previous generation stays valid on disk.
-            Err(e) => match e.errno() {
-                Some(errno) => {
-                    error!(event = "state.saved", ok = false, reason = e.reason(), errno, error = %e)
-                }
-                None => {
-                    error!(event = "state.saved", ok = false, reason = e.reason(), error = %e)
-                }
-            },
+            Err(e) => save_failed(&e, "state not saved; the previous one stays valid"),
         }
+    }
+}
+
+/// Log a failed write of the state (`state.saved ok=false`, with the errno when there is one).
+fn save_failed(e: &Error, msg: &str) {
+    match e.errno() {
+        Some(errno) => {
+            error!(event = "state.saved", ok = false, reason = e.reason(), errno, error = %e, "{msg}")
+        }
+        None => error!(event = "state.saved", ok = false, reason = e.reason(), error = %e, "{msg}"),
     }
 }
 
