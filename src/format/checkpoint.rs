@@ -196,10 +196,14 @@ impl Checkpoint {
 
     /// Look a tensor up by name.
     pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.position(name).map(|i| &self.tensors[i])
+    }
+
+    /// Where the tensor `name` is in [`Checkpoint::tensors`].
+    pub fn position(&self, name: &str) -> Option<usize> {
         self.tensors
             .binary_search_by(|t| t.name.as_str().cmp(name))
             .ok()
-            .map(|i| &self.tensors[i])
     }
 
     /// Look a tensor up by name, trying position `hint` first: checkpoints of one run list

@@ -170,10 +170,7 @@ pub fn write_average(
                 v.push((job, Vec::new()));
                 continue;
             }
-            let hint = newest
-                .tensors
-                .binary_search_by(|n| n.name.as_str().cmp(&t.name))
-                .unwrap_or(0);
+            let hint = newest.position(&t.name).unwrap_or(0);
             let srcs: Vec<&Tensor> = inputs
                 .iter()
                 .map(|c| {
